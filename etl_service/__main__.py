@@ -1,0 +1,8 @@
+"""`python -m etl_service`: the command line."""
+
+import sys
+
+from etl_service.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Command line: the daemon (default), `--once`, `check`, `status` and `demo`; exit codes.
+
+Exit codes: 0 success; 1 a run failed or a check found problems; 2 bad usage;
+75 (EX_TEMPFAIL) `--once` left work for later (readiness deadline, lock held, stopped);
+78 (EX_CONFIG) invalid configuration — systemd does not restart on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from loguru import logger
+
+from etl_service import __version__, checks, logs
+from etl_service.config import load
+from etl_service.errors import ConfigError
+from etl_service.pipeline import FAILED, SUCCESS, run_job
+
+EX_FAILED, EX_TEMPFAIL, EX_CONFIG = 1, 75, 78
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etl-service",
+        description="Move unprocessed PostgreSQL rows into a ClickHouse trigger table, exactly once.",
+        epilog="Without a command the service runs its jobs on their schedules until SIGTERM/SIGINT.")
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "check", "status", "demo"],
+                        help="run (default): the daemon, or one pass with --once; check: config and"
+                             " connectivity; status: backlog, batches, recent runs; demo: embedded demo")
+    parser.add_argument("--once", action="store_true", help="run each job now, drain its backlog, exit")
+    parser.add_argument("--job", metavar="NAME", help="with --once: only this job")
+    parser.add_argument("--env-file", metavar="PATH", help="settings file (default: ./.env if present)")
+    parser.add_argument("--rows", type=int, default=100_000, help="demo: rows to seed (default 100000)")
+    parser.add_argument("--dir", metavar="PATH", default=".demo", help="demo: working folder (default .demo)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, load settings, dispatch. Returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logs.setup()
+    if args.command == "demo":
+        from etl_service.demo import run_demo
+
+        return run_demo(args.dir, args.rows)
+    try:
+        settings = load(args.env_file)
+        if args.job:
+            settings.job(args.job)
+    except ConfigError as exc:
+        logger.error("configuration error: {}", exc)
+        return EX_CONFIG
+    logs.setup(settings.log_level, settings.log_format)
+    if args.command == "check":
+        return 0 if checks.check(settings) else EX_FAILED
+    if args.command == "status":
+        return 0 if checks.status(settings) else EX_FAILED
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    if args.once:
+        jobs = [settings.job(args.job)] if args.job else list(settings.jobs)
+        results = [run_job(settings, job, stop) for job in jobs]
+        if any(r.status == FAILED for r in results):
+            return EX_FAILED
+        return 0 if all(r.status in SUCCESS for r in results) else EX_TEMPFAIL
+    from etl_service.daemon import Daemon
+
+    return Daemon(settings, stop).serve()
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT ask for a graceful stop; a second one exits at once (the ledger stays consistent)."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

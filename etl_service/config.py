@@ -1,0 +1,396 @@
+"""Settings: read `.env`, the environment and the jobs file once, validate, freeze.
+
+This is the only module that reads `os.environ`. Every problem becomes a `ConfigError` that
+names the variable and the fix; the CLI turns it into exit status 78.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tomllib
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg2
+import psycopg2.extensions
+from apscheduler.triggers.cron import CronTrigger
+from dotenv import dotenv_values
+
+from etl_service.errors import ConfigError
+
+NATIVE_PORTS = {"9000": "8123", "9440": "8443"}
+
+# Job keys: name in the jobs file -> (variable in .env, default). None means "no default".
+JOB_KEYS: dict[str, tuple[str, Any]] = {
+    "source_table": ("ETL_SOURCE_TABLE", None),
+    "source_key": ("ETL_SOURCE_KEY", "id"),
+    "processed_column": ("ETL_PROCESSED_COLUMN", "processed"),
+    "target_table": ("ETL_TARGET_TABLE", None),
+    "columns": ("ETL_COLUMNS", ""),
+    "schedule": ("ETL_SCHEDULE", "*/5 * * * *"),
+    "timezone": ("ETL_TIMEZONE", "UTC"),
+    "batch_size": ("ETL_BATCH_SIZE", "100000"),
+    "chunk_size": ("ETL_CHUNK_SIZE", "50000"),
+    "ready_query": ("ETL_READY_QUERY", ""),
+    "ready_timeout": ("ETL_READY_TIMEOUT", "300"),
+    "ready_poll_interval": ("ETL_READY_POLL_INTERVAL", "5"),
+    "transform": ("ETL_TRANSFORM", ""),
+    "post_pg_sql": ("ETL_POST_PG_SQL", ""),
+    "post_ch_sql": ("ETL_POST_CH_SQL", ""),
+    "max_run_seconds": ("ETL_MAX_RUN_SECONDS", "3600"),
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One job: which source rows go to which trigger table, when, and how."""
+
+    name: str
+    source_table: tuple[str, str]  # (schema, table)
+    source_key: str
+    processed_column: str
+    target_table: str
+    columns: tuple[tuple[str, str], ...]  # (source column, target column); empty = all
+    schedule: str
+    timezone: str
+    batch_size: int
+    chunk_size: int
+    ready_query: str
+    ready_timeout: float
+    ready_poll_interval: float
+    transform: str
+    post_pg_sql: str
+    post_ch_sql: str
+    max_run_seconds: float
+
+    def trigger(self) -> CronTrigger:
+        """The APScheduler trigger for this job's schedule (validated at load)."""
+        return cron_trigger(self.schedule, self.timezone)
+
+
+@dataclass(frozen=True)
+class ClickHouseTarget:
+    """How to reach ClickHouse; `client_kwargs` feeds `clickhouse_connect.get_client`."""
+
+    kind: str  # "chdb" or "http"
+    display: str  # safe to print: no password
+    database: str
+    client_kwargs: Mapping[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs, validated. `repr` never shows a password."""
+
+    pg_dsn: str = field(repr=False)
+    pg_display: str
+    clickhouse: ClickHouseTarget
+    jobs: tuple[JobConfig, ...]
+    ledger_schema: str = "etl"
+    pg_statement_timeout: float = 600.0
+    ch_query_timeout: float = 300.0
+    retry_attempts: int = 3
+    retry_backoff: float = 2.0
+    misfire_grace: float = 300.0
+    log_level: str = "INFO"
+    log_format: str = "auto"
+
+    def job(self, name: str) -> JobConfig:
+        """The job called `name`, or a ConfigError listing the known names."""
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        known = ", ".join(j.name for j in self.jobs)
+        raise ConfigError("--job", f"no job named {name!r}", f"known jobs: {known}")
+
+
+def read_env(env_file: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Merge the env file under the environment (variables already set win).
+
+    `./.env` is read implicitly only for the real process environment (environ=None).
+    """
+    implicit = environ is None
+    environ = os.environ if environ is None else environ
+    merged: dict[str, str] = {}
+    path = Path(env_file) if env_file else Path(".env")
+    if env_file or (implicit and path.exists()):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("--env-file", f"cannot read {path}: {exc.strerror}",
+                              "give a readable file (see .env.example)") from exc
+        merged.update({k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None})
+    merged.update(environ)
+    return merged
+
+
+def load(env_file: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate all settings; raises ConfigError naming the first bad variable."""
+    env = read_env(env_file, environ)
+    get = _Getter(env)
+    jobs = _load_jobs(env, get)
+    pg_dsn = _pg_dsn(env, get)
+    return Settings(
+        pg_dsn=pg_dsn,
+        pg_display=redact_pg_dsn(pg_dsn),
+        clickhouse=_clickhouse(env, get),
+        jobs=jobs,
+        ledger_schema=get.identifier("ETL_LEDGER_SCHEMA", "etl"),
+        pg_statement_timeout=get.number("PG_STATEMENT_TIMEOUT", "600"),
+        ch_query_timeout=get.number("CLICK_QUERY_TIMEOUT", "300"),
+        retry_attempts=int(get.number("ETL_RETRY_ATTEMPTS", "3", whole=True)),
+        retry_backoff=get.number("ETL_RETRY_BACKOFF", "2"),
+        misfire_grace=get.number("ETL_MISFIRE_GRACE", "300"),
+        log_level=get.choice("ETL_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        log_format=get.choice("ETL_LOG_FORMAT", "auto", ("auto", "text", "json", "journal")),
+    )
+
+
+class _Getter:
+    """Typed access to one flat mapping of settings, with errors that name the key."""
+
+    def __init__(self, values: Mapping[str, Any], label: str = "") -> None:
+        self.values = values
+        self.label = label  # prefix for error names, e.g. "config/jobs.toml [jobs.orders] "
+
+    def raw(self, key: str, default: Any) -> str:
+        value = self.values.get(key)
+        if value is None or str(value).strip() == "":
+            if default is None:
+                raise ConfigError(self.label + key, "is required but not set",
+                                  "set it in .env (see .env.example)")
+            return str(default)
+        return str(value).strip()
+
+    def number(self, key: str, default: Any, whole: bool = False) -> float:
+        text = self.raw(key, default)
+        try:
+            value = float(int(text)) if whole else float(text)
+        except ValueError:
+            kind = "a whole number" if whole else "a number"
+            raise ConfigError(self.label + key, f"must be {kind}, got {text!r}") from None
+        if value <= 0:
+            raise ConfigError(self.label + key, f"must be greater than 0, got {text!r}")
+        return value
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.raw(key, default)
+        if value.upper() in allowed or value.lower() in allowed:
+            return value.upper() if value.upper() in allowed else value.lower()
+        raise ConfigError(self.label + key, f"got {value!r}", f"use one of {', '.join(allowed)}")
+
+    def identifier(self, key: str, default: Any) -> str:
+        value = self.raw(key, default)
+        check_identifier(self.label + key, value)
+        return value
+
+
+def check_identifier(variable: str, value: str) -> None:
+    """Identifiers are always quoted in SQL; only refuse what no quoting can carry."""
+    if not value or "\x00" in value or len(value) > 63:
+        raise ConfigError(variable, f"{value!r} is not a usable identifier",
+                          "use a table or column name of 1-63 characters")
+
+
+def cron_trigger(schedule: str, timezone: str) -> CronTrigger:
+    """Five-field crontab, or six fields with seconds first (for second-level schedules)."""
+    fields = schedule.split()
+    if len(fields) == 5:
+        return CronTrigger.from_crontab(schedule, timezone=timezone)
+    if len(fields) == 6:
+        sec, minute, hour, day, month, dow = fields
+        return CronTrigger(second=sec, minute=minute, hour=hour, day=day, month=month,
+                           day_of_week=dow, timezone=timezone)
+    raise ValueError(f"expected 5 fields (or 6 with seconds first), got {len(fields)}")
+
+
+def _load_jobs(env: Mapping[str, str], get: _Getter) -> tuple[JobConfig, ...]:
+    jobs_file = env.get("ETL_JOBS_FILE", "").strip()
+    if not jobs_file:
+        return (_job_from(env.get("ETL_JOB_NAME", ""), env, _env_view(env), ""),)
+    path = Path(jobs_file)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("ETL_JOBS_FILE", f"cannot read {path}: {exc.strerror}",
+                          "point it at a TOML file like config/jobs.example.toml") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("ETL_JOBS_FILE", f"{path} is not valid TOML: {exc}") from exc
+    tables = data.get("jobs")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError("ETL_JOBS_FILE", f"{path} has no [jobs.NAME] tables",
+                          "see config/jobs.example.toml")
+    defaults = {**_env_view(env), **data.get("defaults", {})}
+    jobs = []
+    for name, table in tables.items():
+        label = f"{path} [jobs.{name}] "
+        unknown = sorted(set(table) - set(JOB_KEYS))
+        if unknown:
+            raise ConfigError(label + unknown[0], "is not a job setting",
+                              f"known settings: {', '.join(JOB_KEYS)}")
+        jobs.append(_job_from(name, env, {**defaults, **table}, label))
+    return tuple(jobs)
+
+
+def _env_view(env: Mapping[str, str]) -> dict[str, Any]:
+    """Job settings from .env, under their jobs-file names (only those that are set)."""
+    return {key: env[var] for key, (var, _) in JOB_KEYS.items() if env.get(var, "").strip()}
+
+
+def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], label: str) -> JobConfig:
+    # Error names: the .env variable for the single-job form, the file key otherwise.
+    keyed = {(JOB_KEYS[k][0] if not label else k): v for k, v in values.items()}
+    get = _Getter(keyed, label)
+
+    def key(k: str) -> str:
+        return JOB_KEYS[k][0] if not label else k
+
+    def default(k: str) -> Any:
+        return JOB_KEYS[k][1]
+
+    source = get.raw(key("source_table"), None)
+    schema, _, table = source.rpartition(".")
+    schema = schema or "public"
+    check_identifier(label + key("source_table"), schema)
+    check_identifier(label + key("source_table"), table)
+    target = get.raw(key("target_table"), table)
+    check_identifier(label + key("target_table"), target)
+    schedule = get.raw(key("schedule"), default("schedule"))
+    timezone = get.raw(key("timezone"), default("timezone"))
+    _check_schedule(label + key("schedule"), label + key("timezone"), schedule, timezone)
+    transform = get.raw(key("transform"), "")
+    if transform:
+        from etl_service.transform import load_user_function
+
+        load_user_function(transform, variable=label + key("transform"))
+    batch_size = int(get.number(key("batch_size"), default("batch_size"), whole=True))
+    return JobConfig(
+        name=name.strip() or str(env.get("ETL_JOB_NAME", "")).strip() or table,
+        source_table=(schema, table),
+        source_key=get.identifier(key("source_key"), default("source_key")),
+        processed_column=get.identifier(key("processed_column"), default("processed_column")),
+        target_table=target,
+        columns=_parse_columns(label + key("columns"), get.raw(key("columns"), "")),
+        schedule=schedule,
+        timezone=timezone,
+        batch_size=batch_size,
+        chunk_size=min(batch_size, int(get.number(key("chunk_size"), default("chunk_size"), whole=True))),
+        ready_query=get.raw(key("ready_query"), ""),
+        ready_timeout=get.number(key("ready_timeout"), default("ready_timeout")),
+        ready_poll_interval=get.number(key("ready_poll_interval"), default("ready_poll_interval")),
+        transform=transform,
+        post_pg_sql=get.raw(key("post_pg_sql"), ""),
+        post_ch_sql=get.raw(key("post_ch_sql"), ""),
+        max_run_seconds=get.number(key("max_run_seconds"), default("max_run_seconds")),
+    )
+
+
+def _check_schedule(schedule_var: str, tz_var: str, schedule: str, timezone: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(tz_var, f"unknown time zone {timezone!r}",
+                          "use an IANA name such as UTC or Europe/Berlin") from None
+    try:
+        cron_trigger(schedule, timezone)
+    except ValueError as exc:
+        raise ConfigError(schedule_var, f"{schedule!r} is not a valid cron expression ({exc})",
+                          "use 5 fields like '*/5 * * * *', or 6 with seconds first") from None
+
+
+def _parse_columns(variable: str, text: str) -> tuple[tuple[str, str], ...]:
+    """`a, b:bb, c` -> ((a, a), (b, bb), (c, c)): select and rename source columns."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        source, _, target = item.partition(":")
+        source, target = source.strip(), (target.strip() or source.strip())
+        check_identifier(variable, source)
+        check_identifier(variable, target)
+        pairs.append((source, target))
+    return tuple(pairs)
+
+
+def _pg_dsn(env: Mapping[str, str], get: _Getter) -> str:
+    dsn = env.get("PG_DSN", "").strip()
+    if dsn:
+        try:
+            psycopg2.extensions.parse_dsn(dsn)
+        except psycopg2.ProgrammingError:
+            raise ConfigError("PG_DSN", "is not a valid libpq connection string",
+                              "use postgresql://user:password@host:5432/db or 'host=… dbname=…'") from None
+        return dsn
+    port = int(get.number("PG_PORT", "5432", whole=True))
+    parts = {
+        "host": get.raw("PG_HOST", "localhost"),
+        "port": str(port),
+        "user": get.raw("PG_USER", "postgres"),
+        "dbname": get.raw("PG_DATABASE", "postgres"),
+    }
+    password = env.get("PG_PASSWORD", "")
+    if password:
+        parts["password"] = password
+    return psycopg2.extensions.make_dsn(**parts)
+
+
+def redact_pg_dsn(dsn: str) -> str:
+    """A libpq DSN or URI as `host=… port=… dbname=… user=…`, with no password."""
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "<unparseable DSN>"
+    shown = {k: v for k, v in parts.items() if k in ("host", "port", "dbname", "user")}
+    return " ".join(f"{k}={v}" for k, v in shown.items()) or "<default libpq settings>"
+
+
+def _clickhouse(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget:
+    dsn = env.get("CLICK_DSN", "").strip()
+    if dsn.startswith("chdb://"):
+        path = dsn[len("chdb://"):]
+        if not path.startswith("/"):
+            raise ConfigError("CLICK_DSN", f"chDB path must be absolute, got {dsn!r}",
+                              "write chdb:///var/lib/etl-service/chdb (three slashes)")
+        database = get.raw("CLICK_DATABASE", "default")
+        return ClickHouseTarget("chdb", f"chdb://{path} database={database}", database,
+                                {"dsn": dsn, "database": database})
+    if dsn:
+        return _clickhouse_from_url(dsn, get)
+    port = get.raw("CLICK_PORT", "8123")
+    _check_click_port("CLICK_PORT", port)
+    secure = get.raw("CLICK_SECURE", "false").lower() in ("1", "true", "yes")
+    return _http_target(get.raw("CLICK_HOST", "localhost"), int(port), get.raw("CLICK_USER", "default"),
+                        env.get("CLICK_PASSWORD", ""), get.raw("CLICK_DATABASE", "default"), secure)
+
+
+def _clickhouse_from_url(dsn: str, get: _Getter) -> ClickHouseTarget:
+    url = urlsplit(dsn)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("CLICK_DSN", "must start with http://, https:// or chdb:///",
+                          "e.g. http://default:password@localhost:8123/default")
+    try:
+        port = url.port or (8443 if url.scheme == "https" else 8123)
+    except ValueError:
+        raise ConfigError("CLICK_DSN", "has a port that is not a number") from None
+    _check_click_port("CLICK_DSN", str(port))
+    database = url.path.strip("/") or get.raw("CLICK_DATABASE", "default")
+    return _http_target(url.hostname, port, unquote(url.username or "default"),
+                        unquote(url.password or ""), database, url.scheme == "https")
+
+
+def _http_target(host: str, port: int, user: str, password: str, database: str, secure: bool) -> ClickHouseTarget:
+    scheme = "https" if secure else "http"
+    kwargs = {"host": host, "port": port, "username": user, "password": password,
+              "database": database, "secure": secure}
+    return ClickHouseTarget("http", f"{scheme}://{user}@{host}:{port}/{database}", database, kwargs)
+
+
+def _check_click_port(variable: str, port: str) -> None:
+    if not port.isdigit():
+        raise ConfigError(variable, f"port must be a number, got {port!r}", "ClickHouse's HTTP port is 8123")
+    if port in NATIVE_PORTS:
+        raise ConfigError(variable, f"port {port} is ClickHouse's native TCP port, which clickhouse-connect"
+                          " does not speak", f"use the HTTP interface port {NATIVE_PORTS[port]}")

@@ -1,0 +1,76 @@
+"""The long-running service: an APScheduler BackgroundScheduler firing each job on its cron.
+
+The main thread only waits on the stop event (set by signal handlers), pings the systemd
+watchdog while the scheduler is healthy, and shuts the scheduler down on the way out; the
+run in progress sees the same event and stops at the next chunk boundary.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from loguru import logger
+
+from etl_service import checks, systemd
+from etl_service.config import JobConfig, Settings
+from etl_service.pipeline import run_job
+
+
+class Daemon:
+    """Schedules every configured job and runs until `stop` is set."""
+
+    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            job_defaults={
+                # A late or overrunning run is merged into one, never stacked, never dropped
+                # for being a second late (APScheduler 3's default grace is 1 s).
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": int(settings.misfire_grace),
+            },
+        )
+        self.scheduler.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+
+    def serve(self) -> int:
+        """Wait for both databases, schedule the jobs, and run until stopped. Returns the exit code."""
+        if not checks.wait_until_reachable(self.settings, self.stop):
+            return 0
+        for job in self.settings.jobs:
+            self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name)
+        self.scheduler.start()
+        for sjob in self.scheduler.get_jobs():
+            logger.info("job {} scheduled ({}); next run at {}", sjob.id, self.settings.job(sjob.id).schedule,
+                        sjob.next_run_time)
+        systemd.notify(f"READY=1\nSTATUS=scheduled {len(self.settings.jobs)} job(s); waiting for the first run")
+        logger.info("etl-service ready: {} job(s), PostgreSQL {}, ClickHouse {}", len(self.settings.jobs),
+                    self.settings.pg_display, self.settings.clickhouse.display)
+        interval = systemd.watchdog_interval()
+        try:
+            while not self.stop.wait(interval or 3600):
+                if self.scheduler.running:
+                    systemd.notify("WATCHDOG=1")
+        finally:
+            systemd.notify("STOPPING=1")
+            logger.info("stopping: waiting for the run in progress to reach a safe point")
+            self.scheduler.shutdown(wait=True)
+            logger.info("etl-service stopped")
+        return 0
+
+    def _run(self, job: JobConfig) -> None:
+        result = run_job(self.settings, job, self.stop)
+        systemd.notify(f"STATUS=last run: {result.line()}"[:500])
+
+    def _on_event(self, event: JobExecutionEvent) -> None:
+        if event.code == EVENT_JOB_MAX_INSTANCES:
+            logger.bind(job=event.job_id).warning(
+                "run due at {} skipped: the previous run of this job is still going", event.scheduled_run_time)
+        else:
+            logger.bind(job=event.job_id).warning(
+                "run due at {} missed by more than ETL_MISFIRE_GRACE ({:.0f}s); the next one is on schedule",
+                event.scheduled_run_time, self.settings.misfire_grace)

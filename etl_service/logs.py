@@ -1,0 +1,48 @@
+"""Logging: one loguru sink on stderr, shaped for a terminal, journald or a log shipper.
+
+Under journald (JOURNAL_STREAM set) lines carry `<N>` priority prefixes and no timestamp of
+our own, so `journalctl -p err` filters by level. `json` emits one JSON object per line.
+Context bound with `logger.bind(job=…, batch=…)` appears on every line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from loguru import logger
+
+# syslog priorities for the `<N>` prefix journald understands.
+_PRIORITY = {"TRACE": 7, "DEBUG": 7, "INFO": 6, "SUCCESS": 5, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+def _context(record: Any) -> str:
+    extra = record["extra"]
+    parts = [f"{k}={extra[k]}" for k in ("job", "batch") if k in extra]
+    return f"[{' '.join(parts)}] " if parts else ""
+
+
+def _journal_format(record: Any) -> str:
+    record["extra"]["_ctx"] = _context(record)
+    return f"<{_PRIORITY.get(record['level'].name, 6)}>{{extra[_ctx]}}{{message}}\n{{exception}}"
+
+
+def _text_format(record: Any) -> str:
+    record["extra"]["_ctx"] = _context(record)
+    return ("<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+            "<cyan>{extra[_ctx]}</cyan>{message}\n{exception}")
+
+
+def setup(level: str = "INFO", fmt: str = "auto") -> None:
+    """Replace loguru's default sink with ours; call once at start (and again on reload)."""
+    logger.remove()
+    if fmt == "auto":
+        fmt = "journal" if os.environ.get("JOURNAL_STREAM") else "text"
+    if fmt == "json":
+        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+    elif fmt == "journal":
+        logger.add(sys.stderr, level=level, format=_journal_format, colorize=False, backtrace=False,
+                   diagnose=False)
+    else:
+        logger.add(sys.stderr, level=level, format=_text_format, backtrace=False, diagnose=False)

@@ -1,0 +1,242 @@
+"""One run of one job: resume unfinished batches, then claim -> extract -> transform -> load ->
+await ready -> mark done, batch after batch until the backlog is empty, then post-process.
+
+The data path reads top to bottom in `Run._process`. I/O is in `source`, `ledger` and `sink`;
+this module decides order and outcome. Every run ends with one summary line and a row in the
+ledger's runs table.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from loguru import logger
+from psycopg2 import sql
+
+from etl_service import sink, source, transform
+from etl_service.config import JobConfig, Settings
+from etl_service.errors import EtlError, TransientError
+from etl_service.ledger import Batch, Ledger
+from etl_service.source import SourceShape, pg_errors
+
+# Run outcomes. `ok` and `idle` are success; the rest make `--once` exit non-zero.
+OK, IDLE, WAITING, SKIPPED, STOPPED, FAILED = "ok", "idle", "waiting", "skipped", "stopped", "failed"
+SUCCESS = (OK, IDLE)
+
+
+@dataclass
+class RunResult:
+    """What one run did; `line()` is the summary logged and shown in STATUS=."""
+
+    job: str
+    status: str
+    batches: int = 0
+    rows_loaded: int = 0
+    rows_marked: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+    def line(self) -> str:
+        rate = f" ({self.rows_marked / self.seconds:,.0f} rows/s)" if self.rows_marked and self.seconds else ""
+        text = (f"job={self.job} status={self.status} batches={self.batches} rows_loaded={self.rows_loaded}"
+                f" rows_marked={self.rows_marked} seconds={self.seconds:.2f}{rate}")
+        return f"{text}: {self.message}" if self.message else text
+
+
+class _Outcome(Exception):
+    """Ends a run early with a status that is not an error (waiting, skipped, stopped)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Run:
+    """One run of one job. Use `run_job()`; tests may drive it directly."""
+
+    def __init__(self, settings: Settings, job: JobConfig, stop: threading.Event,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.job = job
+        self.stop = stop
+        self.clock = clock
+        self.log = logger.bind(job=job.name)
+        self.result = RunResult(job.name, OK)
+        self._ch: Any = None
+        self._target_has_batch_column = True
+
+    def execute(self) -> RunResult:
+        """Run with bounded retries of transient errors; never raises for a run failure."""
+        started, t0 = datetime.now(UTC), self.clock()
+        attempt = 0
+        while True:
+            try:
+                self._attempt(started, t0)
+                break
+            except _Outcome as out:
+                self.result.status, self.result.message = out.status, out.message
+                break
+            except TransientError as exc:
+                attempt += 1
+                if attempt >= self.settings.retry_attempts or self.stop.is_set():
+                    self._fail(f"{exc} (gave up after {attempt} attempts; the next run starts over)")
+                    break
+                delay = self.settings.retry_backoff * 2 ** (attempt - 1)
+                self.log.warning("{} — retrying in {:.0f}s (attempt {}/{})", exc, delay, attempt + 1,
+                                 self.settings.retry_attempts)
+                if self.stop.wait(delay):
+                    self._fail(f"{exc} (stopping, not retried)")
+                    break
+            except EtlError as exc:
+                self._fail(str(exc))
+                break
+        self.result.seconds = self.clock() - t0
+        level = "ERROR" if self.result.status == FAILED else "INFO"
+        self.log.log(level, "run finished: {}", self.result.line())
+        return self.result
+
+    def _fail(self, message: str) -> None:
+        self.result.status, self.result.message = FAILED, message
+
+    def _attempt(self, started: datetime, t0: float) -> None:
+        conn = source.connect(self.settings, self.job.name)
+        try:
+            ledger = Ledger(conn, self.settings.ledger_schema, self.job)
+            ledger.ensure_schema()
+            if not ledger.try_lock():
+                raise _Outcome(SKIPPED, f"skipped: {ledger.lock_holder()} is running this job")
+            try:
+                self._drain(conn, ledger, t0)
+            except _Outcome as out:
+                self._record(ledger, started, t0, out.status, out.message)
+                raise
+            except EtlError as exc:
+                self._record(ledger, started, t0, FAILED, str(exc))
+                raise
+            else:
+                self._record(ledger, started, t0, self.result.status, self.result.message)
+            finally:
+                self._close_clickhouse()
+                self._quietly(ledger.unlock)
+        finally:
+            conn.close()
+
+    def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
+        shape = source.describe(conn, self.job)
+        for batch in ledger.unfinished():
+            self.log.info("resuming batch {} ({} rows, state {}, {}/{} chunks loaded)", batch.batch_id,
+                          batch.row_count, batch.state, batch.chunks_loaded, batch.chunk_count)
+            self._process(conn, ledger, shape, batch)
+        while True:
+            if self.stop.is_set():
+                raise _Outcome(STOPPED, "stop requested; the ledger is consistent")
+            if self.clock() - t0 > self.job.max_run_seconds:
+                self.result.message = f"time budget of {self.job.max_run_seconds:.0f}s spent; backlog remains"
+                break
+            batch = ledger.claim(shape)
+            if batch is None:
+                break
+            self._process(conn, ledger, shape, batch)
+        if self.result.batches == 0:
+            self.result.status = IDLE
+        else:
+            self._post_process(conn)
+
+    def _process(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> None:
+        """One batch through every step; raises _Outcome when it must stop short."""
+        bt0 = self.clock()
+        log = self.log.bind(batch=batch.batch_id)
+        if batch.state == "claimed":
+            client = self._clickhouse(shape)
+            for index in range(batch.chunks_loaded, batch.chunk_count):
+                if self.stop.is_set():
+                    raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
+                first, last = batch.chunk_bounds(index)
+                data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema,
+                                            batch.batch_id, first, last)
+                data = transform.apply(data, self.job.transform)
+                sent = 0
+                if data.num_rows:
+                    sent = sink.insert_chunk(client, self.settings.clickhouse.database, self.job.target_table,
+                                             data, batch.batch_id, batch.token(self.job.name, index),
+                                             self._target_has_batch_column)
+                ledger.record_chunk(batch, index + 1, sent)
+                self.result.rows_loaded += sent
+                log.debug("chunk {}/{}: {} rows loaded", index + 1, batch.chunk_count, sent)
+            ledger.set_loaded(batch)
+        if self.job.ready_query:
+            ready = sink.await_ready(self._clickhouse(shape), self.job.ready_query, batch.batch_id,
+                                     self.job.ready_timeout, self.job.ready_poll_interval, self.stop.wait,
+                                     self.clock)
+            if not ready:
+                status = STOPPED if self.stop.is_set() else WAITING
+                raise _Outcome(status, f"batch {batch.batch_id} is loaded but ClickHouse is not ready;"
+                               " the next run polls again")
+        marked = ledger.mark_done(batch, shape)
+        self.result.batches += 1
+        self.result.rows_marked += marked
+        changed = f", {batch.row_count - marked} changed since claim (left for the next batch)" \
+            if marked < batch.row_count else ""
+        log.info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s", batch.batch_id,
+                 batch.row_count, marked, changed, self.clock() - bt0)
+
+    def _clickhouse(self, shape: SourceShape) -> Any:
+        """Connect to ClickHouse on first need (an idle run never does) and prepare the target."""
+        if self._ch is None:
+            client = sink.connect(self.settings)
+            try:
+                self._prepare_target(client, shape)
+            except BaseException:
+                client.close()
+                raise
+            self._ch = client
+        return self._ch
+
+    def _prepare_target(self, client: Any, shape: SourceShape) -> None:
+        database, table = self.settings.clickhouse.database, self.job.target_table
+        existing = sink.target_columns(client, database, table)
+        if existing is None:
+            sink.create_target(client, database, table, shape, self.job.source_key)
+            self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
+            return
+        if not self.job.transform:  # a transform may reshape columns: ClickHouse checks at insert
+            for warning in sink.fit_columns(existing, list(shape.targets), f"{database}.{table}"):
+                self.log.warning(warning)
+        self._target_has_batch_column = sink.BATCH_COLUMN in existing
+
+    def _close_clickhouse(self) -> None:
+        if self._ch is not None:
+            self._quietly(self._ch.close)
+            self._ch = None
+
+    def _post_process(self, conn: source.Connection) -> None:
+        if self.job.post_pg_sql:
+            with pg_errors("post-processing SQL on PostgreSQL"), conn.cursor() as cur:
+                cur.execute(sql.SQL(self.job.post_pg_sql))  # operator-written SQL from config
+                conn.commit()
+        if self.job.post_ch_sql:
+            sink.run_sql(self._ch, self.job.post_ch_sql)
+
+    def _record(self, ledger: Ledger, started: datetime, t0: float, status: str, message: str) -> None:
+        r = self.result
+        self._quietly(lambda: ledger.record_run(started, status, r.batches, r.rows_loaded, r.rows_marked,
+                                                self.clock() - t0, message))
+
+    def _quietly(self, action: Callable[[], Any]) -> None:
+        """Best-effort cleanup: a broken connection must not mask the run's real outcome."""
+        try:
+            action()
+        except Exception as exc:
+            self.log.debug("cleanup step failed: {}", exc)
+
+
+def run_job(settings: Settings, job: JobConfig, stop: threading.Event | None = None,
+            clock: Callable[[], float] = time.monotonic) -> RunResult:
+    """Run one job now and drain its backlog (within its time budget)."""
+    return Run(settings, job, stop or threading.Event(), clock).execute()
