@@ -96,6 +96,10 @@ class Run:
             except EtlError as exc:
                 self._fail(str(exc))
                 break
+            except Exception as exc:  # a bug: report it with its traceback, keep the daemon alive
+                self.log.opt(exception=exc).error("unexpected error in run")
+                self._fail(f"unexpected {type(exc).__name__}: {exc}")
+                break
         self.result.seconds = self.clock() - t0
         level = "ERROR" if self.result.status == FAILED else "INFO"
         self.log.log(level, "run finished: {}", self.result.line())

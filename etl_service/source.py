@@ -148,6 +148,13 @@ def parse_csv(data: bytes, shape: SourceShape) -> pa.Table:
     if not data:
         return pa.table({t: pa.array([], c.arrow_type) for c, t in zip(shape.columns, shape.targets,
                                                                          strict=True)})
+    try:
+        return _parse_csv(data, shape, names)
+    except (pa.ArrowException, ValueError) as exc:
+        raise SourceError(f"cannot convert extracted rows to their column types: {exc}") from exc
+
+
+def _parse_csv(data: bytes, shape: SourceShape, names: list[str]) -> pa.Table:
     table = pacsv.read_csv(
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=names, block_size=8 << 20),

@@ -98,6 +98,9 @@ def map_column(name: str, typname: str, pg_type: str, nullable: bool, category: 
         text = sql.SQL("{}::text").format(ident)
         return Column(name, pg_type, nullable, "String", pa.string(), pa.string(), text)
     ch_type, arrow_type = scalar
+    if pa.types.is_decimal256(arrow_type):  # pyarrow's CSV reader parses decimal128 only
+        return Column(name, pg_type, nullable, ch_type, pa.string(), arrow_type, ident,
+                      lambda values: pc.cast(values, arrow_type))
     if typname == "timestamptz":
         # PostgreSQL prints the UTC wall clock; Arrow then labels it UTC without shifting.
         expr = sql.SQL("({} AT TIME ZONE 'UTC')").format(ident)
