@@ -343,8 +343,8 @@ def redact_pg_dsn(dsn: str) -> str:
         parts = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
         return "<unparseable DSN>"
-    shown = {k: v for k, v in parts.items() if k in ("host", "port", "dbname", "user")}
-    return " ".join(f"{k}={v}" for k, v in shown.items()) or "<default libpq settings>"
+    shown = [f"{k}={parts[k]}" for k in ("host", "port", "dbname", "user") if parts.get(k)]
+    return " ".join(shown) or "<default libpq settings>"
 
 
 def _clickhouse(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget:

@@ -143,10 +143,10 @@ class Run:
             if self.clock() - t0 > self.job.max_run_seconds:
                 self.result.message = f"time budget of {self.job.max_run_seconds:.0f}s spent; backlog remains"
                 break
-            batch = ledger.claim(shape)
-            if batch is None:
+            claimed = ledger.claim(shape)
+            if claimed is None:
                 break
-            self._process(conn, ledger, shape, batch)
+            self._process(conn, ledger, shape, claimed)
         if self.result.batches == 0:
             self.result.status = IDLE
         else:

@@ -35,7 +35,7 @@ def load_user_function(spec: str, variable: str = "ETL_TRANSFORM") -> UserFuncti
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ConfigError(variable, f"module {module_name!r} has no function {func_name!r}")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def apply(table: pa.Table, spec: str) -> pa.Table:
