@@ -8,7 +8,7 @@ run in progress sees the same event and stops at the next chunk boundary.
 from __future__ import annotations
 
 import threading
-from datetime import UTC
+from datetime import UTC, datetime
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -41,12 +41,16 @@ class Daemon:
         """Wait for both databases, schedule the jobs, and run until stopped. Returns the exit code."""
         if not checks.wait_until_reachable(self.settings, self.stop):
             return 0
+        now = datetime.now(UTC)
         for job in self.settings.jobs:
-            self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name)
+            # First run at start: finish what a previous process left unfinished and catch up,
+            # rather than waiting for the first cron time.
+            self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name,
+                                   next_run_time=now)
         self.scheduler.start()
-        for sjob in self.scheduler.get_jobs():
-            logger.info("job {} scheduled ({}); next run at {}", sjob.id, self.settings.job(sjob.id).schedule,
-                        sjob.next_run_time)
+        for job in self.settings.jobs:
+            logger.info("job {} scheduled on '{}' ({}): first run now, then on schedule", job.name, job.schedule,
+                        job.timezone)
         systemd.notify(f"READY=1\nSTATUS=scheduled {len(self.settings.jobs)} job(s); waiting for the first run")
         logger.info("etl-service ready: {} job(s), PostgreSQL {}, ClickHouse {}", len(self.settings.jobs),
                     self.settings.pg_display, self.settings.clickhouse.display)
