@@ -21,6 +21,7 @@ import psycopg2.extensions
 from apscheduler.triggers.cron import CronTrigger
 from dotenv import dotenv_values
 
+from etl_service import faults
 from etl_service.errors import ConfigError
 
 NATIVE_PORTS = {"9000": "8123", "9440": "8443"}
@@ -99,6 +100,9 @@ class Settings:
     misfire_grace: float = 300.0
     log_level: str = "INFO"
     log_format: str = "auto"
+    quarantine_limit: int = 1000
+    crash_at: tuple[str, int] | None = None  # test hooks, see faults.py
+    fail_at: tuple[str, int] | None = None
 
     def job(self, name: str) -> JobConfig:
         """The job called `name`, or a ConfigError listing the known names."""
@@ -148,7 +152,17 @@ def load(env_file: str | None = None, environ: Mapping[str, str] | None = None) 
         misfire_grace=get.number("ETL_MISFIRE_GRACE", "300"),
         log_level=get.choice("ETL_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         log_format=get.choice("ETL_LOG_FORMAT", "auto", ("auto", "text", "json", "journal")),
+        quarantine_limit=int(get.number("ETL_QUARANTINE_LIMIT", "1000", whole=True)),
+        crash_at=_fault(env, "ETL_CRASH_AT"),
+        fail_at=_fault(env, "ETL_FAIL_AT"),
     )
+
+
+def _fault(env: Mapping[str, str], variable: str) -> tuple[str, int] | None:
+    try:
+        return faults.parse(env.get(variable, "").strip())
+    except ValueError as exc:
+        raise ConfigError(variable, str(exc), "leave it unset outside the crash tests") from None
 
 
 class _Getter:

@@ -6,8 +6,12 @@
     │   ├── SourceUnavailable    PostgreSQL could not be reached or dropped the connection
     │   └── SinkUnavailable      ClickHouse could not be reached or dropped the connection
     ├── SourceError          PostgreSQL refused a statement (missing table, bad SQL, ...)
-    ├── TransformError       the user transform failed or returned something unusable
-    └── SinkError            ClickHouse refused a statement or an insert
+    │   └── BadSourceValues      (RowError) a value could not be converted to its column type
+    ├── TransformError       (RowError) the user transform failed or returned something unusable
+    ├── SinkError            ClickHouse refused a statement or an insert
+    │   └── BadSinkValues        (RowError) a value does not fit the target column
+    └── RowError             marker: some rows' data is the problem — the chunk is split until
+                             the bad rows are found, and those are quarantined
 
 Driver exceptions are translated at the I/O boundary (`source`, `sink`) with `from exc`,
 and messages never carry a password: DSNs are redacted before they reach any text.
@@ -33,6 +37,10 @@ class ConfigError(EtlError, ValueError):
         super().__init__(text)
 
 
+class RowError(EtlError):
+    """Marker: the data of one or more rows caused this; other rows of the chunk may be fine."""
+
+
 class TransientError(EtlError):
     """Marker: the same operation may succeed later (the run is retried with backoff)."""
 
@@ -45,13 +53,21 @@ class SourceUnavailable(SourceError, TransientError):
     """PostgreSQL could not be reached, or the connection broke."""
 
 
+class BadSourceValues(SourceError, RowError):
+    """Extracted text could not be converted to the column's type (e.g. date 'infinity')."""
+
+
 class SinkError(EtlError):
     """ClickHouse refused what we asked."""
+
+
+class BadSinkValues(SinkError, RowError):
+    """A value does not fit its target column (out of range, NULL into non-Nullable, unparsable)."""
 
 
 class SinkUnavailable(SinkError, TransientError):
     """ClickHouse could not be reached, or the connection broke."""
 
 
-class TransformError(EtlError):
-    """The transform step failed for a whole chunk."""
+class TransformError(RowError):
+    """The user transform raised, or returned something that is not a usable DataFrame."""

@@ -8,6 +8,7 @@ readiness again, then mark exactly those keys in one transaction with the ledger
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,18 @@ CREATE TABLE IF NOT EXISTS {schema}.batches (
     done_at       timestamptz
 );
 CREATE INDEX IF NOT EXISTS batches_open ON {schema}.batches (job, batch_id) WHERE state <> 'done';
+-- Key ranges ('first-last' positions) whose insert failed for bad rows and that were split in
+-- two: a resumed batch walks the same halves, so every insert keeps its token.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS split text[] NOT NULL DEFAULT '{{}}';
+CREATE TABLE IF NOT EXISTS {schema}.quarantine (
+    job            text        NOT NULL,
+    key            text        NOT NULL,
+    batch_id       bigint      NOT NULL,
+    reason         text        NOT NULL,
+    row            jsonb,
+    quarantined_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, key)
+);
 CREATE TABLE IF NOT EXISTS {schema}.runs (
     run_id      bigserial PRIMARY KEY,
     job         text        NOT NULL,
@@ -52,6 +65,9 @@ CREATE INDEX IF NOT EXISTS runs_job ON {schema}.runs (job, run_id);
 """
 
 
+_BATCH_COLUMNS = "batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split"
+
+
 @dataclass(frozen=True)
 class Batch:
     """One claimed batch as the ledger holds it."""
@@ -63,22 +79,29 @@ class Batch:
     chunks_loaded: int
     rows_loaded: int
     claimed_at: datetime
-
-    def token(self, job: str, chunk: int) -> str:
-        """The insert_deduplication_token of one chunk: the same on every retry of it.
-
-        claimed_at makes it unique even if the ledger is recreated and batch ids restart.
-        """
-        return f"etl-service/{job}/{self.batch_id}/{self.claimed_at.timestamp():.6f}/{chunk}"
+    split: tuple[str, ...] = ()
 
     @property
     def chunk_count(self) -> int:
         return -(-self.row_count // self.chunk_size)
 
+    def range_token(self, job: str, first: int, last: int) -> str:
+        """The insert_deduplication_token of key positions [first, last]: the same on every retry.
+
+        claimed_at makes it unique even if the ledger is recreated and batch ids restart.
+        """
+        return f"etl-service/{job}/{self.batch_id}/{self.claimed_at.timestamp():.6f}/{first}-{last}"
+
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         """1-based inclusive positions of chunk `index` in the batch's key array."""
         first = index * self.chunk_size + 1
         return first, min(self.row_count, first + self.chunk_size - 1)
+
+
+def _batch(row: tuple[Any, ...]) -> Batch:
+    """A Batch from a row of the _BATCH_COLUMNS select list."""
+    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split = row
+    return Batch(batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, tuple(split))
 
 
 class Ledger:
@@ -131,10 +154,10 @@ class Ledger:
     def unfinished(self) -> list[Batch]:
         """Batches of this job that are claimed or loaded, oldest first."""
         rows = self._run("read unfinished batches", sql.SQL(
-            "SELECT batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at"
-            " FROM {s}.batches WHERE job = %s AND state <> 'done' ORDER BY batch_id").format(s=self.schema),
+            "SELECT " + _BATCH_COLUMNS + " FROM {s}.batches WHERE job = %s AND state <> 'done'"
+            " ORDER BY batch_id").format(s=self.schema),
             (self.job.name,))
-        return [Batch(*row) for row in rows]
+        return [_batch(row) for row in rows]
 
     def claim(self, shape: SourceShape) -> Batch | None:
         """Record the next batch of unprocessed keys (with their xmin); None when there are none."""
@@ -143,13 +166,14 @@ class Ledger:
             " SELECT %(job)s, 'claimed', array_agg(p.k::text ORDER BY p.k), array_agg(p.x ORDER BY p.k),"
             " count(*), %(chunk)s"
             " FROM (SELECT s.{key} AS k, s.xmin AS x FROM {src} s WHERE s.{flag} = false"
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = s.{key}::text)"
             " ORDER BY s.{key} LIMIT %(limit)s) p HAVING count(*) > 0"
-            " RETURNING batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at"
+            " RETURNING " + _BATCH_COLUMNS
         ).format(s=self.schema, key=sql.Identifier(self.job.source_key), src=qualified(self.job),
                  flag=sql.Identifier(self.job.processed_column))
         rows = self._run("claim batch", query, {"job": self.job.name, "chunk": self.job.chunk_size,
                                                 "limit": self.job.batch_size})
-        return Batch(*rows[0]) if rows else None
+        return _batch(rows[0]) if rows else None
 
     def record_chunk(self, batch: Batch, chunks_loaded: int, rows: int) -> None:
         """Remember that chunks [0, chunks_loaded) are in ClickHouse."""
@@ -162,23 +186,62 @@ class Ledger:
             "UPDATE {s}.batches SET state = 'loaded', loaded_at = now() WHERE batch_id = %s"
             " AND state = 'claimed'").format(s=self.schema), (batch.batch_id,))
 
-    def mark_done(self, batch: Batch, shape: SourceShape) -> int:
-        """In one transaction: flag exactly the claimed, unchanged rows, and close the batch."""
+    def mark_done(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> int:
+        """In one transaction: flag exactly the claimed, unchanged, unquarantined rows; close the batch."""
         mark = sql.SQL(
             "UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
             " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
-            " WHERE b.batch_id = %s AND s.{key} = k.key::{keytype} AND s.xmin = k.x"
+            " WHERE b.batch_id = %(batch)s AND s.{key} = k.key::{keytype} AND s.xmin = k.x"
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = k.key)"
         ).format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column), s=self.schema,
                  key=sql.Identifier(self.job.source_key), keytype=sql.SQL(shape.key_type))
         close = sql.SQL(
             "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
         with pg_errors(f"mark batch {batch.batch_id} done"), self.conn.cursor() as cur:
-            cur.execute(mark, (batch.batch_id,))
+            cur.execute(mark, {"batch": batch.batch_id, "job": self.job.name})
             marked = cur.rowcount
             cur.execute(close, (marked, batch.batch_id))
+            before_commit()
             self.conn.commit()
         return int(marked)
+
+    def record_split(self, batch: Batch, first: int, last: int) -> None:
+        """Remember that key positions [first, last] are loaded as two halves from now on."""
+        self._run("record split", sql.SQL(
+            "UPDATE {s}.batches SET split = array_append(split, %(r)s) WHERE batch_id = %(b)s"
+            " AND NOT %(r)s = ANY(split)").format(s=self.schema), {"r": f"{first}-{last}", "b": batch.batch_id})
+
+    def quarantine(self, batch: Batch, shape: SourceShape, position: int, reason: str) -> str | None:
+        """Set aside the row at `position` of the batch with its reason; returns its key (None if gone)."""
+        rows = self._run("quarantine row", sql.SQL(
+            "INSERT INTO {s}.quarantine (job, key, batch_id, reason, row)"
+            " SELECT %(job)s, b.keys[%(pos)s], b.batch_id, %(reason)s, to_jsonb(s) FROM {s}.batches b"
+            " JOIN {src} s ON s.{key} = b.keys[%(pos)s]::{keytype} WHERE b.batch_id = %(batch)s"
+            " ON CONFLICT (job, key) DO UPDATE SET batch_id = EXCLUDED.batch_id, reason = EXCLUDED.reason,"
+            " row = EXCLUDED.row, quarantined_at = now() RETURNING key"
+        ).format(s=self.schema, src=qualified(self.job), key=sql.Identifier(self.job.source_key),
+                 keytype=sql.SQL(shape.key_type)),
+            {"job": self.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
+        return str(rows[0][0]) if rows else None
+
+    def requeue(self, keys: list[str] | None = None) -> list[str]:
+        """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again."""
+        where = sql.SQL(" AND key = ANY(%(keys)s)") if keys else sql.SQL("")
+        rows = self._run("requeue quarantined rows", sql.SQL(
+            "DELETE FROM {s}.quarantine WHERE job = %(job)s{where} RETURNING key").format(s=self.schema,
+                                                                                         where=where),
+            {"job": self.job.name, "keys": keys})
+        return sorted(str(r[0]) for r in rows)
+
+    def quarantined(self, limit: int = 5) -> tuple[int, list[tuple[Any, ...]]]:
+        """How many rows of this job are quarantined, and the most recent few (key, reason, when)."""
+        count = self._run("count quarantine", sql.SQL(
+            "SELECT count(*) FROM {s}.quarantine WHERE job = %s").format(s=self.schema), (self.job.name,))
+        recent = self._run("read quarantine", sql.SQL(
+            "SELECT key, reason, quarantined_at FROM {s}.quarantine WHERE job = %s"
+            " ORDER BY quarantined_at DESC LIMIT %s").format(s=self.schema), (self.job.name, limit))
+        return int(count[0][0]), recent
 
     def record_run(self, started_at: Any, status: str, batches: int, loaded: int, marked: int,
                    seconds: float, message: str) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 from loguru import logger
 from psycopg2 import sql
 
-from etl_service import sink, source, transform
+from etl_service import fit, sink, source, transform
 from etl_service.config import JobConfig, Settings
-from etl_service.errors import EtlError, TransientError
+from etl_service.errors import BadSinkValues, EtlError, RowError, TransientError
+from etl_service.faults import Faults
 from etl_service.ledger import Batch, Ledger
 from etl_service.source import SourceShape, pg_errors
 
@@ -38,13 +39,15 @@ class RunResult:
     batches: int = 0
     rows_loaded: int = 0
     rows_marked: int = 0
+    rows_quarantined: int = 0
     seconds: float = 0.0
     message: str = ""
 
     def line(self) -> str:
         rate = f" ({self.rows_marked / self.seconds:,.0f} rows/s)" if self.rows_marked and self.seconds else ""
         text = (f"job={self.job} status={self.status} batches={self.batches} rows_loaded={self.rows_loaded}"
-                f" rows_marked={self.rows_marked} seconds={self.seconds:.2f}{rate}")
+                f" rows_marked={self.rows_marked} rows_quarantined={self.rows_quarantined}"
+                f" seconds={self.seconds:.2f}{rate}")
         return f"{text}: {self.message}" if self.message else text
 
 
@@ -68,8 +71,9 @@ class Run:
         self.clock = clock
         self.log = logger.bind(job=job.name)
         self.result = RunResult(job.name, OK)
+        self.faults = Faults(settings.crash_at, settings.fail_at)
         self._ch: Any = None
-        self._target_has_batch_column = True
+        self._target_types: dict[str, str] = {}
 
     def execute(self) -> RunResult:
         """Run with bounded retries of transient errors; never raises for a run failure."""
@@ -146,6 +150,7 @@ class Run:
             claimed = ledger.claim(shape)
             if claimed is None:
                 break
+            self.faults.reached("after_claim")
             self._process(conn, ledger, shape, claimed)
         if self.result.batches == 0:
             self.result.status = IDLE
@@ -156,24 +161,10 @@ class Run:
         """One batch through every step; raises _Outcome when it must stop short."""
         bt0 = self.clock()
         log = self.log.bind(batch=batch.batch_id)
+        quarantined_before = self.result.rows_quarantined
         if batch.state == "claimed":
-            client = self._clickhouse(shape)
-            for index in range(batch.chunks_loaded, batch.chunk_count):
-                if self.stop.is_set():
-                    raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
-                first, last = batch.chunk_bounds(index)
-                data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema,
-                                            batch.batch_id, first, last)
-                data = transform.apply(data, self.job.transform)
-                sent = 0
-                if data.num_rows:
-                    sent = sink.insert_chunk(client, self.settings.clickhouse.database, self.job.target_table,
-                                             data, batch.batch_id, batch.token(self.job.name, index),
-                                             self._target_has_batch_column)
-                ledger.record_chunk(batch, index + 1, sent)
-                self.result.rows_loaded += sent
-                log.debug("chunk {}/{}: {} rows loaded", index + 1, batch.chunk_count, sent)
-            ledger.set_loaded(batch)
+            self._load(conn, ledger, shape, batch)
+        self.faults.reached("during_ready")
         if self.job.ready_query:
             ready = sink.await_ready(self._clickhouse(shape), self.job.ready_query, batch.batch_id,
                                      self.job.ready_timeout, self.job.ready_poll_interval, self.stop.wait,
@@ -182,13 +173,83 @@ class Run:
                 status = STOPPED if self.stop.is_set() else WAITING
                 raise _Outcome(status, f"batch {batch.batch_id} is loaded but ClickHouse is not ready;"
                                " the next run polls again")
-        marked = ledger.mark_done(batch, shape)
+        self.faults.reached("after_ready")
+        marked = ledger.mark_done(batch, shape, lambda: self.faults.reached("inside_mark"))
         self.result.batches += 1
         self.result.rows_marked += marked
-        changed = f", {batch.row_count - marked} changed since claim (left for the next batch)" \
-            if marked < batch.row_count else ""
+        quarantined = self.result.rows_quarantined - quarantined_before
+        unmarked = batch.row_count - marked - quarantined
+        notes = (f", {quarantined} quarantined" if quarantined else "") + \
+            (f", {unmarked} changed since claim (left for the next batch)" if unmarked > 0 else "")
         log.info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s", batch.batch_id,
-                 batch.row_count, marked, changed, self.clock() - bt0)
+                 batch.row_count, marked, notes, self.clock() - bt0)
+
+    def _load(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> None:
+        """Insert the chunks not yet recorded as loaded, recording each; then mark the batch loaded."""
+        split = set(batch.split)
+        for index in range(batch.chunks_loaded, batch.chunk_count):
+            if self.stop.is_set():
+                raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
+            first, last = batch.chunk_bounds(index)
+            sent = self._load_range(conn, ledger, shape, batch, first, last, split)
+            last_chunk = index + 1 == batch.chunk_count
+            if last_chunk:
+                self.faults.reached("after_last_insert")
+            ledger.record_chunk(batch, index + 1, sent)
+            if not last_chunk:
+                self.faults.reached("between_chunks")
+            self.result.rows_loaded += sent
+            self.log.bind(batch=batch.batch_id).debug("chunk {}/{}: {} rows loaded", index + 1,
+                                                      batch.chunk_count, sent)
+        ledger.set_loaded(batch)
+
+    def _load_range(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch,
+                    first: int, last: int, split: set[str]) -> int:
+        """Load key positions [first, last]; on bad rows, split in halves until each bad row is alone.
+
+        A range once split is recorded in the ledger before its halves are sent, so a resumed
+        batch takes the same path and every insert keeps its deduplication token.
+        """
+        if f"{first}-{last}" not in split:
+            try:
+                return self._insert_range(conn, shape, batch, first, last)
+            except RowError as exc:
+                if first == last:
+                    self._quarantine(ledger, shape, batch, first, exc)
+                    return 0
+                self.log.bind(batch=batch.batch_id).warning(
+                    "rows {}-{} of batch {}: {} — splitting to find the bad rows", first, last, batch.batch_id, exc)
+                ledger.record_split(batch, first, last)
+                split.add(f"{first}-{last}")
+        middle = (first + last) // 2
+        return (self._load_range(conn, ledger, shape, batch, first, middle, split)
+                + self._load_range(conn, ledger, shape, batch, middle + 1, last, split))
+
+    def _insert_range(self, conn: source.Connection, shape: SourceShape, batch: Batch, first: int,
+                      last: int) -> int:
+        client = self._clickhouse(shape)
+        data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema, batch.batch_id, first, last)
+        self.faults.reached("mid_extract")
+        data = transform.apply(data, self.job.transform)
+        if not data.num_rows:
+            return 0
+        misfit = fit.first_misfit(data, self._target_types)
+        if misfit:
+            raise BadSinkValues(f"{misfit} in {self.settings.clickhouse.database}.{self.job.target_table}")
+        return sink.insert_chunk(client, self.settings.clickhouse.database, self.job.target_table, data,
+                                 batch.batch_id, batch.range_token(self.job.name, first, last),
+                                 sink.BATCH_COLUMN in self._target_types)
+
+    def _quarantine(self, ledger: Ledger, shape: SourceShape, batch: Batch, position: int, exc: EtlError) -> None:
+        key = ledger.quarantine(batch, shape, position, str(exc))
+        if key is None:
+            return  # the row was deleted meanwhile: nothing to set aside
+        self.result.rows_quarantined += 1
+        self.log.bind(batch=batch.batch_id).warning("row {}={} quarantined: {}", self.job.source_key, key, exc)
+        if self.result.rows_quarantined > self.settings.quarantine_limit:
+            raise EtlError(f"more than ETL_QUARANTINE_LIMIT={self.settings.quarantine_limit} rows quarantined in"
+                           " this run: is the transform or the target table broken? See `status`; release"
+                           " rows with `requeue` after the fix")
 
     def _clickhouse(self, shape: SourceShape) -> Any:
         """Connect to ClickHouse on first need (an idle run never does) and prepare the target."""
@@ -208,11 +269,11 @@ class Run:
         if existing is None:
             sink.create_target(client, database, table, shape, self.job.source_key)
             self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
-            return
-        if not self.job.transform:  # a transform may reshape columns: ClickHouse checks at insert
+            existing = sink.target_columns(client, database, table) or {}
+        elif not self.job.transform:  # a transform may reshape columns: ClickHouse checks at insert
             for warning in sink.fit_columns(existing, list(shape.targets), f"{database}.{table}"):
                 self.log.warning(warning)
-        self._target_has_batch_column = sink.BATCH_COLUMN in existing
+        self._target_types = existing
 
     def _close_clickhouse(self) -> None:
         if self._ch is not None:

@@ -7,6 +7,7 @@ translated here: connection problems become SinkUnavailable, refusals SinkError.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,12 +21,20 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError,
 from loguru import logger
 
 from etl_service.config import Settings
-from etl_service.errors import SinkError, SinkUnavailable
+from etl_service.errors import BadSinkValues, SinkError, SinkUnavailable
 from etl_service.source import SourceShape
 
 BATCH_COLUMN = "_etl_batch"
 # How many recent insert tokens a MergeTree remembers; far more than chunks in flight.
 DEDUP_WINDOW = 10000
+
+
+# ClickHouse error codes that blame the inserted values, not the statement: the chunk is split
+# to find the rows, which are quarantined (CANNOT_PARSE_*, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND,
+# CANNOT_CONVERT_TYPE, INCORRECT_DATA, TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE,
+# CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_UUID, DECIMAL_OVERFLOW, ...).
+DATA_ERROR_CODES = {6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 376, 407, 691}
+_CODE = re.compile(r"Code: (\d+)")
 
 
 @contextmanager
@@ -36,6 +45,13 @@ def ch_errors(action: str) -> Iterator[None]:
     except OperationalError as exc:
         raise SinkUnavailable(f"{action}: {_short(exc)}") from exc
     except (DatabaseError, ClickHouseError) as exc:
+        text = str(exc)
+        if "Unable to open the chdb engine" in text:
+            raise SinkUnavailable(f"{action}: the chDB folder is in use by another process (one process"
+                                  " at a time can open it)") from exc
+        match = _CODE.search(text)
+        if match and int(match[1]) in DATA_ERROR_CODES:
+            raise BadSinkValues(f"{action}: {_short(exc)}") from exc
         raise SinkError(f"{action}: {_short(exc)}") from exc
 
 

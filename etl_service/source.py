@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 from psycopg2 import sql
 
 from etl_service.config import JobConfig, Settings
-from etl_service.errors import ConfigError, SourceError, SourceUnavailable
+from etl_service.errors import BadSourceValues, ConfigError, SourceError, SourceUnavailable
 from etl_service.typemap import Column, map_column
 
 Connection = psycopg2.extensions.connection
@@ -151,7 +151,7 @@ def parse_csv(data: bytes, shape: SourceShape) -> pa.Table:
     try:
         return _parse_csv(data, shape, names)
     except (pa.ArrowException, ValueError) as exc:
-        raise SourceError(f"cannot convert extracted rows to their column types: {exc}") from exc
+        raise BadSourceValues(f"cannot convert a value to its column type: {_first_line(exc)}") from exc
 
 
 def _parse_csv(data: bytes, shape: SourceShape, names: list[str]) -> pa.Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+import re
 from pathlib import Path
 
 import pytest
@@ -119,11 +120,11 @@ def test_env_example_is_a_valid_configuration() -> None:
     env = read_env(str(example), {})
     settings = load(environ={**env, "CLICK_DSN": "chdb:///tmp/x"})
     assert settings.jobs[0].source_table == ("public", "orders")
-    documented = {line.split("=", 1)[0] for line in example.read_text().splitlines()
-                  if line and not line.startswith("#")}
+    documented = {line.lstrip("#").split("=", 1)[0] for line in example.read_text().splitlines()
+                  if re.match(r"#?[A-Z_]+=", line)}
     source = (Path(__file__).resolve().parents[2] / "etl_service" / "config.py").read_text()
-    read_in_code = {word.strip('"') for word in source.replace("(", " ").replace(",", " ").split()
-                    if word.startswith(('"PG_', '"CLICK_', '"ETL_')) and word.endswith('"')}
+    read_in_code = set(re.findall(r'"((?:PG|CLICK|ETL)_[A-Z_]+)"', source))
+    assert len(read_in_code) > 30
     assert read_in_code <= documented, f"undocumented: {sorted(read_in_code - documented)}"
 
 
