@@ -133,12 +133,35 @@ def _job_status(conn: source.Connection, settings: Settings, job: JobConfig, out
     for batch in unfinished:
         by_state.setdefault(batch.state, []).append(batch.batch_id)
     out("  unfinished batches: " + (", ".join(f"{s}: {ids}" for s, ids in by_state.items()) or "none"))
+    count, recent = ledger.quarantined()
+    out(f"  quarantined rows: {count}" + (" (release with `requeue` after fixing them)" if count else ""))
+    for key, reason, when in recent:
+        out(f"    {job.source_key}={key} at {when:%Y-%m-%d %H:%M:%S}: {reason}")
     runs = ledger.recent_runs()
     out("  last runs:" if runs else "  last runs: none")
     for started, st, batches, loaded, marked, seconds, message in runs:
         tail = f" — {message}" if message else ""
         out(f"    {started:%Y-%m-%d %H:%M:%S} {st:8} batches={batches} loaded={loaded} marked={marked}"
             f" {seconds:.1f}s{tail}")
+
+
+def requeue(settings: Settings, jobs: list[JobConfig], keys: list[str] | None, out: Print = print) -> bool:
+    """Release quarantined rows so the next run claims them again. True if it could be done."""
+    conn = source.connect(settings, "requeue")
+    try:
+        if not _ledger_exists(conn, settings.ledger_schema):
+            out("nothing to requeue: no run has created the ledger yet")
+            return True
+        for job in jobs:
+            released = Ledger(conn, settings.ledger_schema, job).requeue(keys)
+            shown = ", ".join(released[:20]) + (" …" if len(released) > 20 else "")
+            out(f"job {job.name}: {len(released)} row(s) released" + (f" ({shown})" if released else ""))
+    except EtlError as exc:
+        out(f"cannot requeue: {exc}")
+        return False
+    finally:
+        conn.close()
+    return True
 
 
 def _ledger_exists(conn: source.Connection, schema: str) -> bool:

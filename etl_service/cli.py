@@ -30,11 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="etl-service",
         description="Move unprocessed PostgreSQL rows into a ClickHouse trigger table, exactly once.",
         epilog="Without a command the service runs its jobs on their schedules until SIGTERM/SIGINT.")
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "check", "status", "demo"],
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "check", "status", "requeue", "demo"],
                         help="run (default): the daemon, or one pass with --once; check: config and"
-                             " connectivity; status: backlog, batches, recent runs; demo: embedded demo")
+                             " connectivity; status: backlog, batches, quarantine, recent runs; requeue:"
+                             " release quarantined rows (all, or --key); demo: embedded demo")
     parser.add_argument("--once", action="store_true", help="run each job now, drain its backlog, exit")
-    parser.add_argument("--job", metavar="NAME", help="with --once: only this job")
+    parser.add_argument("--job", metavar="NAME", help="with --once or requeue: only this job")
+    parser.add_argument("--key", action="append", metavar="KEY",
+                        help="requeue: only this key (repeat for several)")
     parser.add_argument("--env-file", metavar="PATH", help="settings file (default: ./.env if present)")
     parser.add_argument("--rows", type=int, default=100_000, help="demo: rows to seed (default 100000)")
     parser.add_argument("--dir", metavar="PATH", default=".demo", help="demo: working folder (default .demo)")
@@ -62,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if checks.check(settings) else EX_FAILED
     if args.command == "status":
         return 0 if checks.status(settings) else EX_FAILED
+    if args.command == "requeue":
+        jobs = [settings.job(args.job)] if args.job else list(settings.jobs)
+        return 0 if checks.requeue(settings, jobs, args.key) else EX_FAILED
     stop = threading.Event()
     install_signal_handlers(stop)
     if args.once:

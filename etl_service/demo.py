@@ -90,8 +90,8 @@ def run_demo(workdir: str, rows: int) -> int:
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     logger.info("demo: starting embedded PostgreSQL in {}", base / "pgdata")
-    with postgres(base / "pgdata") as uri:
-        settings = demo_settings(uri, base / "chdb")
+    with postgres(base / "pgdata") as pg:
+        settings = demo_settings(pg.uri, base / "chdb")
         job = settings.jobs[0]
         _seed(settings, rows)
         _prepare_clickhouse(settings)

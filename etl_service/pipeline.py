@@ -74,6 +74,7 @@ class Run:
         self.faults = Faults(settings.crash_at, settings.fail_at)
         self._ch: Any = None
         self._target_types: dict[str, str] = {}
+        self._last_reason = ""
 
     def execute(self) -> RunResult:
         """Run with bounded retries of transient errors; never raises for a run failure."""
@@ -191,7 +192,13 @@ class Run:
             if self.stop.is_set():
                 raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
             first, last = batch.chunk_bounds(index)
+            quarantined = self.result.rows_quarantined
             sent = self._load_range(conn, ledger, shape, batch, first, last, split)
+            if sent == 0 and last - first >= 9 and self.result.rows_quarantined - quarantined == last - first + 1:
+                ledger.release_range(batch, first, last)
+                raise EtlError(f"every row of positions {first}-{last} in batch {batch.batch_id} failed (last"
+                               f" reason: {self._last_reason}): a broken transform or target, not bad rows;"
+                               " nothing was quarantined — fix it and the next run retries")
             last_chunk = index + 1 == batch.chunk_count
             if last_chunk:
                 self.faults.reached("after_last_insert")
@@ -241,6 +248,7 @@ class Run:
                                  sink.BATCH_COLUMN in self._target_types)
 
     def _quarantine(self, ledger: Ledger, shape: SourceShape, batch: Batch, position: int, exc: EtlError) -> None:
+        self._last_reason = str(exc)
         key = ledger.quarantine(batch, shape, position, str(exc))
         if key is None:
             return  # the row was deleted meanwhile: nothing to set aside

@@ -1,8 +1,10 @@
 """Transform: pure DataFrame -> DataFrame, no I/O.
 
 Column selection and renaming happen at extraction (ETL_COLUMNS). The optional user function
-named `module:function` receives each chunk as a pandas DataFrame backed by Arrow types
-(exact decimals, UTC timestamps, nullable ints) and returns a DataFrame. Without a user
+named `module:function` receives each chunk as a pandas DataFrame with nullable dtypes
+(Int64, boolean, string; decimals stay exact as Arrow decimals; timestamptz is
+datetime64[us, UTC]) and returns a DataFrame. It should treat rows independently: when it
+raises, the chunk is split and it runs again on the halves, to find the rows it rejects. Without a user
 function chunks stay in Arrow and never pay for a pandas round trip.
 """
 
@@ -38,12 +40,27 @@ def load_user_function(spec: str, variable: str = "ETL_TRANSFORM") -> UserFuncti
     return func
 
 
+def _pandas_dtype(arrow_type: pa.DataType) -> object:
+    """Familiar pandas dtypes that keep NULLs and exact values (None: pyarrow's default)."""
+    if pa.types.is_integer(arrow_type):
+        return pd.api.types.pandas_dtype(str(arrow_type).replace("u", "U").replace("int", "Int"))
+    if pa.types.is_floating(arrow_type):
+        return pd.Float64Dtype() if arrow_type == pa.float64() else pd.Float32Dtype()
+    if pa.types.is_boolean(arrow_type):
+        return pd.BooleanDtype()
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return pd.StringDtype()
+    if pa.types.is_decimal(arrow_type) or pa.types.is_list(arrow_type):
+        return pd.ArrowDtype(arrow_type)  # exact: no float round trip, element types kept
+    return None  # timestamps -> datetime64[us, UTC], dates and bytes -> Python objects
+
+
 def apply(table: pa.Table, spec: str) -> pa.Table:
     """Run the user function (if any) on one chunk and return Arrow again."""
     if not spec:
         return table
     func = load_user_function(spec)
-    frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    frame = table.to_pandas(types_mapper=_pandas_dtype)
     try:
         result = func(frame)
     except Exception as exc:

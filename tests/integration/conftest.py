@@ -62,8 +62,8 @@ def _docker_reason() -> str | None:
 def embedded_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     base = tmp_path_factory.mktemp("embedded")
     chdb_path = base / "chdb"
-    with postgres(base / "pgdata") as uri:
-        backend = Backend("embedded", uri, {"CLICK_DSN": f"chdb://{chdb_path}"},
+    with postgres(base / "pgdata") as pg:
+        backend = Backend("embedded", pg.uri, {"CLICK_DSN": f"chdb://{chdb_path}"},
                           {"dsn": f"chdb://{chdb_path}"}, subprocess_ok=False)
         yield backend
         if backend._client is not None:

@@ -62,7 +62,7 @@ def test_chunks_cover_every_position_once() -> None:
 def test_tokens_are_deterministic_and_distinct() -> None:
     b = batch(10, 5)
     assert b.range_token("orders", 1, 5) == batch(10, 5).range_token("orders", 1, 5)
-    tokens = {b.range_token(job, f, l) for job in ("orders", "payments") for f, l in ((1, 5), (6, 10), (1, 3))}
+    tokens = {b.range_token(job, lo, hi) for job in ("orders", "payments") for lo, hi in ((1, 5), (6, 10), (1, 3))}
     assert len(tokens) == 6
     later = Batch(7, "claimed", 10, 5, 0, 0, datetime(2027, 1, 1, tzinfo=UTC))  # same id, recreated ledger
     assert later.range_token("orders", 1, 5) != b.range_token("orders", 1, 5)
