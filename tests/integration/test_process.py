@@ -2,55 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from .conftest import World
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def write_env(world: World, chdb: Path, **extra: str) -> Path:
-    values = {**world.env(), "CLICK_DSN": f"chdb://{chdb}", "ETL_LOG_FORMAT": "text", **extra}
-    for key in ("CLICK_HOST", "CLICK_PORT", "CLICK_USER", "CLICK_PASSWORD"):
-        values.pop(key, None)
-    path = world.tmp / "test.env"
-    path.write_text("".join(f"{k}='{v}'\n" for k, v in values.items()))
-    return path
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG_", "CLICK_", "ETL_"))}
-    return subprocess.run([sys.executable, "-m", "etl_service", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
-
-
-def chdb_query(chdb: Path, query: str) -> list[list[object]]:
-    """Query a chDB folder from a fresh process (one process holds one engine folder)."""
-    code = ("import json, sys, clickhouse_connect\n"
-            f"c = clickhouse_connect.get_client(dsn={f'chdb://{chdb}'!r})\n"
-            f"print(json.dumps(c.query({query!r}).result_rows, default=str))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+from .helpers import chdb_query, cli, start, wait_for, write_env
 
 
 def marked(world: World) -> int:
     return int(world.sql("SELECT count(*) FROM src WHERE processed")[0][0])
-
-
-def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_once_moves_every_row_and_a_second_once_moves_nothing(world: World) -> None:
@@ -90,10 +52,7 @@ def test_daemon_runs_on_a_seconds_schedule_and_exits_0_on_sigterm(world: World) 
     chdb = world.tmp / "chdb"
     env_file = write_env(world, chdb, ETL_SCHEDULE="*/1 * * * * *", ETL_MISFIRE_GRACE="5")
     log_path = world.tmp / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG_", "CLICK_", "ETL_"))}
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "etl_service", "--env-file", str(env_file)],
-                                stderr=log, stdout=log, cwd=REPO, env=env)
+    proc = start("--env-file", str(env_file), log=log_path)
     try:
         wait_for(lambda: marked(world) == 300, 60, "the first 300 rows to be marked")
         world.add_rows(301, 450)
