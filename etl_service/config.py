@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 import psycopg2
 import psycopg2.extensions
 from apscheduler.triggers.cron import CronTrigger
-from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 from etl_service import faults
 from etl_service.errors import ConfigError
@@ -128,9 +128,23 @@ def read_env(env_file: str | None, environ: Mapping[str, str] | None = None) -> 
         except OSError as exc:
             raise ConfigError("--env-file", f"cannot read {path}: {exc.strerror}",
                               "give a readable file (see .env.example)") from exc
-        merged.update({k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None})
+        merged.update(_parse_env_file(path, text))
     merged.update(environ)
     return merged
+
+
+def _parse_env_file(path: Path, text: str) -> dict[str, str]:
+    """KEY=value lines; a line dotenv cannot parse is an error, not a silently missing setting."""
+    values: dict[str, str] = {}
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            # Name only the key: the rest of the line may hold a password.
+            key = binding.original.string.split("=", 1)[0].strip()[:40]
+            raise ConfigError(f"{path} line {binding.original.line}", f"cannot parse the line for {key!r}",
+                              "quote values with spaces or quotes: KEY=\"…\" (escape \" and \\ inside)")
+        if binding.key is not None and binding.value is not None:
+            values[binding.key] = binding.value
+    return values
 
 
 def load(env_file: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -28,20 +28,38 @@ def write_env(world: World, chdb: Path, name: str = "test.env", **extra: str) ->
     for key in ("CLICK_HOST", "CLICK_PORT", "CLICK_USER", "CLICK_PASSWORD"):
         values.pop(key, None)
     path = world.tmp / name
-    path.write_text("".join(f"{k}='{v}'\n" for k, v in values.items()))
+    path.write_text("".join(f'{k}="{_quoted(v)}"\n' for k, v in values.items()))
     return path
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def cli(*args: str, timeout: float = 120, path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the program to completion; `path` goes on PYTHONPATH (for a test's transform module)."""
     return subprocess.run([sys.executable, "-m", "etl_service", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=clean_env())
+                          timeout=timeout, cwd=REPO, env=_env(path))
 
 
-def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
+def start(*args: str, log: Path, path: Path | None = None) -> subprocess.Popen[bytes]:
     """Start the program in the background, its output going to `log`."""
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "etl_service", *args], stdout=out, stderr=out,
-                                cwd=REPO, env=clean_env())
+                                cwd=REPO, env=_env(path))
+
+
+def _env(path: Path | None) -> dict[str, str]:
+    env = clean_env()
+    if path is not None:
+        env["PYTHONPATH"] = str(path)
+    return env
+
+
+def slow_transform(world: World, seconds: float) -> str:
+    """A transform module in the test's folder that takes `seconds` per chunk; returns its spec."""
+    (world.tmp / "slow_tx.py").write_text(f"import time\ndef pause(df):\n    time.sleep({seconds})\n    return df\n")
+    return "slow_tx:pause"
 
 
 def chdb_query(chdb: Path, query: str) -> list[list[object]]:

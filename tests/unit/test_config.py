@@ -153,3 +153,12 @@ def test_jobs_file_errors_name_the_job_and_key(tmp_path: Path) -> None:
 def test_unknown_job_name() -> None:
     with pytest.raises(ConfigError, match=r"no job named 'x'.*known jobs: orders"):
         load(environ=BASE).job("x")
+
+
+def test_a_line_dotenv_cannot_parse_is_an_error_that_hides_the_value(tmp_path: Path) -> None:
+    env_file = tmp_path / "broken.env"
+    env_file.write_text("ETL_SOURCE_TABLE=orders\nPG_PASSWORD='it's-secret'\n")
+    with pytest.raises(ConfigError) as info:
+        read_env(str(env_file), {})
+    assert info.value.variable == f"{env_file} line 2"
+    assert "'PG_PASSWORD'" in str(info.value) and "secret" not in str(info.value)
