@@ -44,6 +44,14 @@ def test_check_and_status_report_what_they_find(world: World) -> None:
     bad = cli("check", "--env-file", str(write_env(world, world.tmp / "chdb", ETL_SOURCE_TABLE="public.nope")))
     assert bad.returncode == 1
     assert 'FAIL ETL_SOURCE_TABLE: table "public"."nope" does not exist in PostgreSQL' in bad.stdout
+    no_key = cli("check", "--env-file", str(write_env(world, world.tmp / "chdb", ETL_SOURCE_KEY="order_id")))
+    assert no_key.returncode == 1
+    assert "FAIL ETL_SOURCE_KEY: column 'order_id' does not exist in \"public\".\"src\"" in no_key.stdout
+    assert "columns are: id, amount, name, ts, processed" in no_key.stdout
+    misfit = cli("check", "--env-file", str(write_env(world, world.tmp / "chdb", ETL_COLUMNS="id, name:title")))
+    assert misfit.returncode == 1
+    assert "has no column 'title': add it (ALTER TABLE … ADD COLUMN), or select/rename columns with ETL_COLUMNS" \
+        in misfit.stdout
 
 
 @pytest.mark.slow
