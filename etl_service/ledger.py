@@ -65,7 +65,8 @@ CREATE INDEX IF NOT EXISTS runs_job ON {schema}.runs (job, run_id);
 """
 
 
-_BATCH_COLUMNS = "batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split"
+_BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
+                  " keys[cardinality(keys)]")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Batch:
     rows_loaded: int
     claimed_at: datetime
     split: tuple[str, ...] = ()
+    last_key: str | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -100,8 +102,9 @@ class Batch:
 
 def _batch(row: tuple[Any, ...]) -> Batch:
     """A Batch from a row of the _BATCH_COLUMNS select list."""
-    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split = row
-    return Batch(batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, tuple(split))
+    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key = row
+    return Batch(batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, tuple(split),
+                 last_key)
 
 
 class Ledger:
@@ -159,20 +162,27 @@ class Ledger:
             (self.job.name,))
         return [_batch(row) for row in rows]
 
-    def claim(self, shape: SourceShape) -> Batch | None:
-        """Record the next batch of unprocessed keys (with their xmin); None when there are none."""
+    def claim(self, shape: SourceShape, after: str | None = None) -> Batch | None:
+        """Record the next batch of unprocessed keys (with their xmin), above `after` if given.
+
+        None when there are none. Keys come in key order, so a run can claim the next batch
+        past one that is still being marked.
+        """
+        above = sql.SQL(" AND s.{key} > %(after)s::{keytype}").format(
+            key=sql.Identifier(self.job.source_key), keytype=sql.SQL(shape.key_type)) if after is not None \
+            else sql.SQL("")
         query = sql.SQL(
             "INSERT INTO {s}.batches (job, state, keys, xmins, row_count, chunk_size)"
             " SELECT %(job)s, 'claimed', array_agg(p.k::text ORDER BY p.k), array_agg(p.x ORDER BY p.k),"
             " count(*), %(chunk)s"
-            " FROM (SELECT s.{key} AS k, s.xmin AS x FROM {src} s WHERE s.{flag} = false"
+            " FROM (SELECT s.{key} AS k, s.xmin AS x FROM {src} s WHERE s.{flag} = false{above}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = s.{key}::text)"
             " ORDER BY s.{key} LIMIT %(limit)s) p HAVING count(*) > 0"
             " RETURNING " + _BATCH_COLUMNS
         ).format(s=self.schema, key=sql.Identifier(self.job.source_key), src=qualified(self.job),
-                 flag=sql.Identifier(self.job.processed_column))
+                 flag=sql.Identifier(self.job.processed_column), above=above)
         rows = self._run("claim batch", query, {"job": self.job.name, "chunk": self.job.chunk_size,
-                                                "limit": self.job.batch_size})
+                                                "limit": self.job.batch_size, "after": after})
         return _batch(rows[0]) if rows else None
 
     def record_chunk(self, batch: Batch, chunks_loaded: int, rows: int) -> None:

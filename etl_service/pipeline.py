@@ -23,6 +23,7 @@ from etl_service.config import JobConfig, Settings
 from etl_service.errors import BadSinkValues, EtlError, RowError, TransientError
 from etl_service.faults import Faults
 from etl_service.ledger import Batch, Ledger
+from etl_service.marker import Marker
 from etl_service.source import SourceShape, pg_errors
 
 # Run outcomes. `ok` and `idle` are success; the rest make `--once` exit non-zero.
@@ -72,6 +73,7 @@ class Run:
         self.log = logger.bind(job=job.name)
         self.result = RunResult(job.name, OK)
         self.faults = Faults(settings.crash_at, settings.fail_at)
+        self.marker = Marker(settings, job, lambda: self.faults.reached("inside_mark"))
         self._ch: Any = None
         self._target_types: dict[str, str] = {}
         self._last_reason = ""
@@ -121,7 +123,11 @@ class Run:
             if not ledger.try_lock():
                 raise _Outcome(SKIPPED, f"skipped: {ledger.lock_holder()} is running this job")
             try:
-                self._drain(conn, ledger, t0)
+                try:
+                    self._drain(conn, ledger, t0)
+                finally:
+                    self.marker.settle()
+                self._finish(conn)
             except _Outcome as out:
                 self._record(ledger, started, t0, out.status, out.message)
                 raise
@@ -131,6 +137,7 @@ class Run:
             else:
                 self._record(ledger, started, t0, self.result.status, self.result.message)
             finally:
+                self._quietly(self.marker.close)
                 self._close_clickhouse()
                 self._quietly(ledger.unlock)
         finally:
@@ -142,17 +149,26 @@ class Run:
             self.log.info("resuming batch {} ({} rows, state {}, {}/{} chunks loaded)", batch.batch_id,
                           batch.row_count, batch.state, batch.chunks_loaded, batch.chunk_count)
             self._process(conn, ledger, shape, batch)
+        after: str | None = None  # keyset: claim past the batch whose mark may still be in flight
         while True:
             if self.stop.is_set():
                 raise _Outcome(STOPPED, "stop requested; the ledger is consistent")
             if self.clock() - t0 > self.job.max_run_seconds:
                 self.result.message = f"time budget of {self.job.max_run_seconds:.0f}s spent; backlog remains"
                 break
-            claimed = ledger.claim(shape)
+            if after is None:
+                self.marker.settle()  # a claim from the start must not see keys still being marked
+            claimed = ledger.claim(shape, after)
             if claimed is None:
-                break
+                if after is None:
+                    break
+                after = None  # end of the key range: look again from the start for late rows
+                continue
+            after = claimed.last_key
             self.faults.reached("after_claim")
             self._process(conn, ledger, shape, claimed)
+
+    def _finish(self, conn: source.Connection) -> None:
         if self.result.batches == 0:
             self.result.status = IDLE
         else:
@@ -161,7 +177,6 @@ class Run:
     def _process(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> None:
         """One batch through every step; raises _Outcome when it must stop short."""
         bt0 = self.clock()
-        log = self.log.bind(batch=batch.batch_id)
         quarantined_before = self.result.rows_quarantined
         if batch.state == "claimed":
             self._load(conn, ledger, shape, batch)
@@ -175,15 +190,17 @@ class Run:
                 raise _Outcome(status, f"batch {batch.batch_id} is loaded but ClickHouse is not ready;"
                                " the next run polls again")
         self.faults.reached("after_ready")
-        marked = ledger.mark_done(batch, shape, lambda: self.faults.reached("inside_mark"))
+        quarantined = self.result.rows_quarantined - quarantined_before
+        self.marker.submit(batch, shape, lambda done, marked: self._marked(done, marked, quarantined, bt0))
+
+    def _marked(self, batch: Batch, marked: int, quarantined: int, bt0: float) -> None:
         self.result.batches += 1
         self.result.rows_marked += marked
-        quarantined = self.result.rows_quarantined - quarantined_before
         unmarked = batch.row_count - marked - quarantined
         notes = (f", {quarantined} quarantined" if quarantined else "") + \
             (f", {unmarked} changed since claim (left for the next batch)" if unmarked > 0 else "")
-        log.info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s", batch.batch_id,
-                 batch.row_count, marked, notes, self.clock() - bt0)
+        self.log.bind(batch=batch.batch_id).info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s",
+                                                 batch.batch_id, batch.row_count, marked, notes, self.clock() - bt0)
 
     def _load(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> None:
         """Insert the chunks not yet recorded as loaded, recording each; then mark the batch loaded."""

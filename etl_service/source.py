@@ -121,11 +121,14 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
     Only rows whose xmin still equals the claimed one are extracted: a row changed since the
     claim is left for the next batch, which will load its new version.
     """
+    # The claimed keys are sorted, so the chunk is a key range: one index range scan merged with
+    # the key list is about twice as fast as a lookup per key.
     query = sql.SQL(
-        "COPY (SELECT {exprs} FROM {ledger}.batches b"
-        " CROSS JOIN LATERAL unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS k(key, x)"
-        " JOIN {src} s ON s.{key} = k.key::{keytype} AND s.xmin = k.x"
-        " WHERE b.batch_id = {batch}) TO STDOUT WITH (FORMAT csv)"
+        "COPY (WITH k AS MATERIALIZED (SELECT u.key::{keytype} AS key, u.x FROM {ledger}.batches b,"
+        " unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS u(key, x) WHERE b.batch_id = {batch})"
+        " SELECT {exprs} FROM {src} s JOIN k ON s.{key} = k.key AND s.xmin = k.x"
+        " WHERE s.{key} BETWEEN (SELECT min(key) FROM k) AND (SELECT max(key) FROM k))"
+        " TO STDOUT WITH (FORMAT csv)"
     ).format(
         exprs=sql.SQL(", ").join(c.select for c in shape.columns),
         ledger=sql.Identifier(ledger),

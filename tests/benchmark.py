@@ -1,0 +1,251 @@
+"""Benchmark: etl-service against ClickHouse's own PostgreSQL reader and the naive tutorial path.
+
+    .venv/bin/python tests/benchmark.py [--rows 1000000] [--big 5000000] [--runs 3]
+
+On an embedded PostgreSQL (listening on 127.0.0.1 so ClickHouse's postgresql() can read it)
+and chDB, for each path in its own process (so peak RSS is its own): recreate the source table
+with generate_series (not timed), run the path, check that the target holds exactly the source
+rows, and record wall seconds and peak RSS. Prints medians, ratios, the peak RSS of etl-service
+at --rows and --big, and the cost of a run with nothing to do. Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg2
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SOURCE_SQL = """
+DROP TABLE IF EXISTS src;
+CREATE TABLE src AS
+SELECT g::bigint AS id,
+       (g %% 1000)::integer AS qty,
+       (g %% 100000 / 100.0)::numeric(12,2) AS amount,
+       g * 1.5::double precision AS score,
+       'item-' || (g %% 5000) AS label,
+       (CASE WHEN g %% 7 = 0 THEN NULL ELSE 'note ' || g END)::varchar(40) AS note,
+       g %% 2 = 0 AS flag,
+       date '2020-01-01' + (g %% 2000)::integer AS day,
+       timestamptz '2024-01-01 00:00:00+00' + g * interval '1.000001 second' AS at,
+       md5(g::text)::uuid AS uid,
+       jsonb_build_object('k', g %% 10, 'tag', 'x') AS meta,
+       false AS processed
+FROM generate_series(1, %s) AS g;
+ALTER TABLE src ADD PRIMARY KEY (id);
+CREATE INDEX src_unprocessed ON src (id) WHERE NOT processed;
+"""
+COLUMNS = "id, qty, amount, score, label, note, flag, day, at, uid, meta"
+TARGET_DDL = (
+    "CREATE TABLE {t} (id Int64, qty Nullable(Int32), amount Nullable(Decimal(12, 2)), score Nullable(Float64),"
+    " label Nullable(String), note Nullable(String), flag Nullable(Bool), day Nullable(Date32),"
+    " at Nullable(DateTime64(6, 'UTC')), uid Nullable(UUID), meta Nullable(String), _etl_batch UInt64)"
+    " ENGINE = MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 10000")
+MARK_SQL = "UPDATE src SET processed = true WHERE processed = false"
+
+
+# ---- the three paths, each run as `benchmark.py --phase NAME` in its own process ----
+
+def phase_native(pg_uri: str, chdb: str, host_port: str) -> dict[str, float]:
+    """ClickHouse pulls from PostgreSQL itself, then the same marking UPDATE."""
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{chdb}")
+    client.command("CREATE DATABASE IF NOT EXISTS bench")
+    client.command(TARGET_DDL.format(t="bench.dst"))
+    t0 = time.perf_counter()
+    client.command(f"INSERT INTO bench.dst ({COLUMNS}) SELECT {COLUMNS.replace('meta', 'toString(meta)')}"
+                   f" FROM postgresql('{host_port}', 'postgres', 'src', 'postgres', '') WHERE processed = false")
+    t1 = time.perf_counter()
+    _mark(pg_uri)
+    t2 = time.perf_counter()
+    client.close()
+    return {"load": t1 - t0, "mark": t2 - t1, "seconds": t2 - t0}
+
+
+def phase_naive(pg_uri: str, chdb: str) -> dict[str, float]:
+    """The tutorial: fetchall -> DataFrame -> to_dict('records') -> insert; UPDATE ... WHERE processed = false."""
+    import clickhouse_connect
+    import pandas as pd
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{chdb}")
+    client.command("CREATE DATABASE IF NOT EXISTS bench")
+    client.command(TARGET_DDL.format(t="bench.dst"))
+    t0 = time.perf_counter()
+    conn = psycopg2.connect(pg_uri)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {COLUMNS.replace('meta', 'meta::text')} FROM src WHERE processed = false")
+        rows = cur.fetchall()
+        names = [d[0] for d in cur.description]
+    conn.close()
+    frame = pd.DataFrame(rows, columns=names)
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")  # NaN -> NULL
+    client.insert("bench.dst", [list(r.values()) for r in records], column_names=names)
+    t1 = time.perf_counter()
+    _mark(pg_uri)
+    t2 = time.perf_counter()
+    client.close()
+    return {"load": t1 - t0, "mark": t2 - t1, "seconds": t2 - t0}
+
+
+def _mark(pg_uri: str) -> None:
+    conn = psycopg2.connect(pg_uri)
+    with conn.cursor() as cur:
+        cur.execute(MARK_SQL)
+    conn.commit()
+    conn.close()
+
+
+# ---- the driver ----
+
+def run_phase(args: list[str]) -> tuple[dict[str, float], float, float, str]:
+    """Run a child process; returns (its JSON result, wall seconds, its own peak RSS in MB, stderr)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode not in (0, 75):
+        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
+    return result, wall, usage.ru_maxrss / 1024, stderr
+
+
+def etl_env(pg_uri: str, chdb: Path, folder: Path) -> Path:
+    path = folder / "bench.env"
+    path.write_text(f'PG_DSN="{pg_uri}"\nCLICK_DSN="chdb://{chdb}"\nCLICK_DATABASE="bench"\n'
+                    'ETL_SOURCE_TABLE="public.src"\nETL_TARGET_TABLE="dst"\nETL_LOG_FORMAT="text"\n')
+    return path
+
+
+def verify(chdb: Path, pg_uri: str) -> str:
+    """Exact check: the target holds each source row once (count, distinct, sums) and all are marked."""
+    code = ("import json, clickhouse_connect\n"
+            f"c = clickhouse_connect.get_client(dsn='chdb://{chdb}')\n"
+            "print(json.dumps(c.query('SELECT count(), uniqExact(id), sum(id), toString(sum(amount))"
+            " FROM bench.dst').result_rows[0]))\n")
+    count, unique, ch_ids, ch_amount = json.loads(subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    ch = (count, unique, Decimal(ch_ids), Decimal(ch_amount))
+    with psycopg2.connect(pg_uri) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(*) FILTER (WHERE processed), sum(id), sum(amount) FROM src")
+        total, marked, id_sum, amount_sum = cur.fetchone()  # type: ignore[misc]
+    ok = ch == (total, total, id_sum, amount_sum) and marked == total
+    return "exact" if ok else f"MISMATCH target={ch} source={(total, marked, id_sum, amount_sum)}"
+
+
+def seed(pg_uri: str, rows: int) -> None:
+    conn = psycopg2.connect(pg_uri)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(SOURCE_SQL, (rows,))
+        cur.execute("VACUUM ANALYZE src")
+        cur.execute("CHECKPOINT")  # each path starts with the same clean WAL state
+    conn.close()
+
+
+def measure(name: str, pg_uri: str, rows: int, folder: Path, port: int) -> dict[str, float | str]:
+    seed(pg_uri, rows)
+    chdb = folder / f"chdb-{name}-{time.time_ns()}"
+    if name == "etl-service":
+        env = etl_env(pg_uri, chdb, folder)
+        result, wall, rss, err = run_phase(["-m", "etl_service", "--once", "--env-file", str(env)])
+        match = re.search(r"seconds=([\d.]+)", err)
+        result = {"seconds": float(match[1]) if match else float("nan")}
+    else:
+        extra = [f"127.0.0.1:{port}"] if name == "native" else []
+        result, wall, rss, _ = run_phase([__file__, "--phase", name, pg_uri, str(chdb), *extra])
+    check = verify(chdb, pg_uri)
+    return {**result, "wall": wall, "rss": rss, "check": check}
+
+
+def idle_cost(pg_uri: str, folder: Path) -> float:
+    """Seconds of work (the run's own summary) when there is nothing to do."""
+    env = etl_env(pg_uri, folder / "chdb-idle", folder)
+    times = []
+    for _ in range(3):
+        _, _, _, err = run_phase(["-m", "etl_service", "--once", "--env-file", str(env)])
+        match = re.search(r"status=idle .*seconds=([\d.]+)", err)
+        times.append(float(match[1]) if match else float("nan"))
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--big", type=int, default=5_000_000, help="rows for the memory check (0: skip)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        name, *rest = args.phase
+        result = phase_native(*rest) if name == "native" else phase_naive(*rest)
+        print(json.dumps(result))
+        return
+    from etl_service.embedded import postgres
+
+    with tempfile.TemporaryDirectory(prefix="etl-bench-") as tmp:
+        folder = Path(tmp)
+        os.chmod(folder, 0o755)  # the embedded server runs as its own user when we are root
+        with postgres(folder / "pgdata") as pg:
+            port = free_port()
+            uri = pg.listen_tcp(port)
+            report(uri, args, folder, port)
+
+
+def report(uri: str, args: argparse.Namespace, folder: Path, port: int) -> None:
+    paths = ["etl-service", "native"] + ([] if args.skip_naive else ["naive"])
+    results: dict[str, list[dict[str, float | str]]] = {p: [] for p in paths}
+    for run in range(args.runs):
+        for name in paths:
+            r = measure(name, uri, args.rows, folder, port)
+            results[name].append(r)
+            print(f"run {run + 1} {name:12} wall {r['wall']:6.2f}s  work {r['seconds']:6.2f}s"
+                  f"  peak RSS {r['rss']:5.0f} MB  {r['check']}", flush=True)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(float(r[key]) for r in results[name])
+
+    print(f"\n{args.rows:,} rows x 11 columns, medians of {args.runs} (wall = whole process incl. start-up)")
+    print(f"{'path':14}{'wall s':>8}{'rows/s':>10}{'peak RSS MB':>13}")
+    for name in paths:
+        wall = med(name, "wall")
+        print(f"{name:14}{wall:8.2f}{args.rows / wall:10,.0f}{med(name, 'rss'):13.0f}")
+    native = med("native", "wall")
+    print(f"native detail: pull {med('native', 'load'):.2f}s + marking UPDATE {med('native', 'mark'):.2f}s")
+    print(f"a/b (etl-service / native pull + UPDATE): {med('etl-service', 'wall') / native:.2f}  (target <= 0.8)")
+    if "naive" in results:
+        print(f"c/a (naive / etl-service): {med('naive', 'wall') / med('etl-service', 'wall'):.1f}  (target >= 3)")
+    if args.big:
+        big = measure("etl-service", uri, args.big, folder, port)
+        print(f"etl-service peak RSS: {med('etl-service', 'rss'):.0f} MB at {args.rows:,} rows,"
+              f" {big['rss']:.0f} MB at {args.big:,} rows ({big['wall']:.1f}s, {big['check']})")
+    print(f"run with nothing to do: {idle_cost(uri, folder) * 1000:.0f} ms of work after start-up")
+
+
+if __name__ == "__main__":
+    main()
