@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if all(r.status in SUCCESS for r in results) else EX_TEMPFAIL
     from etl_service.daemon import Daemon
 
-    return Daemon(settings, stop).serve()
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set())
+    return Daemon(settings, stop, reload, lambda current: load(args.env_file, previous=current)).serve()
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

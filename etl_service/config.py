@@ -103,6 +103,7 @@ class Settings:
     quarantine_limit: int = 1000
     crash_at: tuple[str, int] | None = None  # test hooks, see faults.py
     fail_at: tuple[str, int] | None = None
+    env_file_values: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def job(self, name: str) -> JobConfig:
         """The job called `name`, or a ConfigError listing the known names."""
@@ -113,14 +114,18 @@ class Settings:
         raise ConfigError("--job", f"no job named {name!r}", f"known jobs: {known}")
 
 
-def read_env(env_file: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Merge the env file under the environment (variables already set win).
+def read_env(env_file: str | None, environ: Mapping[str, str] | None = None,
+             previous_file: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Merge the env file under the environment; returns (merged, the file's own values).
 
+    Variables already set in the environment win — except, on a reload, those whose value is
+    the one the same file gave last time (`previous_file`): they came from that file (systemd's
+    EnvironmentFile= loads it into the environment at start), so the edited file wins for them.
     `./.env` is read implicitly only for the real process environment (environ=None).
     """
     implicit = environ is None
     environ = os.environ if environ is None else environ
-    merged: dict[str, str] = {}
+    file_values: dict[str, str] = {}
     path = Path(env_file) if env_file else Path(".env")
     if env_file or (implicit and path.exists()):
         try:
@@ -128,9 +133,10 @@ def read_env(env_file: str | None, environ: Mapping[str, str] | None = None) -> 
         except OSError as exc:
             raise ConfigError("--env-file", f"cannot read {path}: {exc.strerror}",
                               "give a readable file (see .env.example)") from exc
-        merged.update(_parse_env_file(path, text))
-    merged.update(environ)
-    return merged
+        file_values = _parse_env_file(path, text)
+    previous = previous_file or {}
+    inherited = {k: v for k, v in environ.items() if k not in previous or previous[k] != v}
+    return {**file_values, **inherited}, file_values
 
 
 def _parse_env_file(path: Path, text: str) -> dict[str, str]:
@@ -147,13 +153,18 @@ def _parse_env_file(path: Path, text: str) -> dict[str, str]:
     return values
 
 
-def load(env_file: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate all settings; raises ConfigError naming the first bad variable."""
-    env = read_env(env_file, environ)
+def load(env_file: str | None = None, environ: Mapping[str, str] | None = None,
+         previous: Settings | None = None) -> Settings:
+    """Read and validate all settings; raises ConfigError naming the first bad variable.
+
+    `previous`: the settings being replaced on a reload (see `read_env`).
+    """
+    env, file_values = read_env(env_file, environ, previous.env_file_values if previous else None)
     get = _Getter(env)
     jobs = _load_jobs(env, get)
     pg_dsn = _pg_dsn(env, get)
     return Settings(
+        env_file_values=file_values,
         pg_dsn=pg_dsn,
         pg_display=redact_pg_dsn(pg_dsn),
         clickhouse=_clickhouse(env, get),

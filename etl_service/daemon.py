@@ -1,30 +1,37 @@
 """The long-running service: an APScheduler BackgroundScheduler firing each job on its cron.
 
-The main thread only waits on the stop event (set by signal handlers), pings the systemd
-watchdog while the scheduler is healthy, and shuts the scheduler down on the way out; the
-run in progress sees the same event and stops at the next chunk boundary.
+The main thread only waits on the stop event (set by signal handlers), applies a reload when
+SIGHUP asked for one, pings the systemd watchdog while the scheduler is healthy, and shuts the
+scheduler down on the way out; the run in progress sees the stop event and ends at the next
+chunk boundary.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from etl_service import checks, systemd
+from etl_service import checks, logs, systemd
 from etl_service.config import JobConfig, Settings
+from etl_service.errors import ConfigError
 from etl_service.pipeline import run_job
 
 
 class Daemon:
     """Schedules every configured job and runs until `stop` is set."""
 
-    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event, reload: threading.Event,
+                 read_settings: Callable[[Settings], Settings]) -> None:
         self.settings = settings
         self.stop = stop
+        self.reload = reload
+        self.read_settings = read_settings  # re-reads .env and the jobs file, given the current settings
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             job_defaults={
@@ -54,10 +61,13 @@ class Daemon:
         systemd.notify(f"READY=1\nSTATUS=scheduled {len(self.settings.jobs)} job(s); waiting for the first run")
         logger.info("etl-service ready: {} job(s), PostgreSQL {}, ClickHouse {}", len(self.settings.jobs),
                     self.settings.pg_display, self.settings.clickhouse.display)
-        interval = systemd.watchdog_interval()
+        watchdog = systemd.watchdog_interval()
         try:
-            while not self.stop.wait(interval or 3600):
-                if self.scheduler.running:
+            while not self.stop.wait(min(watchdog or 1.0, 1.0)):
+                if self.reload.is_set():
+                    self.reload.clear()
+                    self._reload()
+                if watchdog and self.scheduler.running:
                     systemd.notify("WATCHDOG=1")
         finally:
             systemd.notify("STOPPING=1")
@@ -65,6 +75,32 @@ class Daemon:
             self.scheduler.shutdown(wait=True)
             logger.info("etl-service stopped")
         return 0
+
+    def _reload(self) -> None:
+        """Apply an edited .env / jobs file; a bad one is refused and the running one stays."""
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = self.read_settings(self.settings)
+        except ConfigError as exc:
+            logger.error("reload refused, the previous configuration keeps running: {}", exc)
+            systemd.notify(f"READY=1\nSTATUS=reload refused: {exc}"[:500])
+            return
+        old_names = {job.name for job in self.settings.jobs}
+        for name in old_names - {job.name for job in new.jobs}:
+            self.scheduler.remove_job(name)
+            logger.info("job {} removed", name)
+        for job in new.jobs:
+            if job.name in old_names:
+                self.scheduler.modify_job(job.name, args=[job])
+                self.scheduler.reschedule_job(job.name, trigger=job.trigger())
+            else:
+                self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name,
+                                       next_run_time=datetime.now(UTC))
+        self.settings = new
+        logs.setup(new.log_level, new.log_format)
+        logger.info("configuration reloaded: {} job(s): {}", len(new.jobs),
+                    ", ".join(f"{j.name} on '{j.schedule}'" for j in new.jobs))
+        systemd.notify(f"READY=1\nSTATUS=configuration reloaded; {len(new.jobs)} job(s)")
 
     def _run(self, job: JobConfig) -> None:
         result = run_job(self.settings, job, self.stop)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from .conftest import World
-from .helpers import chdb_query, cli, start, wait_for, write_env
+from .helpers import chdb_query, cli, slow_transform, start, wait_for, write_env
 
 
 def marked(world: World) -> int:
@@ -79,3 +79,46 @@ def test_daemon_runs_on_a_seconds_schedule_and_exits_0_on_sigterm(world: World) 
     assert "etl-service stopped" in text
     assert stop_seconds < 15
     assert chdb_query(chdb, f"SELECT count(), uniqExact(id) FROM `{world.ch_database}`.dst") == [[450, 450]]
+
+
+@pytest.mark.slow
+def test_sighup_reloads_the_env_file_keeps_the_batch_in_flight_and_refuses_a_bad_one(world: World) -> None:
+    world.make_source(1200)
+    chdb = world.tmp / "chdb"
+    job = {"ETL_SCHEDULE": "*/1 * * * * *", "ETL_BATCH_SIZE": "600", "ETL_CHUNK_SIZE": "100"}
+    env_file = write_env(world, chdb, ETL_TRANSFORM=slow_transform(world, 0.3), **job)
+    log = world.tmp / "reload.log"
+    proc = start("--env-file", str(env_file), log=log, path=world.tmp)
+    try:
+        wait_for(lambda: "chunk" in log.read_text() or marked(world) > 0 or _loaded(world) > 0, 60, "a run")
+        write_env(world, chdb, ETL_TARGET_TABLE="dst2", **job)  # same file name: the edit
+        proc.send_signal(signal.SIGHUP)  # mid-run: the batch in flight finishes into dst
+        wait_for(lambda: "configuration reloaded" in log.read_text(), 30, "the reload")
+        wait_for(lambda: marked(world) == 1200, 60, "the backlog")
+        world.add_rows(1201, 1300)
+        wait_for(lambda: marked(world) == 1300, 30, "new rows after the reload")
+        write_env(world, chdb, ETL_TARGET_TABLE="dst3", ETL_SCHEDULE="not a cron")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in log.read_text(), 30, "the refusal")
+        world.add_rows(1301, 1350)
+        wait_for(lambda: marked(world) == 1350, 30, "rows under the old configuration")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "reload refused, the previous configuration keeps running: ETL_SCHEDULE" in text
+    counts = chdb_query(chdb, f"SELECT 'dst', count(), uniqExact(id) FROM `{world.ch_database}`.dst"
+                              f" UNION ALL SELECT 'dst2', count(), uniqExact(id) FROM `{world.ch_database}`.dst2")
+    by_table = {t: (int(n), int(u)) for t, n, u in counts}
+    assert by_table["dst"][0] == by_table["dst"][1] and by_table["dst2"][0] == by_table["dst2"][1]
+    assert by_table["dst"][0] + by_table["dst2"][0] == 1350  # every row once, across the two targets
+    assert by_table["dst2"][0] >= 150  # rows after the reload went to the new target
+
+
+def _loaded(world: World) -> int:
+    if not world.sql("SELECT to_regclass('etl.batches') IS NOT NULL")[0][0]:
+        return 0
+    return int(world.sql("SELECT coalesce(sum(rows_loaded), 0) FROM etl.batches")[0][0])

@@ -104,7 +104,7 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     env_file = tmp_path / "my.env"
     env_file.write_text("ETL_SOURCE_TABLE=sales.orders  # a comment\nETL_SCHEDULE=*/2 * * * *\n"
                         "ETL_BATCH_SIZE=10\n")
-    merged = read_env(str(env_file), {"ETL_BATCH_SIZE": "20"})
+    merged, _ = read_env(str(env_file), {"ETL_BATCH_SIZE": "20"})
     assert (merged["ETL_SOURCE_TABLE"], merged["ETL_SCHEDULE"], merged["ETL_BATCH_SIZE"]) == \
         ("sales.orders", "*/2 * * * *", "20")
 
@@ -117,7 +117,7 @@ def test_unreadable_env_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_env_example_is_a_valid_configuration() -> None:
     example = Path(__file__).resolve().parents[2] / ".env.example"
-    env = read_env(str(example), {})
+    env, _ = read_env(str(example), {})
     settings = load(environ={**env, "CLICK_DSN": "chdb:///tmp/x"})
     assert settings.jobs[0].source_table == ("public", "orders")
     documented = {line.lstrip("#").split("=", 1)[0] for line in example.read_text().splitlines()
@@ -162,3 +162,16 @@ def test_a_line_dotenv_cannot_parse_is_an_error_that_hides_the_value(tmp_path: P
         read_env(str(env_file), {})
     assert info.value.variable == f"{env_file} line 2"
     assert "'PG_PASSWORD'" in str(info.value) and "secret" not in str(info.value)
+
+
+def test_on_reload_the_edited_file_wins_over_values_it_put_in_the_environment(tmp_path: Path) -> None:
+    env_file = tmp_path / "etl.env"
+    env_file.write_text("ETL_SOURCE_TABLE=orders\nETL_BATCH_SIZE=10\nCLICK_DSN=chdb:///tmp/x\n")
+    # systemd's EnvironmentFile= put the file into the environment at start; ETL_CHUNK_SIZE came from elsewhere
+    environ = {"ETL_SOURCE_TABLE": "orders", "ETL_BATCH_SIZE": "10", "CLICK_DSN": "chdb:///tmp/x",
+               "ETL_CHUNK_SIZE": "5"}
+    first = load(str(env_file), environ)
+    assert (first.jobs[0].batch_size, first.jobs[0].chunk_size) == (10, 5)
+    env_file.write_text("ETL_SOURCE_TABLE=orders\nETL_BATCH_SIZE=99\nCLICK_DSN=chdb:///tmp/x\nETL_CHUNK_SIZE=7\n")
+    again = load(str(env_file), environ, previous=first)
+    assert (again.jobs[0].batch_size, again.jobs[0].chunk_size) == (99, 5)  # the environment's own value wins
