@@ -101,6 +101,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "auto"
     quarantine_limit: int = 1000
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_address: str = "127.0.0.1"
     crash_at: tuple[str, int] | None = None  # test hooks, see faults.py
     fail_at: tuple[str, int] | None = None
     env_file_values: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -178,6 +180,8 @@ def load(env_file: str | None = None, environ: Mapping[str, str] | None = None,
         log_level=get.choice("ETL_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         log_format=get.choice("ETL_LOG_FORMAT", "auto", ("auto", "text", "json", "journal")),
         quarantine_limit=int(get.number("ETL_QUARANTINE_LIMIT", "1000", whole=True)),
+        metrics_port=int(get.number("ETL_METRICS_PORT", "0", whole=True, allow_zero=True)),
+        metrics_address=get.raw("ETL_METRICS_ADDRESS", "127.0.0.1"),
         crash_at=_fault(env, "ETL_CRASH_AT"),
         fail_at=_fault(env, "ETL_FAIL_AT"),
     )
@@ -206,14 +210,14 @@ class _Getter:
             return str(default)
         return str(value).strip()
 
-    def number(self, key: str, default: Any, whole: bool = False) -> float:
+    def number(self, key: str, default: Any, whole: bool = False, allow_zero: bool = False) -> float:
         text = self.raw(key, default)
         try:
             value = float(int(text)) if whole else float(text)
         except ValueError:
             kind = "a whole number" if whole else "a number"
             raise ConfigError(self.label + key, f"must be {kind}, got {text!r}") from None
-        if value <= 0:
+        if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(self.label + key, f"must be greater than 0, got {text!r}")
         return value
 

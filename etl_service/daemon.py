@@ -17,7 +17,7 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExe
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from etl_service import checks, logs, systemd
+from etl_service import checks, logs, metrics, systemd
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError
 from etl_service.pipeline import run_job
@@ -58,6 +58,9 @@ class Daemon:
         for job in self.settings.jobs:
             logger.info("job {} scheduled on '{}' ({}): first run now, then on schedule", job.name, job.schedule,
                         job.timezone)
+        if self.settings.metrics_port:
+            metrics.serve(self.settings.metrics_address, self.settings.metrics_port)
+            logger.info("metrics at http://{}:{}/metrics", self.settings.metrics_address, self.settings.metrics_port)
         systemd.notify(f"READY=1\nSTATUS=scheduled {len(self.settings.jobs)} job(s); waiting for the first run")
         logger.info("etl-service ready: {} job(s), PostgreSQL {}, ClickHouse {}", len(self.settings.jobs),
                     self.settings.pg_display, self.settings.clickhouse.display)

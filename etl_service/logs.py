@@ -25,7 +25,8 @@ def _context(record: Any) -> str:
 
 def _journal_format(record: Any) -> str:
     record["extra"]["_ctx"] = _context(record)
-    return f"<{_PRIORITY.get(record['level'].name, 6)}>{{extra[_ctx]}}{{message}}\n{{exception}}"
+    # "\<" : a literal "<" for loguru, whose format strings are colour markup otherwise
+    return f"\\<{_PRIORITY.get(record['level'].name, 6)}>{{extra[_ctx]}}{{message}}\n{{exception}}"
 
 
 def _text_format(record: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from loguru import logger
 from psycopg2 import sql
 
-from etl_service import fit, sink, source, transform
+from etl_service import fit, metrics, sink, source, transform
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import BadSinkValues, EtlError, RowError, TransientError
 from etl_service.faults import Faults
@@ -108,6 +108,9 @@ class Run:
                 self._fail(f"unexpected {type(exc).__name__}: {exc}")
                 break
         self.result.seconds = self.clock() - t0
+        metrics.RUN_SECONDS.labels(self.job.name, self.result.status).observe(self.result.seconds)
+        if self.result.status in SUCCESS:
+            metrics.LAST_SUCCESS.labels(self.job.name).set(time.time())
         level = "ERROR" if self.result.status == FAILED else "INFO"
         self.log.log(level, "run finished: {}", self.result.line())
         return self.result
@@ -128,6 +131,8 @@ class Run:
                 finally:
                     self.marker.settle()
                 self._finish(conn)
+                if self.settings.metrics_port:
+                    metrics.BACKLOG.labels(self.job.name).set(ledger.backlog())
             except _Outcome as out:
                 self._record(ledger, started, t0, out.status, out.message)
                 raise
@@ -182,9 +187,11 @@ class Run:
             self._load(conn, ledger, shape, batch)
         self.faults.reached("during_ready")
         if self.job.ready_query:
+            waited = self.clock()
             ready = sink.await_ready(self._clickhouse(shape), self.job.ready_query, batch.batch_id,
                                      self.job.ready_timeout, self.job.ready_poll_interval, self.stop.wait,
                                      self.clock)
+            metrics.READY_WAIT_SECONDS.labels(self.job.name).observe(self.clock() - waited)
             if not ready:
                 status = STOPPED if self.stop.is_set() else WAITING
                 raise _Outcome(status, f"batch {batch.batch_id} is loaded but ClickHouse is not ready;"
@@ -196,6 +203,8 @@ class Run:
     def _marked(self, batch: Batch, marked: int, quarantined: int, bt0: float) -> None:
         self.result.batches += 1
         self.result.rows_marked += marked
+        metrics.ROWS.labels(self.job.name, "marked").inc(marked)
+        metrics.BATCH_SECONDS.labels(self.job.name).observe(self.clock() - bt0)
         unmarked = batch.row_count - marked - quarantined
         notes = (f", {quarantined} quarantined" if quarantined else "") + \
             (f", {unmarked} changed since claim (left for the next batch)" if unmarked > 0 else "")
@@ -254,15 +263,18 @@ class Run:
         client = self._clickhouse(shape)
         data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema, batch.batch_id, first, last)
         self.faults.reached("mid_extract")
+        metrics.ROWS.labels(self.job.name, "extracted").inc(data.num_rows)
         data = transform.apply(data, self.job.transform)
         if not data.num_rows:
             return 0
         misfit = fit.first_misfit(data, self._target_types)
         if misfit:
             raise BadSinkValues(f"{misfit} in {self.settings.clickhouse.database}.{self.job.target_table}")
-        return sink.insert_chunk(client, self.settings.clickhouse.database, self.job.target_table, data,
+        sent = sink.insert_chunk(client, self.settings.clickhouse.database, self.job.target_table, data,
                                  batch.batch_id, batch.range_token(self.job.name, first, last),
                                  sink.BATCH_COLUMN in self._target_types)
+        metrics.ROWS.labels(self.job.name, "loaded").inc(sent)
+        return sent
 
     def _quarantine(self, ledger: Ledger, shape: SourceShape, batch: Batch, position: int, exc: EtlError) -> None:
         self._last_reason = str(exc)
@@ -270,6 +282,7 @@ class Run:
         if key is None:
             return  # the row was deleted meanwhile: nothing to set aside
         self.result.rows_quarantined += 1
+        metrics.ROWS.labels(self.job.name, "quarantined").inc()
         self.log.bind(batch=batch.batch_id).warning("row {}={} quarantined: {}", self.job.source_key, key, exc)
         if self.result.rows_quarantined > self.settings.quarantine_limit:
             raise EtlError(f"more than ETL_QUARANTINE_LIMIT={self.settings.quarantine_limit} rows quarantined in"
