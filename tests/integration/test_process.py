@@ -122,3 +122,40 @@ def _loaded(world: World) -> int:
     if not world.sql("SELECT to_regclass('etl.batches') IS NOT NULL")[0][0]:
         return 0
     return int(world.sql("SELECT coalesce(sum(rows_loaded), 0) FROM etl.batches")[0][0])
+
+
+@pytest.mark.slow
+def test_metrics_endpoint_reports_rows_backlog_and_last_success(world: World) -> None:
+    import socket
+    import urllib.request
+
+    world.make_source(300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env_file = write_env(world, world.tmp / "chdb", ETL_SCHEDULE="0 0 1 1 *", ETL_METRICS_PORT=str(port))
+    proc = start("--env-file", str(env_file), log=world.tmp / "metrics.log")
+    try:
+        wait_for(lambda: marked(world) == 300, 60, "the start-up run")
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return response.read().decode()
+
+        wait_for(lambda: 'etl_backlog_rows{job="src"} 0.0' in scrape(), 20, "the backlog gauge")
+        text = scrape()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for line in ('etl_rows_total{job="src",step="extracted"} 300.0',
+                 'etl_rows_total{job="src",step="loaded"} 300.0',
+                 'etl_rows_total{job="src",step="marked"} 300.0',
+                 'etl_run_duration_seconds_count{job="src",status="ok"} 1.0',
+                 'etl_batch_duration_seconds_count{job="src"} 1.0'):
+        assert line in text, line
+    last_success = next(ln for ln in text.splitlines()
+                        if ln.startswith('etl_last_success_timestamp_seconds{job="src"}'))
+    assert float(last_success.split()[-1]) > time.time() - 120
