@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent, JobSubmissionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
@@ -109,10 +109,11 @@ class Daemon:
         result = run_job(self.settings, job, self.stop)
         systemd.notify(f"STATUS=last run: {result.line()}"[:500])
 
-    def _on_event(self, event: JobExecutionEvent) -> None:
-        if event.code == EVENT_JOB_MAX_INSTANCES:
+    def _on_event(self, event: JobSubmissionEvent | JobExecutionEvent) -> None:
+        if isinstance(event, JobSubmissionEvent):  # EVENT_JOB_MAX_INSTANCES
+            due = ", ".join(f"{t:%H:%M:%S}" for t in event.scheduled_run_times)
             logger.bind(job=event.job_id).warning(
-                "run due at {} skipped: the previous run of this job is still going", event.scheduled_run_time)
+                "run due at {} skipped: the previous run of this job is still going", due)
         else:
             logger.bind(job=event.job_id).warning(
                 "run due at {} missed by more than ETL_MISFIRE_GRACE ({:.0f}s); the next one is on schedule",

@@ -7,6 +7,7 @@ Context bound with `logger.bind(job=…, batch=…)` appears on every line.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -35,8 +36,19 @@ def _text_format(record: Any) -> str:
             "<cyan>{extra[_ctx]}</cyan>{message}\n{exception}")
 
 
+class _FromLogging(logging.Handler):
+    """Routes the standard library's log records (APScheduler, drivers) into our one sink."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname if record.levelname in _PRIORITY else record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
 def setup(level: str = "INFO", fmt: str = "auto") -> None:
     """Replace loguru's default sink with ours; call once at start (and again on reload)."""
+    # APScheduler's own warnings (a skipped or missed run) are logged by the daemon in our words.
+    logging.basicConfig(handlers=[_FromLogging()], level=logging.WARNING, force=True)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logger.remove()
     if fmt == "auto":
         fmt = "journal" if os.environ.get("JOURNAL_STREAM") else "text"

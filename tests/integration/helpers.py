@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -47,6 +49,24 @@ def start(*args: str, log: Path, path: Path | None = None) -> subprocess.Popen[b
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "etl_service", *args], stdout=out, stderr=out,
                                 cwd=REPO, env=_env(path))
+
+
+@contextlib.contextmanager
+def running(*args: str, log: Path, path: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """The program in the background for the block; killed if the block leaves it running."""
+    proc = start(*args, log=log, path=path)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM, as systemctl stop sends it; returns the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
 
 
 def _env(path: Path | None) -> dict[str, str]:

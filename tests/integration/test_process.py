@@ -8,7 +8,7 @@ import time
 import pytest
 
 from .conftest import World
-from .helpers import chdb_query, cli, slow_transform, start, wait_for, write_env
+from .helpers import chdb_query, cli, running, slow_transform, stop, wait_for, write_env
 
 
 def marked(world: World) -> int:
@@ -60,19 +60,13 @@ def test_daemon_runs_on_a_seconds_schedule_and_exits_0_on_sigterm(world: World) 
     chdb = world.tmp / "chdb"
     env_file = write_env(world, chdb, ETL_SCHEDULE="*/1 * * * * *", ETL_MISFIRE_GRACE="5")
     log_path = world.tmp / "daemon.log"
-    proc = start("--env-file", str(env_file), log=log_path)
-    try:
+    with running("--env-file", str(env_file), log=log_path) as proc:
         wait_for(lambda: marked(world) == 300, 60, "the first 300 rows to be marked")
         world.add_rows(301, 450)
         wait_for(lambda: marked(world) == 450, 30, "150 more rows on a later scheduled run")
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert stop(proc) == 0
         stop_seconds = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log_path.read_text()
     assert "etl-service ready: 1 job(s)" in text
     assert "rows_marked=150" in text
@@ -88,8 +82,7 @@ def test_sighup_reloads_the_env_file_keeps_the_batch_in_flight_and_refuses_a_bad
     job = {"ETL_SCHEDULE": "*/1 * * * * *", "ETL_BATCH_SIZE": "600", "ETL_CHUNK_SIZE": "100"}
     env_file = write_env(world, chdb, ETL_TRANSFORM=slow_transform(world, 0.3), **job)
     log = world.tmp / "reload.log"
-    proc = start("--env-file", str(env_file), log=log, path=world.tmp)
-    try:
+    with running("--env-file", str(env_file), log=log, path=world.tmp) as proc:
         wait_for(lambda: "chunk" in log.read_text() or marked(world) > 0 or _loaded(world) > 0, 60, "a run")
         write_env(world, chdb, ETL_TARGET_TABLE="dst2", **job)  # same file name: the edit
         proc.send_signal(signal.SIGHUP)  # mid-run: the batch in flight finishes into dst
@@ -102,12 +95,7 @@ def test_sighup_reloads_the_env_file_keeps_the_batch_in_flight_and_refuses_a_bad
         wait_for(lambda: "reload refused" in log.read_text(), 30, "the refusal")
         world.add_rows(1301, 1350)
         wait_for(lambda: marked(world) == 1350, 30, "rows under the old configuration")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert stop(proc) == 0
     text = log.read_text()
     assert "reload refused, the previous configuration keeps running: ETL_SCHEDULE" in text
     counts = chdb_query(chdb, f"SELECT 'dst', count(), uniqExact(id) FROM `{world.ch_database}`.dst"
@@ -134,8 +122,7 @@ def test_metrics_endpoint_reports_rows_backlog_and_last_success(world: World) ->
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env_file = write_env(world, world.tmp / "chdb", ETL_SCHEDULE="0 0 1 1 *", ETL_METRICS_PORT=str(port))
-    proc = start("--env-file", str(env_file), log=world.tmp / "metrics.log")
-    try:
+    with running("--env-file", str(env_file), log=world.tmp / "metrics.log") as proc:
         wait_for(lambda: marked(world) == 300, 60, "the start-up run")
 
         def scrape() -> str:
@@ -144,12 +131,7 @@ def test_metrics_endpoint_reports_rows_backlog_and_last_success(world: World) ->
 
         wait_for(lambda: 'etl_backlog_rows{job="src"} 0.0' in scrape(), 20, "the backlog gauge")
         text = scrape()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert stop(proc) == 0
     for line in ('etl_rows_total{job="src",step="extracted"} 300.0',
                  'etl_rows_total{job="src",step="loaded"} 300.0',
                  'etl_rows_total{job="src",step="marked"} 300.0',
