@@ -46,7 +46,7 @@ def wait_until_reachable(settings: Settings, stop: threading.Event, max_delay: f
             logger.info("PostgreSQL {} and ClickHouse {} reachable", pg_version, ch_version)
             return True
         except TransientError as exc:
-            logger.error("{} — retrying in {:.0f}s", exc, delay)
+            logger.error("{} — retrying in {:.1f}s", exc, delay)
             if stop.wait(delay):
                 break
             delay = min(delay * 2, max_delay)

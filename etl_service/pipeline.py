@@ -95,7 +95,7 @@ class Run:
                     self._fail(f"{exc} (gave up after {attempt} attempts; the next run starts over)")
                     break
                 delay = self.settings.retry_backoff * 2 ** (attempt - 1)
-                self.log.warning("{} — retrying in {:.0f}s (attempt {}/{})", exc, delay, attempt + 1,
+                self.log.warning("{} — retrying in {:.1f}s (attempt {}/{})", exc, delay, attempt + 1,
                                  self.settings.retry_attempts)
                 if self.stop.wait(delay):
                     self._fail(f"{exc} (stopping, not retried)")

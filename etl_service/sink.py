@@ -69,7 +69,12 @@ def connect(settings: Settings) -> Client:
         kwargs.update(connect_timeout=10, send_receive_timeout=int(settings.ch_query_timeout) + 30)
     with ch_errors(f"connect to ClickHouse ({target.display})"):
         client = clickhouse_connect.get_client(**kwargs)
-        client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(target.database)}")
+    try:
+        with ch_errors(f"create database {target.database}"):
+            client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(target.database)}")
+    except BaseException:
+        client.close()  # for chDB an open client keeps the folder locked against other processes
+        raise
     return client
 
 
