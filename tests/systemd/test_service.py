@@ -187,3 +187,25 @@ def test_stop_is_a_clean_sigterm_exit_and_every_row_is_there_once(service: Servi
     ids = service.chdb("SELECT uniqExact(id) FROM (SELECT id FROM demo.dst UNION ALL SELECT id FROM demo.dst2)")
     assert rows == [[21000, 21000]] and ids == [[21000]]
     assert service.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)]
+
+
+def test_install_again_is_an_upgrade_that_keeps_the_settings(service: Service) -> None:
+    before = service.box.run("cat", ENV).stdout
+    again = service.box.run("/src/deploy/install.sh", "--wheelhouse", "/wheels")
+    assert "kept the existing /etc/etl-service/etl.env" in again.stdout
+    assert service.box.run("cat", ENV).stdout == before
+    assert service.box.run("stat", "-c", "%a %U", ENV).stdout.strip() == "600 etl-service"
+    assert service.box.show(UNIT, "ActiveState") == "active"  # restarted on the new install
+    service.box.run("systemctl", "stop", UNIT)
+
+
+def test_uninstall_keeps_settings_and_data_unless_purged(service: Service) -> None:
+    removed = service.box.run("/src/deploy/uninstall.sh")
+    assert "kept /etc/etl-service and /var/lib/etl-service" in removed.stdout
+    assert service.box.run("test", "-e", "/etc/systemd/system/etl.service", check=False).returncode == 1
+    assert service.box.run("test", "-e", "/opt/etl-service", check=False).returncode == 1
+    assert service.box.run("test", "-e", ENV, check=False).returncode == 0
+    assert service.box.run("test", "-d", "/var/lib/etl-service/chdb", check=False).returncode == 0
+    purged = service.box.run("/src/deploy/uninstall.sh", "--purge")
+    assert "purged" in purged.stdout
+    assert service.box.run("test", "-e", "/etc/etl-service", check=False).returncode == 1
