@@ -56,5 +56,7 @@ class Marker:
             self._pending = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+            self._pool = None
         if self._ledger is not None:
             self._ledger.conn.close()
+            self._ledger = None  # a retried attempt opens a fresh connection

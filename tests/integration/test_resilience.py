@@ -27,6 +27,14 @@ def test_clickhouse_failing_mid_load_is_retried_and_nothing_doubles(world: World
     assert ch_summary(world) == (2000, 2000, 2001000)
 
 
+def test_a_transient_failure_after_a_batch_was_marked_is_retried_in_the_same_run(world: World) -> None:
+    world.make_source(2000)
+    settings = world.settings(batch_size="500", chunk_size="250", fail_at="after_ready:2")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 2000)
+    assert ch_summary(world) == (2000, 2000, 2001000)
+
+
 def test_a_failed_run_leaves_a_consistent_ledger_and_the_next_run_completes(world: World) -> None:
     world.make_source(2000)
     failing = world.settings(batch_size="1000", chunk_size="300", fail_at="after_last_insert", retry_attempts="1")
