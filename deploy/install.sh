@@ -8,7 +8,8 @@
 # - settings live in CONFIG_DIR/etl.env (default /etc/etl-service), mode 600, owned by the service
 #   user; created from .env.example when absent, never overwritten;
 # - the unit is installed as /etc/systemd/system/etl.service, enabled, and (re)started
-#   unless --no-start. Data (a chdb:/// folder, if used) belongs in /var/lib/etl-service.
+#   unless --no-start or this is the first install (edit etl.env first, then start it).
+#   Data (a chdb:/// folder, if used) belongs in /var/lib/etl-service.
 # --wheelhouse DIR installs from wheels in DIR only (offline hosts; see deploy/README.md).
 set -euo pipefail
 
@@ -54,7 +55,8 @@ say "installed $("$prefix/venv/bin/python" -m etl_service --version) into $prefi
 install -d -m 750 -o root -g "$user" "$config_dir"
 if [ ! -e "$config_dir/etl.env" ]; then
     install -m 600 -o "$user" -g "$user" "$src/.env.example" "$config_dir/etl.env"
-    say "created $config_dir/etl.env from .env.example: edit it, then systemctl restart etl.service"
+    say "created $config_dir/etl.env from .env.example"
+    start=first  # nothing to run yet: the settings are the example's
 else
     chown "$user:$user" "$config_dir/etl.env"
     chmod 600 "$config_dir/etl.env"
@@ -67,7 +69,9 @@ mv /etc/systemd/system/etl.service.new /etc/systemd/system/etl.service
 systemctl daemon-reload
 systemctl enable etl.service >/dev/null 2>&1
 say "unit installed and enabled: /etc/systemd/system/etl.service"
-if [ "$start" = yes ]; then
+if [ "$start" = first ]; then
+    say "next: edit $config_dir/etl.env, then: systemctl start etl.service"
+elif [ "$start" = yes ]; then
     systemctl restart etl.service || {
         echo "install.sh: etl.service did not start; see: journalctl -u etl.service -n 50" >&2
         exit 1

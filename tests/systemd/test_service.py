@@ -87,8 +87,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
                         " processed boolean NOT NULL DEFAULT false);"
                         "INSERT INTO src SELECT g, g * 0.5, 'n' || g, false FROM generate_series(1, 3000) g")
         with nspawn.booted({REPO: "/src", house: "/wheels"}, base / "nspawn.log") as box:
-            installed = box.run("/src/deploy/install.sh", "--wheelhouse", "/wheels", "--no-start")
-            assert "created" in installed.stdout and "etl.env" in installed.stdout
+            installed = box.run("/src/deploy/install.sh", "--wheelhouse", "/wheels")
+            assert "created /etc/etl-service/etl.env from .env.example" in installed.stdout
+            assert "next: edit /etc/etl-service/etl.env, then: systemctl start etl.service" in installed.stdout
+            assert box.show(UNIT, "ActiveState") == "inactive"  # not started on the example settings
+            assert box.show(UNIT, "UnitFileState") == "enabled"
             yield Service(box, uri)
 
 
