@@ -167,11 +167,13 @@ def _report(settings: Settings, expected: int) -> bool:
             client, "SELECT count(), uniqExact(id), sum(amount) FROM demo.orders_trigger")[0]
         daily = sink.query_rows(client, "SELECT day, currency, orders, revenue FROM demo.orders_daily FINAL"
                                         " ORDER BY revenue DESC LIMIT 5")
+        flags, flagged_rows = sink.query_rows(client, "SELECT count(), sum(rows) FROM demo.batch_status FINAL")[0]
     finally:
         client.close()
     say("\n== ClickHouse now holds")
     say(f"   trigger table demo.orders_trigger: {rows} rows, {unique} distinct ids, sum(amount) = {ch_sum}")
     say(f"   PostgreSQL orders: {total} rows, {marked} marked processed, sum(amount) = {pg_sum}")
+    say(f"   readiness flags (demo.batch_status, awaited before marking): {flags} batches, {flagged_rows} rows")
     say("   top 5 days by revenue (materialized view demo.orders_daily):")
     for day, currency, orders, revenue in daily:
         say(f"     {day}  {currency}  {orders:6d} orders  {revenue:>14,.2f}")
