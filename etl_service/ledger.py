@@ -125,8 +125,22 @@ class Ledger:
         return rows
 
     def ensure_schema(self) -> None:
-        """Create the ledger schema and tables if absent (idempotent)."""
-        self._run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=self.schema))
+        """Create the ledger schema and tables if absent (idempotent).
+
+        Checked with one catalog query first: the DDL takes locks that a run with nothing to do
+        should not take, and a run usually finds everything in place.
+        """
+        present = self._run("look for the ledger", sql.SQL(
+            "SELECT count(*) FROM pg_attribute WHERE NOT attisdropped AND attnum > 0"
+            " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
+            " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
+            " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
+            {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs"})
+        if present[0][0] < 3:
+            self._run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=self.schema))
+
+    def _quoted(self) -> str:
+        return self.schema.as_string(self.conn)
 
     def try_lock(self) -> bool:
         """Take the job's session-level advisory lock if free; held until `unlock` or disconnect."""
