@@ -40,6 +40,7 @@ def test_sigkill_at_each_step_loses_and_doubles_nothing(world: World, point: str
     if point != "after_claim":
         assert "resuming batch" in resumed.stderr
     rows = assert_exact(world, chdb, f"killed at {point}")
+    print(f"SIGKILL at {point}: {rows} rows, 0 lost, 0 doubled")
     assert rows > 2500
 
 
