@@ -327,6 +327,7 @@ class Run:
             sink.run_sql(self._ch, self.job.post_ch_sql)
 
     def _record(self, ledger: Ledger, started: datetime, t0: float, status: str, message: str) -> None:
+        self._quietly(ledger.conn.rollback)  # after an error the transaction may be aborted
         r = self.result
         self._quietly(lambda: ledger.record_run(started, status, r.batches, r.rows_loaded, r.rows_marked,
                                                 self.clock() - t0, message))

@@ -121,13 +121,16 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
     Only rows whose xmin still equals the claimed one are extracted: a row changed since the
     claim is left for the next batch, which will load its new version.
     """
-    # The claimed keys are sorted, so the chunk is a key range: one index range scan merged with
-    # the key list is about twice as fast as a lookup per key.
+    # The claimed keys are sorted, so the chunk is the key range keys[first]..keys[last]: one
+    # index range scan merged with the key list is about twice as fast as a lookup per key.
+    # (Bounds from the array, not min()/max(): uuid, for one, has no min().)
     query = sql.SQL(
         "COPY (WITH k AS MATERIALIZED (SELECT u.key::{keytype} AS key, u.x FROM {ledger}.batches b,"
-        " unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS u(key, x) WHERE b.batch_id = {batch})"
+        " unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS u(key, x) WHERE b.batch_id = {batch}),"
+        " r AS (SELECT b.keys[{first}]::{keytype} AS lo, b.keys[{last}]::{keytype} AS hi"
+        " FROM {ledger}.batches b WHERE b.batch_id = {batch})"
         " SELECT {exprs} FROM {src} s JOIN k ON s.{key} = k.key AND s.xmin = k.x"
-        " WHERE s.{key} BETWEEN (SELECT min(key) FROM k) AND (SELECT max(key) FROM k))"
+        " WHERE s.{key} BETWEEN (SELECT lo FROM r) AND (SELECT hi FROM r))"
         " TO STDOUT WITH (FORMAT csv)"
     ).format(
         exprs=sql.SQL(", ").join(c.select for c in shape.columns),

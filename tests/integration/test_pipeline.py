@@ -226,3 +226,25 @@ def test_connection_errors_never_show_the_password(world: World) -> None:
         assert isinstance(exc.__cause__, psycopg2.OperationalError)
     else:
         raise AssertionError("connect to port 1 should fail")
+
+
+def test_several_jobs_from_a_jobs_file_each_move_their_own_table(world: World) -> None:
+    world.make_source(300, table="orders")
+    world.sql("CREATE TABLE payments (payment_id uuid PRIMARY KEY DEFAULT gen_random_uuid(), cents integer,"
+              " done boolean NOT NULL DEFAULT false);"
+              "INSERT INTO payments (cents) SELECT g FROM generate_series(1, 250) g")
+    jobs = world.tmp / "jobs.toml"
+    jobs.write_text('[jobs.orders]\nsource_table = "orders"\ntarget_table = "orders_t"\n\n'
+                    '[jobs.payments]\nsource_table = "public.payments"\nsource_key = "payment_id"\n'
+                    'processed_column = "done"\ntarget_table = "payments_t"\ncolumns = "payment_id, cents:amount"\n'
+                    'batch_size = 100\n')
+    from etl_service.config import load
+
+    settings = load(environ={**world.env(), "ETL_JOBS_FILE": str(jobs)})
+    results = {job.name: run_job(settings, job) for job in settings.jobs}
+    assert {n: (r.status, r.rows_marked) for n, r in results.items()} == {"orders": (OK, 300), "payments": (OK, 250)}
+    assert results["payments"].batches == 3  # its own batch size; uuid keys claimed in key order
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target('orders_t')}") == [(300, 300)]
+    assert world.ch_rows(f"SELECT count(), uniqExact(payment_id), sum(amount) FROM {world.target('payments_t')}") \
+        == [(250, 250, 250 * 251 // 2)]
+    assert world.sql("SELECT count(*) FROM payments WHERE done") == [(250,)]

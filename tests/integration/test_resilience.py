@@ -69,6 +69,9 @@ def test_a_hung_postgres_statement_times_out(world: World) -> None:
     finally:
         blocker.rollback()
         blocker.close()
+    # the aborted transaction was rolled back, so the failure is on record
+    failed = world.sql("SELECT status, message FROM etl.runs ORDER BY run_id")
+    assert failed and all(st == "failed" and "statement timed out" in msg for st, msg in failed)
     assert run_job(settings, settings.jobs[0]).rows_marked == 10
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
@@ -17,6 +17,7 @@ import pytest
 
 from etl_service.embedded import postgres
 
+from ..integration.helpers import wait_for
 from . import nspawn
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
@@ -57,14 +58,6 @@ class Service:
                 f"print(json.dumps(c.query({query!r}).result_rows, default=str))")
         out = self.box.run("/opt/etl-service/venv/bin/python", "-c", code)
         return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
