@@ -114,7 +114,6 @@ def status(settings: Settings, out: Print = print) -> bool:
             try:
                 _job_status(conn, settings, job, out)
             except EtlError as exc:
-                conn.rollback()
                 out(f"  cannot read: {exc}")
                 healthy = False
     finally:
@@ -165,7 +164,7 @@ def requeue(settings: Settings, jobs: list[JobConfig], keys: list[str] | None, o
 
 
 def _ledger_exists(conn: source.Connection, schema: str) -> bool:
-    with source.pg_errors("look for the ledger"), conn.cursor() as cur:
+    with source.pg_errors("look for the ledger", conn), conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL",
                     (sql.Identifier(schema, "runs").as_string(conn),))
         found = bool(cur.fetchone()[0])  # type: ignore[index]

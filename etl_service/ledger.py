@@ -118,7 +118,7 @@ class Ledger:
 
     def _run(self, action: str, query: sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
         """Execute in its own transaction; return the rows (if any)."""
-        with pg_errors(action), self.conn.cursor() as cur:
+        with pg_errors(action, self.conn), self.conn.cursor() as cur:
             cur.execute(query, params)
             rows = cur.fetchall() if cur.description else []
             self.conn.commit()
@@ -222,7 +222,7 @@ class Ledger:
         close = sql.SQL(
             "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
-        with pg_errors(f"mark batch {batch.batch_id} done"), self.conn.cursor() as cur:
+        with pg_errors(f"mark batch {batch.batch_id} done", self.conn), self.conn.cursor() as cur:
             cur.execute(mark, {"batch": batch.batch_id, "job": self.job.name})
             marked = cur.rowcount
             cur.execute(close, (marked, batch.batch_id))

@@ -320,14 +320,13 @@ class Run:
 
     def _post_process(self, conn: source.Connection) -> None:
         if self.job.post_pg_sql:
-            with pg_errors("post-processing SQL on PostgreSQL"), conn.cursor() as cur:
+            with pg_errors("post-processing SQL on PostgreSQL", conn), conn.cursor() as cur:
                 cur.execute(sql.SQL(self.job.post_pg_sql))  # operator-written SQL from config
                 conn.commit()
         if self.job.post_ch_sql:
             sink.run_sql(self._ch, self.job.post_ch_sql)
 
     def _record(self, ledger: Ledger, started: datetime, t0: float, status: str, message: str) -> None:
-        self._quietly(ledger.conn.rollback)  # after an error the transaction may be aborted
         r = self.result
         self._quietly(lambda: ledger.record_run(started, status, r.batches, r.rows_loaded, r.rows_marked,
                                                 self.clock() - t0, message))

@@ -10,7 +10,7 @@ import io
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import psycopg2
@@ -39,16 +39,27 @@ def connect(settings: Settings, purpose: str = "etl") -> Connection:
 
 
 @contextmanager
-def pg_errors(action: str) -> Iterator[None]:
-    """Translate psycopg2 errors raised while doing `action` into our exception tree."""
+def pg_errors(action: str, conn: Connection | None = None) -> Iterator[None]:
+    """Translate psycopg2 errors raised while doing `action` into our exception tree.
+
+    With `conn`, a failed statement's transaction is rolled back, so the connection can go on
+    (to record the failure in the ledger, to release the job's lock).
+    """
     try:
         yield
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if isinstance(exc, psycopg2.errors.QueryCanceled):
-            raise SourceUnavailable(f"{action}: statement timed out (PG_STATEMENT_TIMEOUT)") from exc
-        raise SourceUnavailable(f"{action}: {_first_line(exc)}") from exc
     except psycopg2.Error as exc:
-        raise SourceError(f"{action}: {_first_line(exc)}") from exc
+        if conn is not None and not conn.closed:
+            with suppress(psycopg2.Error):
+                conn.rollback()
+        raise _translate(action, exc) from exc
+
+
+def _translate(action: str, exc: psycopg2.Error) -> SourceError:
+    if isinstance(exc, psycopg2.errors.QueryCanceled):
+        return SourceUnavailable(f"{action}: statement timed out (PG_STATEMENT_TIMEOUT)")
+    if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+        return SourceUnavailable(f"{action}: {_first_line(exc)}")
+    return SourceError(f"{action}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -90,7 +101,7 @@ ORDER BY a.attnum
 def describe(conn: Connection, job: JobConfig) -> SourceShape:
     """Read the source table's columns; ConfigError when the table or a named column is missing."""
     name = qualified(job).as_string(conn)
-    with pg_errors(f"describe {name}"), conn.cursor() as cur:
+    with pg_errors(f"describe {name}", conn), conn.cursor() as cur:
         cur.execute(_DESCRIBE, (name,))
         rows = cur.fetchall()
     conn.rollback()
@@ -142,7 +153,7 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
         batch=sql.Literal(batch_id),
     )
     buf = io.BytesIO()
-    with pg_errors(f"extract batch {batch_id} rows {first}-{last}"), conn.cursor() as cur:
+    with pg_errors(f"extract batch {batch_id} rows {first}-{last}", conn), conn.cursor() as cur:
         cur.copy_expert(query, buf)
     conn.commit()
     return parse_csv(buf.getvalue(), shape)
