@@ -127,7 +127,7 @@ def insert_chunk(client: Client, database: str, table: str, data: pa.Table, batc
                  with_batch_column: bool) -> int:
     """Insert one chunk; a repeat with the same token is dropped by ClickHouse. Returns rows sent."""
     if with_batch_column:
-        data = data.append_column(BATCH_COLUMN, pa.array([batch_id] * data.num_rows, pa.uint64()))
+        data = data.append_column(BATCH_COLUMN, pa.repeat(pa.scalar(batch_id, pa.uint64()), data.num_rows))
     settings = {"insert_deduplication_token": token, "insert_deduplicate": 1}
     with ch_errors(f"insert batch {batch_id} into {database}.{table}"):
         client.insert_arrow(table_name(database, table), data, settings=settings)
