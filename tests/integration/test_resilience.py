@@ -157,12 +157,11 @@ def test_sigterm_mid_batch_exits_0_and_the_next_start_finishes_the_batch(world: 
     env_file = write_env(world, chdb, ETL_BATCH_SIZE="3000", ETL_CHUNK_SIZE="300",
                          ETL_TRANSFORM=slow_transform(world, 0.3))
     log = world.tmp / "stop.log"
-    proc = start("--once", "--env-file", str(env_file), log=log, path=world.tmp)
-    wait_for(lambda: "chunk" in log.read_text() or _chunks_loaded(world) > 0, 60, "the first chunk")
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=30)
-    stopped_in = time.monotonic() - t0
+    with running("--once", "--env-file", str(env_file), log=log, path=world.tmp) as proc:
+        wait_for(lambda: "chunk" in log.read_text() or _chunks_loaded(world) > 0, 60, "the first chunk")
+        t0 = time.monotonic()
+        code = stop(proc)
+        stopped_in = time.monotonic() - t0
     assert code == 75  # --once: stopped before the backlog was drained
     assert stopped_in < 5  # one chunk (0.3 s transform + I/O) at most
     assert world.sql("SELECT state FROM etl.batches") == [("claimed",)]
@@ -181,16 +180,15 @@ def test_a_second_sigterm_exits_at_once_and_loses_nothing(world: World) -> None:
     env_file = write_env(world, chdb, ETL_BATCH_SIZE="1000", ETL_CHUNK_SIZE="500",
                          ETL_TRANSFORM=slow_transform(world, 20))
     log = world.tmp / "stop2.log"
-    proc = start("--once", "--env-file", str(env_file), log=log, path=world.tmp)
-    wait_for(lambda: world.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'etl'")[0][0] > 0
-             and _batches(world) > 0, 60, "a claimed batch")
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
-    assert time.monotonic() - t0 < 3
+    with running("--once", "--env-file", str(env_file), log=log, path=world.tmp) as proc:
+        wait_for(lambda: world.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'etl'")[0][0] > 0
+                 and _batches(world) > 0, 60, "a claimed batch")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert stop(proc, timeout=10) == 128 + signal.SIGTERM
+        assert time.monotonic() - t0 < 3
     env_fast = write_env(world, chdb, "fast.env", ETL_BATCH_SIZE="1000", ETL_CHUNK_SIZE="500")
     assert cli("--once", "--env-file", str(env_fast)).returncode == 0
     assert_exact(world, chdb, "after two SIGTERMs")
