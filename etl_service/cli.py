@@ -17,8 +17,8 @@ from types import FrameType
 
 from loguru import logger
 
-from etl_service import __version__, checks, logs
-from etl_service.config import load
+from etl_service import __version__, admin, checks, logs
+from etl_service.config import Settings, load
 from etl_service.errors import ConfigError
 from etl_service.pipeline import FAILED, SUCCESS, run_job
 
@@ -30,14 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="etl-service",
         description="Move unprocessed PostgreSQL rows into a ClickHouse trigger table, exactly once.",
         epilog="Without a command the service runs its jobs on their schedules until SIGTERM/SIGINT.")
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "check", "status", "requeue", "demo"],
-                        help="run (default): the daemon, or one pass with --once; check: config and"
-                             " connectivity; status: backlog, batches, quarantine, recent runs; requeue:"
-                             " release quarantined rows (all, or --key); demo: embedded demo")
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=["run", "check", "status", "requeue", "adopt", "release", "demo"],
+                        help="run (default): the daemon, or one pass with --once; check: config, connectivity,"
+                             " keys, privileges, next run times; status: backlog, batches, quarantine, recent runs;"
+                             " requeue: release quarantined rows (all, or --key); adopt / release --batch N: take"
+                             " over, or forget, an unfinished batch of a renamed or removed job; demo: embedded demo")
     parser.add_argument("--once", action="store_true", help="run each job now, drain its backlog, exit")
-    parser.add_argument("--job", metavar="NAME", help="with --once or requeue: only this job")
+    parser.add_argument("--job", metavar="NAME", help="with --once, requeue, adopt, release: this job")
     parser.add_argument("--key", action="append", metavar="KEY",
-                        help="requeue: only this key (repeat for several)")
+                        help="requeue: only this key, as `status` shows it (repeat for several)")
+    parser.add_argument("--batch", type=int, metavar="N", help="adopt / release: the batch id `status` shows")
+    parser.add_argument("--force", action="store_true",
+                        help="release: even if rows of the batch may be in ClickHouse (they would load twice)")
     parser.add_argument("--env-file", metavar="PATH", help="settings file (default: ./.env if present)")
     parser.add_argument("--rows", type=int, default=100_000, help="demo: rows to seed (default 100000)")
     parser.add_argument("--dir", metavar="PATH", default=".demo", help="demo: working folder (default .demo)")
@@ -47,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, load settings, dispatch. Returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("adopt", "release") and args.batch is None:
+        parser.error(f"{args.command} needs --batch N (the batch id `status` shows)")
     logs.setup()
     if args.command == "demo":
         from etl_service.demo import run_demo
@@ -57,22 +65,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load(args.env_file)
         if args.job:
             settings.job(args.job)
+        return _dispatch(args, settings)
     except ConfigError as exc:
         logger.error("configuration error: {}", exc)
         return EX_CONFIG
+    except BrokenPipeError:
+        # `status | head`: the reader left; say nothing more (and nothing at exit either).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     logs.setup(settings.log_level, settings.log_format)
+    jobs = [settings.job(args.job)] if args.job else list(settings.jobs)
     if args.command == "check":
         return 0 if checks.check(settings) else EX_FAILED
     if args.command == "status":
         return 0 if checks.status(settings) else EX_FAILED
     if args.command == "requeue":
-        jobs = [settings.job(args.job)] if args.job else list(settings.jobs)
-        return 0 if checks.requeue(settings, jobs, args.key) else EX_FAILED
+        return 0 if admin.requeue(settings, jobs, args.key) else EX_FAILED
+    if args.command in ("adopt", "release"):
+        if len(jobs) > 1:
+            raise ConfigError("--job", f"{args.command} needs --job NAME: which job takes the batch's source",
+                              f"known jobs: {', '.join(j.name for j in jobs)}")
+        if args.command == "adopt":
+            return 0 if admin.adopt(settings, jobs[0], args.batch) else EX_FAILED
+        return 0 if admin.release(settings, jobs[0], args.batch, args.force) else EX_FAILED
     stop = threading.Event()
     install_signal_handlers(stop)
     if args.once:
-        jobs = [settings.job(args.job)] if args.job else list(settings.jobs)
         results = [run_job(settings, job, stop) for job in jobs]
+        if any(r.permanent for r in results):
+            return EX_CONFIG
         if any(r.status == FAILED for r in results):
             return EX_FAILED
         return 0 if all(r.status in SUCCESS for r in results) else EX_TEMPFAIL

@@ -53,7 +53,7 @@ class JobConfig:
 
     name: str
     source_table: tuple[str, str]  # (schema, table)
-    source_key: str
+    source_key: tuple[str, ...]  # one column, or several for a composite key
     processed_column: str
     target_table: str
     columns: tuple[tuple[str, str], ...]  # (source column, target column); empty = all
@@ -277,6 +277,7 @@ def _load_jobs(env: Mapping[str, str], get: _Getter) -> tuple[JobConfig, ...]:
             raise ConfigError(label + unknown[0], "is not a job setting",
                               f"known settings: {', '.join(JOB_KEYS)}")
         jobs.append(_job_from(name, env, {**defaults, **table}, label))
+    _check_owners(jobs, "ETL_JOBS_FILE")
     return tuple(jobs)
 
 
@@ -315,7 +316,7 @@ def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], labe
     return JobConfig(
         name=name.strip() or str(env.get("ETL_JOB_NAME", "")).strip() or table,
         source_table=(schema, table),
-        source_key=get.identifier(key("source_key"), default("source_key")),
+        source_key=_parse_key(label + key("source_key"), get.raw(key("source_key"), default("source_key"))),
         processed_column=get.identifier(key("processed_column"), default("processed_column")),
         target_table=target,
         columns=_parse_columns(label + key("columns"), get.raw(key("columns"), "")),
@@ -344,6 +345,32 @@ def _check_schedule(schedule_var: str, tz_var: str, schedule: str, timezone: str
     except ValueError as exc:
         raise ConfigError(schedule_var, f"{schedule!r} is not a valid cron expression ({exc})",
                           "use 5 fields like '*/5 * * * *', or 6 with seconds first") from None
+
+
+def _parse_key(variable: str, text: str) -> tuple[str, ...]:
+    """`id` or `tenant_id, id`: the key's column names (its uniqueness is checked against the table)."""
+    from etl_service.keys import parse_names
+
+    names = parse_names(text)
+    if not names:
+        raise ConfigError(variable, "is empty", "name the key column(s), e.g. id or tenant_id, id")
+    for name in names:
+        check_identifier(variable, name)
+    return names
+
+
+def _check_owners(jobs: list[JobConfig], variable: str) -> None:
+    """One source table + processed column has one job: two would race for the same flag."""
+    owners: dict[tuple[str, str, str], str] = {}
+    for job in jobs:
+        owner = owners.setdefault((*job.source_table, job.processed_column), job.name)
+        if owner != job.name:
+            raise ConfigError(variable, f"jobs {owner!r} and {job.name!r} both consume {'.'.join(job.source_table)}"
+                              f" through the flag column {job.processed_column!r}: they would race for the same"
+                              " rows", "give the second consumer its own processed column (processed_column = …)")
+    names = [job.name for job in jobs]
+    if len(set(names)) != len(names):
+        raise ConfigError(variable, "two jobs have the same name")
 
 
 def _parse_columns(variable: str, text: str) -> tuple[tuple[str, str], ...]:

@@ -48,6 +48,7 @@ class Daemon:
         """Wait for both databases, schedule the jobs, and run until stopped. Returns the exit code."""
         if not checks.wait_until_reachable(self.settings, self.stop):
             return 0
+        checks.preflight(self.settings)  # a wrong key, table or grant: ConfigError, exit 78
         now = datetime.now(UTC)
         for job in self.settings.jobs:
             # First run at start: finish what a previous process left unfinished and catch up,

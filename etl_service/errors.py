@@ -8,6 +8,7 @@
     ├── SourceError          PostgreSQL refused a statement (missing table, bad SQL, ...)
     │   └── BadSourceValues      (RowError) a value could not be converted to its column type
     ├── TransformError       (RowError) the user transform failed or returned something unusable
+    ├── TransformContractError  the transform changed, dropped or repeated keys: the run fails
     ├── SinkError            ClickHouse refused a statement or an insert
     │   └── BadSinkValues        (RowError) a value does not fit the target column
     └── RowError             marker: some rows' data is the problem — the chunk is split until
@@ -67,6 +68,10 @@ class BadSinkValues(SinkError, RowError):
 
 class SinkUnavailable(SinkError, TransientError):
     """ClickHouse could not be reached, or the connection broke."""
+
+
+class TransformContractError(EtlError):
+    """The transform broke its contract on keys: a bug in the transform, never a bad row."""
 
 
 class TransformError(RowError):

@@ -16,7 +16,14 @@ from typing import Any
 from psycopg2 import sql
 
 from etl_service.config import JobConfig
+from etl_service.errors import SourceError
+from etl_service.keys import Key
 from etl_service.source import Connection, SourceShape, pg_errors, qualified
+
+# Unfinished batches of other job names on this job's source and flag (or of unknown source:
+# recorded before batches named it). Parameters: job, source, flag.
+_FOREIGN = (" WHERE b.state <> 'done' AND b.job <> %(job)s"
+            " AND (b.source IS NULL OR (b.source = %(source)s AND b.flag = %(flag)s))")
 
 SCHEMA_SQL = """
 SELECT pg_advisory_xact_lock(hashtextextended('etl-service:ledger-schema', 0));
@@ -62,11 +69,16 @@ CREATE TABLE IF NOT EXISTS {schema}.runs (
     message     text
 );
 CREATE INDEX IF NOT EXISTS runs_job ON {schema}.runs (job, run_id);
+-- Which source table and flag a batch consumes, and the job name that claimed it (its insert
+-- tokens keep that name when another job adopts the batch).
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source text,
+    ADD COLUMN IF NOT EXISTS flag text, ADD COLUMN IF NOT EXISTS origin text;
+CREATE INDEX IF NOT EXISTS batches_open_source ON {schema}.batches (source, flag) WHERE state <> 'done';
 """
 
 
 _BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
-                  " keys[cardinality(keys)]")
+                  " keys[cardinality(keys)], coalesce(origin, job)")
 
 
 @dataclass(frozen=True)
@@ -82,17 +94,19 @@ class Batch:
     claimed_at: datetime
     split: tuple[str, ...] = ()
     last_key: str | None = None
+    origin: str = ""  # the job name that claimed it: part of every insert token
 
     @property
     def chunk_count(self) -> int:
         return -(-self.row_count // self.chunk_size)
 
-    def range_token(self, job: str, first: int, last: int) -> str:
+    def range_token(self, first: int, last: int) -> str:
         """The insert_deduplication_token of key positions [first, last]: the same on every retry.
 
-        claimed_at makes it unique even if the ledger is recreated and batch ids restart.
+        claimed_at makes it unique even if the ledger is recreated and batch ids restart; the
+        claiming job's name stays in it when another job adopts the batch.
         """
-        return f"etl-service/{job}/{self.batch_id}/{self.claimed_at.timestamp():.6f}/{first}-{last}"
+        return f"etl-service/{self.origin}/{self.batch_id}/{self.claimed_at.timestamp():.6f}/{first}-{last}"
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         """1-based inclusive positions of chunk `index` in the batch's key array."""
@@ -102,9 +116,22 @@ class Batch:
 
 def _batch(row: tuple[Any, ...]) -> Batch:
     """A Batch from a row of the _BATCH_COLUMNS select list."""
-    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key = row
+    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key, origin = row
     return Batch(batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, tuple(split),
-                 last_key)
+                 last_key, origin)
+
+
+@dataclass(frozen=True)
+class ForeignBatch:
+    """An unfinished batch of another job name that holds keys of this job's source."""
+
+    batch_id: int
+    job: str
+    state: str
+    row_count: int
+    chunks_loaded: int
+    claimed_at: datetime
+    source: str | None  # None: recorded before batches named their source
 
 
 class Ledger:
@@ -115,6 +142,7 @@ class Ledger:
         self.schema = sql.Identifier(schema)
         self.schema_name = schema
         self.job = job
+        self.source = ".".join(job.source_table)
 
     def _run(self, action: str, query: sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
         """Execute in its own transaction; return the rows (if any)."""
@@ -134,16 +162,29 @@ class Ledger:
             "SELECT count(*) FROM pg_attribute WHERE NOT attisdropped AND attnum > 0"
             " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
             " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
+            " OR (attrelid = to_regclass(%(b)s) AND attname = 'origin')"
             " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
             {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs"})
-        if present[0][0] < 3:
+        if present[0][0] < 4:
             self._run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=self.schema))
+            # Batches recorded before batches named their source: this job's own are on its source.
+            self._run("record the source of older batches", sql.SQL(
+                "UPDATE {s}.batches SET source = %(source)s, flag = %(flag)s, origin = coalesce(origin, job)"
+                " WHERE job = %(job)s AND source IS NULL AND state <> 'done'").format(s=self.schema),
+                self._names())
+
+    def _names(self) -> dict[str, str]:
+        return {"job": self.job.name, "source": self.source, "flag": self.job.processed_column}
 
     def _quoted(self) -> str:
         return self.schema.as_string(self.conn)
 
     def try_lock(self) -> bool:
-        """Take the job's session-level advisory lock if free; held until `unlock` or disconnect."""
+        """Take the source's session-level advisory lock if free; held until `unlock` or disconnect.
+
+        The lock is on the source table and flag, not the job name: a renamed job, or a second
+        daemon configured with another name for the same rows, still never runs beside this one.
+        """
         rows = self._run("take job lock", sql.SQL("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"),
                          (self._lock_name(),))
         return bool(rows[0][0])
@@ -165,8 +206,16 @@ class Ledger:
         app, pid, since = rows[0]
         return f"{app or 'unknown application'} (backend pid {pid}, connected since {since:%Y-%m-%d %H:%M:%S})"
 
+    def lock(self, wait_seconds: float) -> None:
+        """Wait up to `wait_seconds` for the source's lock (for commands that change batches)."""
+        with pg_errors("wait for the job's lock (is a run in progress?)", self.conn), self.conn.cursor() as cur:
+            cur.execute("SET lock_timeout = %s", (f"{int(wait_seconds * 1000)}ms",))
+            cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (self._lock_name(),))
+            cur.execute("RESET lock_timeout")
+            self.conn.commit()
+
     def _lock_name(self) -> str:
-        return f"etl-service:{self.schema_name}:{self.job.name}"
+        return f"etl-service:{self.schema_name}:{self.source}:{self.job.processed_column}"
 
     def unfinished(self) -> list[Batch]:
         """Batches of this job that are claimed or loaded, oldest first."""
@@ -176,28 +225,74 @@ class Ledger:
             (self.job.name,))
         return [_batch(row) for row in rows]
 
-    def claim(self, shape: SourceShape, after: str | None = None) -> Batch | None:
+    def claim(self, shape: SourceShape, after: str | None = None, skip_foreign: bool = False) -> Batch | None:
         """Record the next batch of unprocessed keys (with their xmin), above `after` if given.
 
         None when there are none. Keys come in key order, so a run can claim the next batch
-        past one that is still being marked.
+        past one that is still being marked. Rows with a NULL in the key are never claimed.
+        `skip_foreign`: leave out keys held by unfinished batches of other job names.
         """
-        above = sql.SQL(" AND s.{key} > %(after)s::{keytype}").format(
-            key=sql.Identifier(self.job.source_key), keytype=sql.SQL(shape.key_type)) if after is not None \
+        key = shape.key
+        above = sql.SQL(" AND {}").format(key.compare("s", ">", sql.SQL("%(after)s"))) if after is not None \
             else sql.SQL("")
+        held = sql.SQL(" AND NOT EXISTS (SELECT 1 FROM held h WHERE h.key = {})").format(key.encode("s")) \
+            if skip_foreign else sql.SQL("")
+        order = sql.SQL(", ").join(sql.Identifier(f"o{i}") for i in range(len(key.columns)))
         query = sql.SQL(
-            "INSERT INTO {s}.batches (job, state, keys, xmins, row_count, chunk_size)"
-            " SELECT %(job)s, 'claimed', array_agg(p.k::text ORDER BY p.k), array_agg(p.x ORDER BY p.k),"
-            " count(*), %(chunk)s"
-            " FROM (SELECT s.{key} AS k, s.xmin AS x FROM {src} s WHERE s.{flag} = false{above}"
-            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = s.{key}::text)"
-            " ORDER BY s.{key} LIMIT %(limit)s) p HAVING count(*) > 0"
+            "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + _FOREIGN + ")"
+            " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size)"
+            " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(p.k ORDER BY {order}),"
+            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s"
+            " FROM (SELECT {encoded} AS k, s.xmin AS x, {ordered} FROM {src} s WHERE s.{flag} = false"
+            " AND {not_null}{above}{held}"
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = {encoded})"
+            " ORDER BY {row} LIMIT %(limit)s) p HAVING count(*) > 0"
             " RETURNING " + _BATCH_COLUMNS
-        ).format(s=self.schema, key=sql.Identifier(self.job.source_key), src=qualified(self.job),
-                 flag=sql.Identifier(self.job.processed_column), above=above)
-        rows = self._run("claim batch", query, {"job": self.job.name, "chunk": self.job.chunk_size,
+        ).format(s=self.schema, src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
+                 encoded=key.encode("s"), row=key.row("s"), order=order, not_null=key.not_null("s"),
+                 ordered=sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(f"o{i}"))
+                                            for i, c in enumerate(key.names)),
+                 above=above, held=held)
+        rows = self._run("claim batch", query, {**self._names(), "chunk": self.job.chunk_size,
                                                 "limit": self.job.batch_size, "after": after})
         return _batch(rows[0]) if rows else None
+
+    def foreign(self) -> list[ForeignBatch]:
+        """Unfinished batches of other job names that hold keys of this job's source (renamed or removed jobs)."""
+        rows = self._run("look for other jobs' batches on this source", sql.SQL(
+            "SELECT b.batch_id, b.job, b.state, b.row_count, b.chunks_loaded, b.claimed_at, b.source"
+            " FROM {s}.batches b" + _FOREIGN + " ORDER BY b.batch_id").format(s=self.schema), self._names())
+        return [ForeignBatch(*row) for row in rows]
+
+    def adopt(self, batch_id: int) -> ForeignBatch:
+        """Make another job name's unfinished batch on this source this job's; it resumes at the next run.
+
+        Its insert tokens keep the claiming job's name, so chunks already in ClickHouse are not
+        loaded again; its quarantined rows move along, so they are not marked processed.
+        """
+        batch = self._foreign_one(batch_id)
+        params = {**self._names(), "batch": batch_id, "old": batch.job}
+        self._run("adopt batch", sql.SQL(
+            "UPDATE {s}.batches SET job = %(job)s, origin = coalesce(origin, job), source = %(source)s,"
+            " flag = %(flag)s WHERE batch_id = %(batch)s AND state <> 'done';"
+            " UPDATE {s}.quarantine q SET job = %(job)s WHERE q.job = %(old)s AND q.batch_id = %(batch)s"
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine o WHERE o.job = %(job)s AND o.key = q.key)"
+        ).format(s=self.schema), params)
+        return batch
+
+    def release(self, batch_id: int) -> ForeignBatch:
+        """Forget another job name's unfinished batch: its keys can be claimed again."""
+        batch = self._foreign_one(batch_id)
+        self._run("release batch", sql.SQL("DELETE FROM {s}.batches WHERE batch_id = %s AND state <> 'done'")
+                  .format(s=self.schema), (batch_id,))
+        return batch
+
+    def _foreign_one(self, batch_id: int) -> ForeignBatch:
+        for batch in self.foreign():
+            if batch.batch_id == batch_id:
+                return batch
+        raise LookupError(f"batch {batch_id} is not an unfinished batch of another job on {self.source}"
+                          f" (flag {self.job.processed_column}); `status` lists those")
 
     def record_chunk(self, batch: Batch, chunks_loaded: int, rows: int) -> None:
         """Remember that chunks [0, chunks_loaded) are in ClickHouse."""
@@ -215,10 +310,10 @@ class Ledger:
         mark = sql.SQL(
             "UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
             " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
-            " WHERE b.batch_id = %(batch)s AND s.{key} = k.key::{keytype} AND s.xmin = k.x"
+            " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = k.key)"
         ).format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column), s=self.schema,
-                 key=sql.Identifier(self.job.source_key), keytype=sql.SQL(shape.key_type))
+                 matches=shape.key.matches("s", sql.SQL("k.key")))
         close = sql.SQL(
             "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
@@ -241,11 +336,10 @@ class Ledger:
         rows = self._run("quarantine row", sql.SQL(
             "INSERT INTO {s}.quarantine (job, key, batch_id, reason, row)"
             " SELECT %(job)s, b.keys[%(pos)s], b.batch_id, %(reason)s, to_jsonb(s) FROM {s}.batches b"
-            " JOIN {src} s ON s.{key} = b.keys[%(pos)s]::{keytype} WHERE b.batch_id = %(batch)s"
+            " JOIN {src} s ON {matches} WHERE b.batch_id = %(batch)s"
             " ON CONFLICT (job, key) DO UPDATE SET batch_id = EXCLUDED.batch_id, reason = EXCLUDED.reason,"
             " row = EXCLUDED.row, quarantined_at = now() RETURNING key"
-        ).format(s=self.schema, src=qualified(self.job), key=sql.Identifier(self.job.source_key),
-                 keytype=sql.SQL(shape.key_type)),
+        ).format(s=self.schema, src=qualified(self.job), matches=shape.key.matches("s", sql.SQL("b.keys[%(pos)s]"))),
             {"job": self.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
         return str(rows[0][0]) if rows else None
 
@@ -256,14 +350,38 @@ class Ledger:
             " AND q.job = %(job)s AND q.key = ANY(b.keys[%(first)s:%(last)s])").format(s=self.schema),
             {"batch": batch.batch_id, "job": self.job.name, "first": first, "last": last})
 
-    def requeue(self, keys: list[str] | None = None) -> list[str]:
-        """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again."""
-        where = sql.SQL(" AND key = ANY(%(keys)s)") if keys else sql.SQL("")
+    def requeue(self, key: Key, keys: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again.
+
+        Returns (released keys, asked-for keys that were not quarantined).
+        """
+        wanted = [self._canonical(key, k) for k in keys] if keys else None
+        where = sql.SQL(" AND key = ANY(%(keys)s)") if wanted is not None else sql.SQL("")
         rows = self._run("requeue quarantined rows", sql.SQL(
             "DELETE FROM {s}.quarantine WHERE job = %(job)s{where} RETURNING key").format(s=self.schema,
                                                                                          where=where),
-            {"job": self.job.name, "keys": keys})
-        return sorted(str(r[0]) for r in rows)
+            {"job": self.job.name, "keys": wanted})
+        released = sorted(str(r[0]) for r in rows)
+        unknown = [k for k, c in zip(keys or [], wanted or [], strict=True) if c not in released]
+        return released, unknown
+
+    def _canonical(self, key: Key, text: str) -> str:
+        """`text` as the ledger stores this key (`007` -> `7`); SourceError if it is not one."""
+        try:
+            rows = self._run(f"read key {text!r}", sql.SQL("SELECT {}").format(key.canonical(sql.SQL("%s"))), (text,))
+        except SourceError as exc:
+            example = "42" if len(key.columns) == 1 else "[7, 42]"
+            raise SourceError(f"{text!r} is not a key of {self.source} ({key.label}; e.g. {example}): {exc}") from None
+        return str(rows[0][0])
+
+    def null_keys(self, key: Key) -> int:
+        """Unprocessed rows that cannot be moved because their key has a NULL part."""
+        if not any(c.nullable for c in key.columns):
+            return 0
+        rows = self._run("count rows with a NULL key", sql.SQL(
+            "SELECT count(*) FROM {src} s WHERE s.{flag} = false AND ({nulls})").format(
+            src=qualified(self.job), flag=sql.Identifier(self.job.processed_column), nulls=key.has_null("s")))
+        return int(rows[0][0])
 
     def quarantined(self, limit: int = 5) -> tuple[int, list[tuple[Any, ...]]]:
         """How many rows of this job are quarantined, and the most recent few (key, reason, when)."""

@@ -20,7 +20,7 @@ from psycopg2 import sql
 
 from etl_service import fit, metrics, sink, source, transform
 from etl_service.config import JobConfig, Settings
-from etl_service.errors import BadSinkValues, EtlError, RowError, TransientError
+from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError, TransientError
 from etl_service.faults import Faults
 from etl_service.ledger import Batch, Ledger
 from etl_service.marker import Marker
@@ -29,6 +29,8 @@ from etl_service.source import SourceShape, pg_errors
 # Run outcomes. `ok` and `idle` are success; the rest make `--once` exit non-zero.
 OK, IDLE, WAITING, SKIPPED, STOPPED, FAILED = "ok", "idle", "waiting", "skipped", "stopped", "failed"
 SUCCESS = (OK, IDLE)
+# Batches in a row that may mark nothing before a run gives up (it must progress or end).
+BARREN_LIMIT = 3
 
 
 @dataclass
@@ -43,6 +45,7 @@ class RunResult:
     rows_quarantined: int = 0
     seconds: float = 0.0
     message: str = ""
+    permanent: bool = False  # failed on a configuration error: retrying cannot help (exit 78)
 
     def line(self) -> str:
         rate = f" ({self.rows_marked / self.seconds:,.0f} rows/s)" if self.rows_marked and self.seconds else ""
@@ -77,6 +80,8 @@ class Run:
         self._ch: Any = None
         self._target_types: dict[str, str] = {}
         self._last_reason = ""
+        self._quarantine_lines: list[str] = []  # logged once the chunk is known not to be all bad
+        self._barren = 0  # batches in a row that marked nothing: a run must progress or end
 
     def execute(self) -> RunResult:
         """Run with bounded retries of transient errors; never raises for a run failure."""
@@ -100,6 +105,10 @@ class Run:
                 if self.stop.wait(delay):
                     self._fail(f"{exc} (stopping, not retried)")
                     break
+            except ConfigError as exc:
+                self._fail(f"configuration error: {exc}")
+                self.result.permanent = True
+                break
             except EtlError as exc:
                 self._fail(str(exc))
                 break
@@ -150,6 +159,13 @@ class Run:
 
     def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
         shape = source.describe(conn, self.job)
+        foreign = ledger.foreign()
+        for other in foreign:
+            self.log.warning("batch {} of job {!r} ({} rows, {}) is unfinished and holds keys of {}: they are"
+                             " left alone until it is adopted (`etl-service adopt --batch {} --job {}`) or"
+                             " released (`etl-service release --batch {} --job {}`)", other.batch_id, other.job,
+                             other.row_count, other.state, ledger.source, other.batch_id, self.job.name,
+                             other.batch_id, self.job.name)
         for batch in ledger.unfinished():
             self.log.info("resuming batch {} ({} rows, state {}, {}/{} chunks loaded)", batch.batch_id,
                           batch.row_count, batch.state, batch.chunks_loaded, batch.chunk_count)
@@ -163,7 +179,12 @@ class Run:
                 break
             if after is None:
                 self.marker.settle()  # a claim from the start must not see keys still being marked
-            claimed = ledger.claim(shape, after)
+            if self._barren >= BARREN_LIMIT:
+                raise EtlError(f"{self._barren} batches in a row were claimed and none of their rows could be"
+                               " marked: every claimed row changed or vanished between claim and mark. Is"
+                               f" something updating {'.'.join(self.job.source_table)} all the time? See"
+                               " `status`; the rows stay unprocessed")
+            claimed = ledger.claim(shape, after, skip_foreign=bool(foreign))
             if claimed is None:
                 if after is None:
                     break
@@ -201,6 +222,7 @@ class Run:
         self.marker.submit(batch, shape, lambda done, marked: self._marked(done, marked, quarantined, bt0))
 
     def _marked(self, batch: Batch, marked: int, quarantined: int, bt0: float) -> None:
+        self._barren = self._barren + 1 if batch.row_count and not marked and not quarantined else 0
         self.result.batches += 1
         self.result.rows_marked += marked
         metrics.ROWS.labels(self.job.name, "marked").inc(marked)
@@ -222,9 +244,12 @@ class Run:
             sent = self._load_range(conn, ledger, shape, batch, first, last, split)
             if sent == 0 and last - first >= 9 and self.result.rows_quarantined - quarantined == last - first + 1:
                 ledger.release_range(batch, first, last)
+                self.result.rows_quarantined = quarantined
+                self._quarantine_lines.clear()
                 raise EtlError(f"every row of positions {first}-{last} in batch {batch.batch_id} failed (last"
                                f" reason: {self._last_reason}): a broken transform or target, not bad rows;"
                                " nothing was quarantined — fix it and the next run retries")
+            self._flush_quarantine_lines(batch)
             last_chunk = index + 1 == batch.chunk_count
             if last_chunk:
                 self.faults.reached("after_last_insert")
@@ -264,14 +289,14 @@ class Run:
         data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema, batch.batch_id, first, last)
         self.faults.reached("mid_extract")
         metrics.ROWS.labels(self.job.name, "extracted").inc(data.num_rows)
-        data = transform.apply(data, self.job.transform)
+        data = transform.apply(data, self.job.transform, shape.key_targets)
         if not data.num_rows:
             return 0
         misfit = fit.first_misfit(data, self._target_types)
         if misfit:
             raise BadSinkValues(f"{misfit} in {self.settings.clickhouse.database}.{self.job.target_table}")
         sent = sink.insert_chunk(client, self.settings.clickhouse.database, self.job.target_table, data,
-                                 batch.batch_id, batch.range_token(self.job.name, first, last),
+                                 batch.batch_id, batch.range_token(first, last),
                                  sink.BATCH_COLUMN in self._target_types)
         metrics.ROWS.labels(self.job.name, "loaded").inc(sent)
         return sent
@@ -283,11 +308,17 @@ class Run:
             return  # the row was deleted meanwhile: nothing to set aside
         self.result.rows_quarantined += 1
         metrics.ROWS.labels(self.job.name, "quarantined").inc()
-        self.log.bind(batch=batch.batch_id).warning("row {}={} quarantined: {}", self.job.source_key, key, exc)
+        self._quarantine_lines.append(f"row {shape.key.label}={key} quarantined: {exc}")
         if self.result.rows_quarantined > self.settings.quarantine_limit:
+            self._flush_quarantine_lines(batch)
             raise EtlError(f"more than ETL_QUARANTINE_LIMIT={self.settings.quarantine_limit} rows quarantined in"
                            " this run: is the transform or the target table broken? See `status`; release"
                            " rows with `requeue` after the fix")
+
+    def _flush_quarantine_lines(self, batch: Batch) -> None:
+        for line in self._quarantine_lines:
+            self.log.bind(batch=batch.batch_id).warning(line)
+        self._quarantine_lines.clear()
 
     def _clickhouse(self, shape: SourceShape) -> Any:
         """Connect to ClickHouse on first need (an idle run never does) and prepare the target."""
@@ -305,11 +336,11 @@ class Run:
         database, table = self.settings.clickhouse.database, self.job.target_table
         existing = sink.target_columns(client, database, table)
         if existing is None:
-            sink.create_target(client, database, table, shape, self.job.source_key)
+            sink.create_target(client, database, table, shape)
             self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
             existing = sink.target_columns(client, database, table) or {}
         elif not self.job.transform:  # a transform may reshape columns: ClickHouse checks at insert
-            for warning in sink.fit_columns(existing, list(shape.targets), f"{database}.{table}"):
+            for warning in sink.fit_columns(existing, shape, database, table):
                 self.log.warning(warning)
         self._target_types = existing
 

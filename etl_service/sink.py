@@ -7,6 +7,7 @@ translated here: connection problems become SinkUnavailable, refusals SinkError.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError,
 from loguru import logger
 
 from etl_service.config import Settings
-from etl_service.errors import BadSinkValues, SinkError, SinkUnavailable
+from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable
 from etl_service.source import SourceShape
 
 BATCH_COLUMN = "_etl_batch"
@@ -34,7 +35,23 @@ DEDUP_WINDOW = 10000
 # CANNOT_CONVERT_TYPE, INCORRECT_DATA, TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE,
 # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_UUID, DECIMAL_OVERFLOW, ...).
 DATA_ERROR_CODES = {6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 376, 407, 691}
-_CODE = re.compile(r"Code: (\d+)")
+_CODE = re.compile(r"(?:Code:|error code) (\d+)")
+# Refusals no retry can cure (authentication, unknown user or database, missing grants): the
+# settings or the server's grants must change. code -> (variable, fix).
+_PERMANENT = {
+    516: ("CLICK_PASSWORD", "set the right user and password (CLICK_USER/CLICK_PASSWORD or in CLICK_DSN)"),
+    192: ("CLICK_USER", "use an existing ClickHouse user"),
+    193: ("CLICK_PASSWORD", "set the right password"),
+    194: ("CLICK_PASSWORD", "this user needs a password: set CLICK_PASSWORD"),
+    81: ("CLICK_DATABASE", "use an existing database, or grant CREATE DATABASE so the service creates it"),
+    291: ("CLICK_USER", "grant this user access to the database"),
+    497: ("CLICK_USER", "grant the missing privilege to this user (`check` lists what the service needs)"),
+    164: ("CLICK_USER", "this user is read-only: use one that may INSERT (and CREATE, for a new target)"),
+}
+
+
+class EngineBusy(SinkUnavailable):
+    """The chDB folder is held by another process (one process at a time can open it)."""
 
 
 @contextmanager
@@ -46,13 +63,59 @@ def ch_errors(action: str) -> Iterator[None]:
         raise SinkUnavailable(f"{action}: {_short(exc)}") from exc
     except (DatabaseError, ClickHouseError) as exc:
         text = str(exc)
-        if "Unable to open the chdb engine" in text:
-            raise SinkUnavailable(f"{action}: the chDB folder is in use by another process (one process"
-                                  " at a time can open it)") from exc
         match = _CODE.search(text)
-        if match and int(match[1]) in DATA_ERROR_CODES:
+        code = int(match[1]) if match else None
+        if code in _PERMANENT:
+            variable, fix = _PERMANENT[code]
+            raise ConfigError(variable, f"{action}: {_short(exc)}", fix) from exc
+        if code in DATA_ERROR_CODES:
             raise BadSinkValues(f"{action}: {_short(exc)}") from exc
         raise SinkError(f"{action}: {_short(exc)}") from exc
+
+
+def _open_chdb(dsn: str) -> Client:
+    """Open the chDB engine folder, saying plainly why not when it cannot be opened."""
+    path = dsn[len("chdb://"):]
+    _check_folder(path)
+    try:
+        return clickhouse_connect.get_client(dsn=dsn)
+    except (DatabaseError, ClickHouseError) as exc:
+        holder = chdb_holder(path)
+        if holder is not None:
+            raise EngineBusy(f"the chDB folder {path} is held by process {holder} (one process at a time can"
+                             " open it)") from exc
+        raise SinkError(f"cannot open the chDB folder {path}: {_short(exc)}") from exc
+
+
+def _check_folder(path: str) -> None:
+    """ConfigError if the chDB folder cannot be created or written (not an outage: no retry helps)."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "written" if existing == path else f"created ({existing} is not a writable folder)"
+        raise ConfigError("CLICK_DSN", f"the chDB folder {path} cannot be {what}",
+                          "point CLICK_DSN at a folder the service user may write (e.g. its StateDirectory)")
+
+
+def chdb_holder(path: str) -> int | None:
+    """The PID of the live process holding a chDB folder (from the engine's own status file), if any."""
+    try:
+        with open(os.path.join(path, "status"), encoding="utf-8") as status:
+            first = status.readline()
+    except OSError:
+        return None
+    match = re.match(r"PID: (\d+)", first)
+    if not match or int(match[1]) == os.getpid():
+        return None
+    pid = int(match[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return pid
 
 
 def _short(exc: BaseException) -> str:
@@ -68,7 +131,7 @@ def connect(settings: Settings) -> Client:
     if target.kind == "http":
         kwargs.update(connect_timeout=10, send_receive_timeout=int(settings.ch_query_timeout) + 30)
     with ch_errors(f"connect to ClickHouse ({target.display})"):
-        client = clickhouse_connect.get_client(**kwargs)
+        client = _open_chdb(kwargs["dsn"]) if target.kind == "chdb" else clickhouse_connect.get_client(**kwargs)
     try:
         with ch_errors(f"create database {target.database}"):
             client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(target.database)}")
@@ -92,13 +155,13 @@ def target_columns(client: Client, database: str, table: str) -> dict[str, str] 
     return dict(result.result_rows) or None  # type: ignore[arg-type]
 
 
-def create_target(client: Client, database: str, table: str, shape: SourceShape, key: str) -> str:
-    """Create the trigger table from the source types; returns the DDL that was run."""
-    key_target = shape.target_of(key)
-    cols = [f"{quote_identifier(t)} {c.ch_column_type(is_key=(t == key_target))}"
+def create_target(client: Client, database: str, table: str, shape: SourceShape) -> str:
+    """Create the trigger table from the source types, sorted by the key; returns the DDL that was run."""
+    keys = shape.key_targets
+    cols = [f"{quote_identifier(t)} {c.ch_column_type(is_key=(t in keys))}"
             for c, t in zip(shape.columns, shape.targets, strict=True)]
     cols.append(f"{quote_identifier(BATCH_COLUMN)} UInt64")
-    order = quote_identifier(key_target) if key_target else "tuple()"
+    order = quote_identifier(keys[0]) if len(keys) == 1 else f"({', '.join(map(quote_identifier, keys))})"
     ddl = (f"CREATE TABLE IF NOT EXISTS {table_name(database, table)} ({', '.join(cols)})"
            f" ENGINE = MergeTree ORDER BY {order}"
            f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}")
@@ -107,13 +170,17 @@ def create_target(client: Client, database: str, table: str, shape: SourceShape,
     return ddl
 
 
-def fit_columns(existing: dict[str, str], data_columns: list[str], table: str) -> list[str]:
+def fit_columns(existing: dict[str, str], shape: SourceShape, database: str, name: str) -> list[str]:
     """Check data columns against an existing table; returns warnings, raises if data has nowhere to go."""
-    missing = [c for c in data_columns if c not in existing]
+    table, keys = f"{database}.{name}", shape.key_targets
+    missing = [(t, c.ch_column_type(is_key=t in keys)) for c, t in zip(shape.columns, shape.targets, strict=True)
+               if t not in existing]
     if missing:
-        raise SinkError(f"target table {table} has no column {', '.join(map(repr, missing))}: add it"
-                        " (ALTER TABLE … ADD COLUMN), or select/rename columns with ETL_COLUMNS")
-    extra = [c for c in existing if c not in data_columns and c != BATCH_COLUMN]
+        adds = ", ".join(f"ADD COLUMN {quote_identifier(t)} {ch_type}" for t, ch_type in missing)
+        raise SinkError(f"target table {table} has no column {', '.join(repr(t) for t, _ in missing)}: run"
+                        f" ALTER TABLE {table_name(database, name)} {adds}; or select/rename columns with"
+                        " ETL_COLUMNS")
+    extra = [c for c in existing if c not in shape.targets and c != BATCH_COLUMN]
     warnings = []
     if extra:
         warnings.append(f"target table {table} has columns the job does not fill"
@@ -121,6 +188,24 @@ def fit_columns(existing: dict[str, str], data_columns: list[str], table: str) -
     if BATCH_COLUMN not in existing:
         warnings.append(f"target table {table} has no {BATCH_COLUMN} column: batch ids are not recorded")
     return warnings
+
+
+def check_grants(client: Client, database: str, table: str, exists: bool) -> str:
+    """The privileges a run needs on ClickHouse: INSERT and SELECT on the target, CREATE if it must be made."""
+    needed = ["INSERT", "SELECT"] if exists else ["CREATE TABLE", "INSERT", "SELECT"]
+    on = table_name(database, table)
+    missing = []
+    for grant in needed:
+        try:
+            rows = query_rows(client, f"CHECK GRANT {grant} ON {on}")
+        except SinkError as exc:
+            return f"note: ClickHouse privileges not verified (CHECK GRANT needs ClickHouse 24.6+): {exc}"
+        if not (rows and rows[0][0]):
+            missing.append(grant)
+    if missing:
+        raise ConfigError("CLICK_USER", f"lacks {', '.join(missing)} on {on}",
+                          f"GRANT {', '.join(missing)} ON {on} TO the service's user")
+    return f"ClickHouse privileges: {', '.join(needed)} on {on}"
 
 
 def insert_chunk(client: Client, database: str, table: str, data: pa.Table, batch_id: int, token: str,

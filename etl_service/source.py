@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -21,6 +22,7 @@ from psycopg2 import sql
 
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import BadSourceValues, ConfigError, SourceError, SourceUnavailable
+from etl_service.keys import Key, KeyColumn
 from etl_service.typemap import Column, map_column
 
 Connection = psycopg2.extensions.connection
@@ -54,7 +56,35 @@ def pg_errors(action: str, conn: Connection | None = None) -> Iterator[None]:
         raise _translate(action, exc) from exc
 
 
-def _translate(action: str, exc: psycopg2.Error) -> SourceError:
+# Refusals that no retry can cure: the settings (or the server's grants) must change. Matched on
+# the server's message, as connection-time errors carry no SQLSTATE in psycopg2.
+_PERMANENT = (
+    ("password authentication failed", "PG_PASSWORD", "set the right password (PG_PASSWORD, or in PG_DSN)"),
+    ("no password supplied", "PG_PASSWORD", "set PG_PASSWORD (or put the password in PG_DSN)"),
+    ("role \"", "PG_USER", "use an existing role (PG_USER, or the user in PG_DSN)"),
+    ("database \"", "PG_DATABASE", "use an existing database (PG_DATABASE, or the dbname in PG_DSN)"),
+    ("no pg_hba.conf entry", "PG_USER",
+     "the server does not let this user connect from this host to this database: add a pg_hba.conf entry"),
+    ("permission denied for database", "PG_USER", "GRANT CONNECT ON DATABASE … TO the user"),
+)
+
+
+def _permanent(action: str, exc: psycopg2.Error) -> ConfigError | None:
+    text = _first_line(exc)
+    if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
+        return ConfigError("PG_USER", f"{action}: {text}",
+                           "grant the privilege to the user (`check` lists what the service needs)")
+    if isinstance(exc, psycopg2.OperationalError) and exc.pgcode is None:
+        for needle, variable, fix in _PERMANENT:
+            if needle in text and ("does not exist" in text or not needle.endswith('"')):
+                return ConfigError(variable, f"{action}: {text}", fix)
+    return None
+
+
+def _translate(action: str, exc: psycopg2.Error) -> SourceError | ConfigError:
+    permanent = _permanent(action, exc)
+    if permanent is not None:
+        return permanent
     if isinstance(exc, psycopg2.errors.QueryCanceled):
         return SourceUnavailable(f"{action}: statement timed out (PG_STATEMENT_TIMEOUT)")
     if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
@@ -76,7 +106,7 @@ def qualified(job: JobConfig) -> sql.Identifier:
 class SourceShape:
     """What the source table looks like to a job: its key type and the columns to move."""
 
-    key_type: str  # format_type() of the key column, e.g. bigint
+    key: Key
     columns: tuple[Column, ...]  # selected source columns, in order
     targets: tuple[str, ...]  # their target column names (after ETL_COLUMNS renames)
 
@@ -85,6 +115,11 @@ class SourceShape:
             if col.name == source_name:
                 return target
         return None
+
+    @property
+    def key_targets(self) -> tuple[str, ...]:
+        """The target column names of the key columns (every key column is moved)."""
+        return tuple(self.target_of(name) or name for name in self.key.names)
 
 
 _DESCRIBE = """
@@ -98,31 +133,70 @@ ORDER BY a.attnum
 """
 
 
+# Unique indexes that make a key: not partial, on plain columns, valid; their key columns in order.
+_UNIQUE_KEYS = """
+SELECT i.indisprimary, array_agg(a.attname::text ORDER BY k.ord)
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
+GROUP BY i.indexrelid, i.indisprimary
+ORDER BY i.indisprimary DESC, count(*), min(i.indexrelid::bigint)
+"""
+
+
 def describe(conn: Connection, job: JobConfig) -> SourceShape:
-    """Read the source table's columns; ConfigError when the table or a named column is missing."""
+    """Read the source table's columns and key; ConfigError when the table, a column or the key is wrong."""
     name = qualified(job).as_string(conn)
     with pg_errors(f"describe {name}", conn), conn.cursor() as cur:
         cur.execute(_DESCRIBE, (name,))
         rows = cur.fetchall()
+        cur.execute(_UNIQUE_KEYS, (name,))
+        unique = [tuple(r[1]) for r in cur.fetchall()]
     conn.rollback()
     if not rows:
         raise ConfigError("ETL_SOURCE_TABLE", f"table {name} does not exist in PostgreSQL",
                           "check the schema and table name (schema.table)")
     by_name = {r[0]: r for r in rows}
-    for var, col in (("ETL_SOURCE_KEY", job.source_key), ("ETL_PROCESSED_COLUMN", job.processed_column)):
+    for col in job.source_key:
         if col not in by_name:
-            raise ConfigError(var, f"column {col!r} does not exist in {name}",
+            raise ConfigError("ETL_SOURCE_KEY", f"column {col!r} does not exist in {name}",
                               f"columns are: {', '.join(by_name)}")
+    if job.processed_column not in by_name:
+        raise ConfigError("ETL_PROCESSED_COLUMN", f"column {job.processed_column!r} does not exist in {name}",
+                          f"columns are: {', '.join(by_name)}")
     if by_name[job.processed_column][1] != "bool":
         raise ConfigError("ETL_PROCESSED_COLUMN", f"column {job.processed_column!r} must be boolean")
+    key = _key(name, job, unique, by_name)
     pairs = job.columns or tuple((r[0], r[0]) for r in rows if r[0] != job.processed_column)
     missing = [src for src, _ in pairs if src not in by_name]
     if missing:
         raise ConfigError("ETL_COLUMNS", f"{', '.join(missing)} not in {name}",
                           f"columns are: {', '.join(by_name)}")
+    unmoved = [k for k in key.names if k not in {src for src, _ in pairs}]
+    if unmoved:
+        raise ConfigError("ETL_COLUMNS", f"leaves out the key column(s) {', '.join(unmoved)}",
+                          "every key column must be moved (it identifies the row in ClickHouse)")
     columns = tuple(map_column(src, by_name[src][1], by_name[src][2], by_name[src][3], by_name[src][4],
                                by_name[src][5]) for src, _ in pairs)
-    return SourceShape(by_name[job.source_key][2], columns, tuple(t for _, t in pairs))
+    return SourceShape(key, columns, tuple(t for _, t in pairs))
+
+
+def _key(table: str, job: JobConfig, unique: list[tuple[str, ...]], by_name: dict[str, tuple[Any, ...]]) -> Key:
+    """The key, checked: a PRIMARY KEY or a non-partial UNIQUE index on exactly these columns."""
+    wanted = set(job.source_key)
+    if len(wanted) != len(job.source_key):
+        raise ConfigError("ETL_SOURCE_KEY", f"names a column twice: {', '.join(job.source_key)}")
+    for columns in unique:
+        if set(columns) == wanted:
+            return Key(tuple(KeyColumn(c, by_name[c][2], bool(by_name[c][3])) for c in columns))
+    qualifying = "; ".join(", ".join(cols) for cols in unique)
+    fix = (f"keys that qualify: {qualifying}" if unique else
+           f"the table has no PRIMARY KEY or UNIQUE index: add one, e.g. ALTER TABLE {table} ADD PRIMARY KEY (…)")
+    raise ConfigError("ETL_SOURCE_KEY", f"{', '.join(job.source_key)} is not a unique key of {table}: no"
+                      " PRIMARY KEY or UNIQUE index (without WHERE, on plain columns) covers exactly these"
+                      " columns, so rows could repeat and be loaded more than once", fix)
 
 
 def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: str,
@@ -133,23 +207,29 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
     claim is left for the next batch, which will load its new version.
     """
     # The claimed keys are sorted, so the chunk is the key range keys[first]..keys[last]: one
-    # index range scan merged with the key list is about twice as fast as a lookup per key.
+    # index range scan merged with the claimed keys is about twice as fast as a lookup per key.
     # (Bounds from the array, not min()/max(): uuid, for one, has no min().)
+    key = shape.key
+    parts = [sql.SQL("{} AS {}").format(v, sql.Identifier(f"k{i}"))
+             for i, v in enumerate(key.decode(sql.SQL("u.key")))]
+    joined = sql.SQL(" AND ").join(sql.SQL("s.{} = k.{}").format(sql.Identifier(c), sql.Identifier(f"k{i}"))
+                                   for i, c in enumerate(key.names))
     query = sql.SQL(
-        "COPY (WITH k AS MATERIALIZED (SELECT u.key::{keytype} AS key, u.x FROM {ledger}.batches b,"
+        "COPY (WITH k AS MATERIALIZED (SELECT {parts}, u.x FROM {ledger}.batches b,"
         " unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS u(key, x) WHERE b.batch_id = {batch}),"
-        " r AS (SELECT b.keys[{first}]::{keytype} AS lo, b.keys[{last}]::{keytype} AS hi"
-        " FROM {ledger}.batches b WHERE b.batch_id = {batch})"
-        " SELECT {exprs} FROM {src} s JOIN k ON s.{key} = k.key AND s.xmin = k.x"
-        " WHERE s.{key} BETWEEN (SELECT lo FROM r) AND (SELECT hi FROM r))"
+        " r AS (SELECT b.keys[{first}] AS lo, b.keys[{last}] AS hi FROM {ledger}.batches b"
+        " WHERE b.batch_id = {batch})"
+        " SELECT {exprs} FROM {src} s JOIN k ON {joined} AND s.xmin = k.x"
+        " WHERE {above_lo} AND {below_hi})"
         " TO STDOUT WITH (FORMAT csv)"
     ).format(
+        parts=sql.SQL(", ").join(parts),
         exprs=sql.SQL(", ").join(c.select for c in shape.columns),
         ledger=sql.Identifier(ledger),
         first=sql.Literal(first), last=sql.Literal(last),
-        src=qualified(job), key=sql.Identifier(job.source_key),
-        # format_type() output from the catalog, not user text: safe to splice as a type name.
-        keytype=sql.SQL(shape.key_type),
+        src=qualified(job), joined=joined,
+        above_lo=key.compare("s", ">=", sql.SQL("(SELECT lo FROM r)")),
+        below_hi=key.compare("s", "<=", sql.SQL("(SELECT hi FROM r)")),
         batch=sql.Literal(batch_id),
     )
     buf = io.BytesIO()
@@ -172,9 +252,20 @@ def parse_csv(data: bytes, shape: SourceShape) -> pa.Table:
 
 
 def _parse_csv(data: bytes, shape: SourceShape, names: list[str]) -> pa.Table:
+    try:
+        return _read_csv(data, shape, names, 8 << 20)
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc):
+            raise
+    # A row longer than a block (a value of several MB): parse the chunk as one block. Its
+    # bytes are in memory already; only the parse loses its parallelism.
+    return _read_csv(data, shape, names, len(data) + 1)
+
+
+def _read_csv(data: bytes, shape: SourceShape, names: list[str], block_size: int) -> pa.Table:
     table = pacsv.read_csv(
         io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=names, block_size=8 << 20),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types={c.name: c.csv_type for c in shape.columns},

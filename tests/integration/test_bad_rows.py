@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from etl_service import checks
+from etl_service import admin, checks
 from etl_service.pipeline import FAILED, OK, run_job
 
 from .conftest import World
@@ -51,10 +51,10 @@ def test_rows_the_transform_rejects_are_quarantined_and_requeued_after_a_fix(wor
 
     os.environ.pop("PICKY")  # the fix
     released: list[str] = []
-    assert checks.requeue(settings, list(settings.jobs), ["7", "17"], released.append)
+    assert admin.requeue(settings, list(settings.jobs), ["7", "17"], released.append)
     assert released == ["job src: 2 row(s) released (17, 7)"]
     assert run_job(settings, settings.jobs[0]).rows_marked == 2
-    assert checks.requeue(settings, list(settings.jobs), None, released.append)
+    assert admin.requeue(settings, list(settings.jobs), None, released.append)
     after = run_job(settings, settings.jobs[0])
     assert (after.status, after.rows_marked, after.rows_quarantined) == (OK, 98, 0)
     assert ch_summary(world) == (1000, 1000, 500500)
@@ -137,7 +137,7 @@ def test_status_lists_quarantined_rows_with_reasons(world: World, picky_transfor
     settings = world.settings(transform=picky_transform)
     run_job(settings, settings.jobs[0])
     lines: list[str] = []
-    assert checks.status(settings, lines.append)
+    assert not checks.status(settings, lines.append)  # quarantined rows need attention: exit 1
     text = "\n".join(lines)
     assert "quarantined rows: 2" in text
     assert "id=17 at " in text and "customer code missing" in text

@@ -26,7 +26,7 @@ def test_defaults_for_a_minimal_env() -> None:
     s = load(environ=BASE)
     job = s.jobs[0]
     assert (job.name, job.source_table, job.source_key, job.processed_column, job.target_table) == \
-        ("orders", ("public", "orders"), "id", "processed", "orders")
+        ("orders", ("public", "orders"), ("id",), "processed", "orders")
     assert (job.schedule, job.timezone, job.batch_size, job.chunk_size) == ("*/5 * * * *", "UTC", 100000, 50000)
     assert (job.ready_query, job.ready_timeout, job.ready_poll_interval) == ("", 300.0, 5.0)
     assert s.clickhouse.kind == "chdb" and s.clickhouse.database == "default"

@@ -12,8 +12,11 @@ import pytest
 
 from etl_service import transform
 from etl_service.errors import SinkError, TransformError
+from etl_service.keys import Key, KeyColumn
 from etl_service.ledger import Batch
 from etl_service.sink import fit_columns, table_name
+from etl_service.source import SourceShape
+from etl_service.typemap import map_column
 
 
 @pytest.fixture
@@ -48,8 +51,8 @@ def test_user_function_failures_become_transform_errors(user_module: str, func: 
         transform.apply(pa.table({"id": [1]}), f"{user_module}:{func}")
 
 
-def batch(rows: int, chunk: int) -> Batch:
-    return Batch(7, "claimed", rows, chunk, 0, 0, datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC))
+def batch(rows: int, chunk: int, origin: str = "orders") -> Batch:
+    return Batch(7, "claimed", rows, chunk, 0, 0, datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC), origin=origin)
 
 
 def test_chunks_cover_every_position_once() -> None:
@@ -61,20 +64,28 @@ def test_chunks_cover_every_position_once() -> None:
 
 def test_tokens_are_deterministic_and_distinct() -> None:
     b = batch(10, 5)
-    assert b.range_token("orders", 1, 5) == batch(10, 5).range_token("orders", 1, 5)
-    tokens = {b.range_token(job, lo, hi) for job in ("orders", "payments") for lo, hi in ((1, 5), (6, 10), (1, 3))}
+    assert b.range_token(1, 5) == batch(10, 5).range_token(1, 5)
+    tokens = {batch(10, 5, job).range_token(lo, hi) for job in ("orders", "payments")
+              for lo, hi in ((1, 5), (6, 10), (1, 3))}
     assert len(tokens) == 6
-    later = Batch(7, "claimed", 10, 5, 0, 0, datetime(2027, 1, 1, tzinfo=UTC))  # same id, recreated ledger
-    assert later.range_token("orders", 1, 5) != b.range_token("orders", 1, 5)
+    later = Batch(7, "claimed", 10, 5, 0, 0, datetime(2027, 1, 1, tzinfo=UTC), origin="orders")  # recreated ledger
+    assert later.range_token(1, 5) != b.range_token(1, 5)
 
 
 def test_clickhouse_names_are_backquoted() -> None:
     assert table_name("db", "t`; DROP TABLE x") == "`db`.`t\\`; DROP TABLE x`"
 
 
+def shape(*names: str) -> SourceShape:
+    columns = tuple(map_column(n, "int8", "bigint", n != "id", "N", None) for n in names)
+    return SourceShape(Key((KeyColumn("id", "bigint", False),)), columns, names)
+
+
 def test_fit_columns_reports_missing_and_unfilled() -> None:
-    existing = {"id": "Int64", "amount": "Decimal(12, 2)", "extra": "UInt8"}
-    warnings = fit_columns(existing, ["id", "amount"], "db.t")
+    existing = {"id": "Int64", "amount": "Int64", "extra": "UInt8"}
+    warnings = fit_columns(existing, shape("id", "amount"), "db", "t")
     assert any("extra" in w for w in warnings) and any("_etl_batch" in w for w in warnings)
-    with pytest.raises(SinkError, match="has no column 'name'"):
-        fit_columns(existing, ["id", "name"], "db.t")
+    with pytest.raises(SinkError) as err:
+        fit_columns(existing, shape("id", "name", "qty"), "db", "t")
+    assert "has no column 'name', 'qty': run ALTER TABLE `db`.`t` ADD COLUMN `name` Nullable(Int64)," \
+        " ADD COLUMN `qty` Nullable(Int64);" in str(err.value)

@@ -1,0 +1,111 @@
+"""Commands that change the ledger by hand: requeue quarantined rows, adopt or release another job's batch.
+
+Each prints plain lines for a person and returns True when it did what was asked. Adopting
+and releasing take the source's lock first (waiting for a run in progress to end), so they
+never change a batch under a running job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from etl_service import sink, source
+from etl_service.checks import ledger_exists
+from etl_service.config import JobConfig, Settings
+from etl_service.errors import EtlError
+from etl_service.ledger import ForeignBatch, Ledger
+
+Print = Callable[[str], None]
+LOCK_WAIT = 60.0  # seconds to wait for a run in progress to finish
+
+
+def requeue(settings: Settings, jobs: list[JobConfig], keys: list[str] | None, out: Print = print) -> bool:
+    """Release quarantined rows so the next run claims them again. False if a named key was not quarantined."""
+    conn = source.connect(settings, "requeue")
+    try:
+        if not ledger_exists(conn, settings.ledger_schema):
+            out("nothing to requeue: no run has created the ledger yet")
+            return not keys
+        ok = True
+        for job in jobs:
+            key = source.describe(conn, job).key
+            released, unknown = Ledger(conn, settings.ledger_schema, job).requeue(key, keys)
+            shown = ", ".join(released[:20]) + (f" and {len(released) - 20} more" if len(released) > 20 else "")
+            out(f"job {job.name}: {len(released)} row(s) released" + (f" ({shown})" if released else ""))
+            if unknown and len(jobs) == 1:
+                out(f"job {job.name}: not quarantined, nothing done: {key.label} = {', '.join(unknown)}")
+                ok = False
+        return ok
+    except EtlError as exc:
+        out(f"cannot requeue: {exc}")
+        return False
+    finally:
+        conn.close()
+
+
+def adopt(settings: Settings, job: JobConfig, batch_id: int, out: Print = print) -> bool:
+    """Make another job name's unfinished batch on `job`'s source `job`'s own; the next run finishes it."""
+    return _change(settings, job, batch_id, "adopt", out)
+
+
+def release(settings: Settings, job: JobConfig, batch_id: int, force: bool, out: Print = print) -> bool:
+    """Forget another job name's unfinished batch so its rows are claimed again.
+
+    Refused, unless `force`, when any of its rows may already be in ClickHouse: they would be
+    loaded a second time. `adopt` finishes such a batch without reloading.
+    """
+    return _change(settings, job, batch_id, "release", out, force)
+
+
+def _change(settings: Settings, job: JobConfig, batch_id: int, action: str, out: Print, force: bool = False) -> bool:
+    conn = source.connect(settings, action)
+    try:
+        ledger = Ledger(conn, settings.ledger_schema, job)
+        ledger.ensure_schema()
+        ledger.lock(LOCK_WAIT)
+        try:
+            if action == "release" and not force:
+                batch = next((b for b in ledger.foreign() if b.batch_id == batch_id), None)
+                refusal = _release_refusal(settings, job, batch) if batch else None
+                if refusal:
+                    out(f"not released: {refusal}")
+                    return False
+            done = ledger.adopt(batch_id) if action == "adopt" else ledger.release(batch_id)
+        finally:
+            ledger.unlock()
+    except (EtlError, LookupError) as exc:
+        out(f"cannot {action} batch {batch_id}: {exc}")
+        return False
+    finally:
+        conn.close()
+    if action == "adopt":
+        out(f"batch {batch_id} ({done.row_count} rows, {done.state}) of job {done.job!r} now belongs to job"
+            f" {job.name!r}: its next run finishes it, without loading its loaded chunks again")
+    else:
+        out(f"batch {batch_id} of job {done.job!r} released: its {done.row_count} row(s) will be claimed again")
+    return True
+
+
+def _release_refusal(settings: Settings, job: JobConfig, batch: ForeignBatch) -> str | None:
+    """Why releasing `batch` could load rows twice, or None when ClickHouse shows none of it arrived."""
+    if batch.state != "claimed" or batch.chunks_loaded:
+        return (f"batch {batch.batch_id} is {batch.state} with {batch.chunks_loaded} chunk(s) in ClickHouse; its"
+                f" rows would be loaded twice. `adopt --batch {batch.batch_id}` finishes it instead (or --force)")
+    db, table = settings.clickhouse.database, job.target_table
+    try:
+        client = sink.connect(settings)
+    except EtlError as exc:
+        return f"cannot check ClickHouse for rows of batch {batch.batch_id} ({exc}); try again, or --force"
+    try:
+        columns = sink.target_columns(client, db, table) or {}
+        if sink.BATCH_COLUMN not in columns:
+            return (f"{db}.{table} has no {sink.BATCH_COLUMN} column, so a chunk inserted just before a crash"
+                    f" cannot be ruled out; `adopt` is safe (or --force)")
+        rows = sink.query_rows(client, f"SELECT count() FROM {sink.table_name(db, table)}"
+                               f" WHERE {sink.BATCH_COLUMN} = {batch.batch_id}")
+    finally:
+        client.close()
+    if rows[0][0]:
+        return (f"{db}.{table} already holds {rows[0][0]} row(s) of batch {batch.batch_id}: `adopt` finishes it"
+                " without loading them again (or --force)")
+    return None
