@@ -135,7 +135,7 @@ def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape)
 
 
 _PG_PRIVILEGES = """
-SELECT has_table_privilege(%(src)s, 'SELECT'), has_column_privilege(%(src)s, %(flag)s, 'UPDATE'),
+SELECT current_user, has_table_privilege(%(src)s, 'SELECT'), has_column_privilege(%(src)s, %(flag)s, 'UPDATE'),
        CASE WHEN to_regnamespace(%(quoted_schema)s) IS NULL THEN has_database_privilege(current_database(), 'CREATE')
             ELSE has_schema_privilege(%(schema)s, 'USAGE') AND has_schema_privilege(%(schema)s, 'CREATE') END
 """
@@ -148,12 +148,13 @@ def _pg_privileges(conn: source.Connection, settings: Settings, job: JobConfig) 
     with source.pg_errors("check privileges", conn), conn.cursor() as cur:
         cur.execute(_PG_PRIVILEGES, {"src": src, "flag": job.processed_column, "schema": schema,
                                      "quoted_schema": sql.Identifier(schema).as_string(conn)})
-        select, update, ledger = cur.fetchone()  # type: ignore[misc]
+        user, select, update, ledger = cur.fetchone()  # type: ignore[misc]
     conn.rollback()
+    to = f"TO {sql.Identifier(user).as_string(conn)}"
     missing = [grant for ok, grant in (
-        (select, f"GRANT SELECT ON {src} TO current_user"),
-        (update, f"GRANT UPDATE ({sql.Identifier(job.processed_column).as_string(conn)}) ON {src} TO current_user"),
-        (ledger, f"GRANT USAGE, CREATE ON SCHEMA {sql.Identifier(schema).as_string(conn)} TO current_user"
+        (select, f"GRANT SELECT ON {src} {to}"),
+        (update, f"GRANT UPDATE ({sql.Identifier(job.processed_column).as_string(conn)}) ON {src} {to}"),
+        (ledger, f"GRANT USAGE, CREATE ON SCHEMA {sql.Identifier(schema).as_string(conn)} {to}"
                  " (or CREATE on the database, for the first run to create it)"),
     ) if not ok]
     if missing:

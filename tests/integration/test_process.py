@@ -50,8 +50,8 @@ def test_check_and_status_report_what_they_find(world: World) -> None:
     assert "columns are: id, amount, name, ts, processed" in no_key.stdout
     misfit = cli("check", "--env-file", str(write_env(world, world.tmp / "chdb", ETL_COLUMNS="id, name:title")))
     assert misfit.returncode == 1
-    assert "has no column 'title': add it (ALTER TABLE … ADD COLUMN), or select/rename columns with ETL_COLUMNS" \
-        in misfit.stdout
+    assert (f"has no column 'title': run ALTER TABLE `{world.ch_database}`.`dst` ADD COLUMN `title`"
+            " Nullable(String); or select/rename columns with ETL_COLUMNS") in misfit.stdout
 
 
 @pytest.mark.slow

@@ -1,0 +1,338 @@
+"""Exactly once whatever the operator or the data does: every assumption the guarantee rests on is checked.
+
+Each class has the case that broke it and a sibling: a key that is not unique, NULL keys, a
+transform that breaks the key contract, a renamed job, values larger than a parse block, and
+permanent errors (password, role, database, privileges) that must not be retried as outages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from etl_service import admin, checks
+from etl_service.pipeline import FAILED, IDLE, OK, WAITING, run_job
+
+from .conftest import World
+from .helpers import cli, write_env
+
+
+def target_count(world: World, table: str = "dst") -> int:
+    found = world.ch_rows(f"SELECT count() FROM system.tables WHERE database = '{world.ch_database}'"
+                          f" AND name = '{table}'")
+    return int(world.ch_rows(f"SELECT count() FROM {world.target(table)}")[0][0]) if found[0][0] else 0
+
+
+def processed(world: World) -> int:
+    return int(world.sql("SELECT count(*) FROM src WHERE processed")[0][0])
+
+
+# --- the key must be unique --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("index", "qualifying"), [
+    ("", "the table has no PRIMARY KEY or UNIQUE index"),                     # repeated values
+    ("CREATE UNIQUE INDEX ON src (id) WHERE NOT processed", "no PRIMARY KEY"),  # partial: not a key
+    ("CREATE UNIQUE INDEX ON src (id, name)", "keys that qualify: id, name"),    # wider than the key
+    ("CREATE UNIQUE INDEX ON src ((id * 1))", "no PRIMARY KEY"),                 # an expression
+])
+def test_a_key_that_is_not_unique_is_refused_before_anything_moves(world: World, index: str,
+                                                                    qualifying: str) -> None:
+    world.sql("CREATE TABLE src (id bigint, name text, processed boolean NOT NULL DEFAULT false)")
+    world.sql("INSERT INTO src SELECT g % 10, 'r' || g, false FROM generate_series(1, 200) g" if not index else
+              "INSERT INTO src SELECT g, 'r' || g, false FROM generate_series(1, 200) g")
+    if index:
+        world.sql(index)
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.permanent, result.rows_loaded) == (FAILED, True, 0)
+    assert "ETL_SOURCE_KEY: id is not a unique key of" in result.message and qualifying in result.message
+    assert (target_count(world), processed(world)) == (0, 0)
+    lines: list[str] = []
+    assert not checks.check(settings, lines.append)
+    assert any(line.startswith("  FAIL ETL_SOURCE_KEY: id is not a unique key") for line in lines), lines
+
+
+def test_once_exits_78_on_a_key_that_is_not_unique(world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint, name text, processed boolean NOT NULL DEFAULT false);"
+              " INSERT INTO src SELECT g % 10, 'r', false FROM generate_series(1, 200) g")
+    once = cli("--once", "--env-file", str(write_env(world, world.tmp / "chdb")))
+    assert once.returncode == 78, once.stderr
+    assert "configuration error: ETL_SOURCE_KEY: id is not a unique key" in once.stderr
+    assert processed(world) == 0
+
+
+def test_composite_key_of_a_partitioned_table_moves_every_row_once(world: World) -> None:
+    world.sql("""
+        CREATE TABLE src (id bigint, created_at date, amount int, processed boolean NOT NULL DEFAULT false,
+                          PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);
+        CREATE TABLE src_2026_01 PARTITION OF src FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+        CREATE TABLE src_2026_02 PARTITION OF src FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');
+        -- the same id in both months: only the pair is unique
+        INSERT INTO src SELECT g % 700, date '2026-01-01' + (g % 59), g, false FROM generate_series(1, 2100) g""")
+    settings = world.settings(source_key="created_at, id", batch_size="500", chunk_size="200")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_loaded, result.rows_marked) == (OK, 2100, 2100)
+    rows, pairs, total = world.ch_rows(f"SELECT count(), uniqExact(id, created_at), sum(amount) FROM {world.target()}")[0]
+    assert (rows, pairs, total) == (2100, 2100, 2100 * 2101 // 2)
+    sorting = world.ch_rows(f"SELECT sorting_key FROM system.tables WHERE database = '{world.ch_database}'"
+                            " AND name = 'dst'")
+    assert sorting == [("id, created_at",)]  # the primary key's own column order
+    world.sql("INSERT INTO src VALUES (5, '2026-02-20', 99999, false)")  # a new pair with an old id
+    assert run_job(settings, settings.jobs[0]).rows_marked == 1
+    assert world.ch_rows(f"SELECT sum(amount) FROM {world.target()} WHERE id = 5 AND created_at = '2026-02-20'") \
+        == [(99999,)]
+
+
+def test_composite_key_rows_are_quarantined_and_requeued_by_their_key(world: World) -> None:
+    world.sql("CREATE TABLE src (tenant int, id int, qty int, processed boolean NOT NULL DEFAULT false,"
+              " PRIMARY KEY (tenant, id)); INSERT INTO src SELECT g % 3, g, g, false FROM generate_series(1, 60) g")
+    world.backend.ch().command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    world.backend.ch().command(f"CREATE TABLE {world.target()} (tenant Int32, id Int32, qty Int8, _etl_batch UInt64)"
+                               " ENGINE = MergeTree ORDER BY (tenant, id)"
+                               " SETTINGS non_replicated_deduplication_window = 100")
+    world.sql("UPDATE src SET qty = 1000 WHERE id IN (7, 44)")
+    settings = world.settings(source_key="tenant, id")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 58, 2)
+    keys = sorted(r[0] for r in world.sql("SELECT key FROM etl.quarantine"))
+    assert keys == ["[1, 7]", "[2, 44]"]
+    out: list[str] = []
+    assert admin.requeue(settings, list(settings.jobs), [" [1,7] "], out.append)  # spacing as typed
+    assert out == ["job src: 1 row(s) released ([1, 7])"]
+    assert not admin.requeue(settings, list(settings.jobs), ["[1, 8]"], out.append)
+    assert out[-1] == "job src: not quarantined, nothing done: (tenant, id) = [1, 8]"
+    assert [r[0] for r in world.sql("SELECT key FROM etl.quarantine")] == ["[2, 44]"]
+
+
+# --- NULL keys: never claimed, counted in status; the run ends ----------------------------------
+
+def test_rows_with_a_null_key_are_never_claimed_and_the_run_ends(world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint UNIQUE, name text, processed boolean NOT NULL DEFAULT false);"
+              " INSERT INTO src SELECT g, 'r', false FROM generate_series(1, 300) g;"
+              " INSERT INTO src VALUES (NULL, 'no key', false), (NULL, 'no key either', false)")
+    settings = world.settings(batch_size="100", chunk_size="100")
+    started = time.monotonic()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.batches, result.rows_marked) == (OK, 3, 300)
+    assert time.monotonic() - started < 30
+    assert world.sql("SELECT count(*) FROM etl.batches") == [(3,)]  # no empty batches recorded
+    assert target_count(world) == 300
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed AND id IS NULL") == [(2,)]
+    lines: list[str] = []
+    checks.status(settings, lines.append)
+    assert "  cannot move: 2 row(s) with a NULL key (id); they are never claimed" in lines
+    assert run_job(settings, settings.jobs[0]).status == IDLE
+
+
+def test_a_composite_key_with_a_nullable_part_skips_only_rows_with_a_null(world: World) -> None:
+    world.sql("CREATE TABLE src (a int, b int, processed boolean NOT NULL DEFAULT false);"
+              " CREATE UNIQUE INDEX ON src (a, b) NULLS NOT DISTINCT;"
+              " INSERT INTO src SELECT g, g, false FROM generate_series(1, 50) g;"
+              " INSERT INTO src VALUES (51, NULL, false)")
+    settings = world.settings(source_key="a, b")
+    assert run_job(settings, settings.jobs[0]).rows_marked == 50
+    assert target_count(world) == 50
+
+
+# --- the transform's key contract ---------------------------------------------------------------
+
+BREAKERS = {
+    "drops_key": ("return df.drop(columns=['id'])", "returned no key column id (dropped or renamed)"),
+    "renames_key": ("return df.rename(columns={'id': 'order_id'})", "returned no key column id"),
+    "rekeys": ("df['id'] = df['id'] + 100000\n    return df", "which is not a key of the rows it was given"),
+    "duplicates": ("import pandas as pd\n    return pd.concat([df, df.head(1)])", "more than once (duplicated rows)"),
+    "nulls_key": ("df['id'] = df['id'].where(df['id'] != 5)\n    return df", "set a key (id) to NULL"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BREAKERS))
+def test_a_transform_that_breaks_the_key_fails_the_run_and_nothing_moves(world: World, case: str) -> None:
+    body, words = BREAKERS[case]
+    module = f"tx_{case}_{world.ch_database}"
+    (world.tmp / f"{module}.py").write_text(f"def run(df):\n    {body}\n")
+    import sys
+    sys.path.insert(0, str(world.tmp))
+    try:
+        world.make_source(300)
+        settings = world.settings(transform=f"{module}:run")
+        result = run_job(settings, settings.jobs[0])
+    finally:
+        sys.path.remove(str(world.tmp))
+    assert result.status == FAILED and words in result.message and f"transform {module}:run" in result.message
+    assert (result.rows_loaded, result.rows_quarantined) == (0, 0)
+    assert (processed(world), target_count(world)) == (0, 0)
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
+
+
+def test_a_transform_may_drop_rows_and_they_count_as_handled(world: World) -> None:
+    module = f"tx_drop_{world.ch_database}"
+    (world.tmp / f"{module}.py").write_text("def run(df):\n    return df[df['id'] % 2 == 0]\n")
+    import sys
+    sys.path.insert(0, str(world.tmp))
+    try:
+        world.make_source(300)
+        settings = world.settings(transform=f"{module}:run")
+        result = run_job(settings, settings.jobs[0])
+    finally:
+        sys.path.remove(str(world.tmp))
+    assert (result.status, result.rows_loaded, result.rows_marked) == (OK, 150, 300)
+    assert world.ch_rows(f"SELECT count(), sum(id % 2) FROM {world.target()}") == [(150, 0)]
+
+
+def test_a_run_that_can_mark_nothing_stops_instead_of_spinning(world: World) -> None:
+    # A transform that touches its rows in PostgreSQL: every row changes between claim and mark.
+    module = f"tx_touch_{world.ch_database}"
+    (world.tmp / f"{module}.py").write_text(
+        "import psycopg2\n"
+        f"DSN = {world.pg_dsn!r}\n"
+        "def run(df):\n"
+        "    with psycopg2.connect(DSN) as c, c.cursor() as cur:\n"
+        "        cur.execute('UPDATE src SET name = name WHERE id = ANY(%s)', (list(map(int, df['id'])),))\n"
+        "    return df\n")
+    import sys
+    sys.path.insert(0, str(world.tmp))
+    try:
+        world.make_source(1000)
+        settings = world.settings(transform=f"{module}:run", batch_size="100", chunk_size="100")
+        result = run_job(settings, settings.jobs[0])
+    finally:
+        sys.path.remove(str(world.tmp))
+    assert result.status == FAILED
+    assert "3 batches in a row were claimed and none of their rows could be marked" in result.message
+    # the 4th batch may be claimed while the 3rd is still being marked (marking overlaps the next batch)
+    assert world.sql("SELECT count(*) FROM etl.batches")[0][0] in (3, 4)
+    assert processed(world) == 0
+
+
+# --- one source, one owner: a renamed job ------------------------------------------------------
+
+def test_a_renamed_job_never_claims_the_old_names_keys_and_adopts_its_batch(world: World) -> None:
+    world.make_source(2500)
+    old = world.settings(job_name="orders", ready_query="SELECT 0", ready_timeout="0.2", ready_poll_interval="0.1")
+    waiting = run_job(old, old.jobs[0])
+    assert (waiting.status, waiting.rows_loaded) == (WAITING, 1000)  # batch 1 loaded, never ready
+    new = world.settings(job_name="orders_v2")
+    renamed = run_job(new, new.jobs[0])
+    assert (renamed.status, renamed.rows_marked) == (OK, 1500)  # every row but the old batch's
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(2500, 2500)]
+    lines: list[str] = []
+    assert not checks.status(new, lines.append)
+    assert any("batch 1 of job 'orders' (not this job) holds 1000 key(s) of this source: loaded" in ln for ln in lines)
+    out: list[str] = []
+    assert not admin.release(new, new.jobs[0], 1, False, out.append)  # loaded: releasing would reload
+    assert "would be loaded twice" in out[-1]
+    assert admin.adopt(new, new.jobs[0], 1, out.append)
+    finished = run_job(new, new.jobs[0])
+    assert (finished.status, finished.rows_marked, finished.rows_loaded) == (OK, 1000, 0)
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(2500, 2500)]
+    assert processed(world) == 2500
+
+
+def test_a_removed_jobs_claimed_batch_is_released_after_clickhouse_shows_none_of_it(world: World) -> None:
+    world.make_source(1500)
+    old = world.settings(job_name="orders", fail_at="mid_extract", retry_attempts="1")
+    assert run_job(old, old.jobs[0]).status == FAILED  # batch 1 claimed, nothing loaded
+    new = world.settings(job_name="orders_v2")
+    assert run_job(new, new.jobs[0]).rows_marked == 500
+    out: list[str] = []
+    assert not admin.adopt(new, new.jobs[0], 99, out.append)
+    assert "batch 99 is not an unfinished batch of another job" in out[-1]
+    assert admin.release(new, new.jobs[0], 1, False, out.append), out
+    assert run_job(new, new.jobs[0]).rows_marked == 1000
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(1500, 1500)]
+
+
+def test_two_jobs_on_one_source_and_flag_are_a_configuration_error(world: World) -> None:
+    jobs = world.tmp / "jobs.toml"
+    jobs.write_text('[jobs.a]\nsource_table = "public.src"\n[jobs.b]\nsource_table = "src"\ntarget_table = "d2"\n')
+    once = cli("--once", "--env-file", str(write_env(world, world.tmp / "chdb", ETL_JOBS_FILE=str(jobs))))
+    assert once.returncode == 78
+    assert "jobs 'a' and 'b' both consume public.src through the flag column 'processed'" in once.stderr
+
+
+# --- values of any size ------------------------------------------------------------------------
+
+def test_values_larger_than_a_parse_block_arrive_intact(world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc text, blob bytea,"
+              " processed boolean NOT NULL DEFAULT false);"
+              " INSERT INTO src SELECT g, 'small ' || g, NULL, false FROM generate_series(1, 200) g;"
+              " UPDATE src SET doc = repeat('x,\"y\n', 5 * 1024 * 1024) WHERE id = 50;"  # 25 MB of CSV-hostile text
+              " UPDATE src SET blob = decode(repeat('ab', 9 * 1024 * 1024), 'hex') WHERE id = 150")  # 18 MB as hex
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 200, 0)
+    doc_md5 = world.sql("SELECT md5(doc) FROM src WHERE id = 50")[0][0]
+    blob_md5 = world.sql("SELECT md5(blob) FROM src WHERE id = 150")[0][0]
+    got = world.ch_rows(f"SELECT length(doc), lower(hex(MD5(doc))) FROM {world.target()} WHERE id = 50")
+    assert got == [(25 * 1024 * 1024, doc_md5)]
+    got = world.ch_rows(f"SELECT length(blob), lower(hex(MD5(blob))) FROM {world.target()} WHERE id = 150")
+    assert got == [(9 * 1024 * 1024, blob_md5)]
+    assert hashlib.md5(b"small 7").hexdigest() == world.ch_rows(
+        f"SELECT lower(hex(MD5(doc))) FROM {world.target()} WHERE id = 7")[0][0]
+
+
+# --- permanent errors are configuration errors -------------------------------------------------
+
+@pytest.fixture
+def password_role(world: World) -> str:
+    """A role that must log in with a password (scram), on the shared server: returns its name."""
+    role = f"pw_{world.ch_database}"
+    world.sql(f"CREATE ROLE {role} LOGIN PASSWORD 'right-secret'")
+    hba = world.sql("SHOW hba_file")[0][0]
+    with open(hba, encoding="utf-8") as f:
+        original = f.read()
+    with open(hba, "w", encoding="utf-8") as f:
+        f.write(f"local all {role} scram-sha-256\nhost all {role} 127.0.0.1/32 scram-sha-256\n" + original)
+    world.sql("SELECT pg_reload_conf()")
+    yield role
+    with open(hba, "w", encoding="utf-8") as f:
+        f.write(original)
+    world.sql("SELECT pg_reload_conf()")
+
+
+def test_wrong_password_exits_78_at_once_naming_the_variable(world: World, password_role: str) -> None:
+    world.make_source(10)
+    from psycopg2.extensions import make_dsn
+    dsn = make_dsn(world.pg_dsn, user=password_role, password="wrong-secret")
+    env_file = write_env(world, world.tmp / "chdb", PG_DSN=dsn)
+    for args in (("--once",), ()):  # --once, and the daemon at start
+        started = time.monotonic()
+        proc = cli(*args, "--env-file", str(env_file), timeout=60)
+        assert proc.returncode == 78, proc.stderr
+        assert time.monotonic() - started < 20
+        assert "PG_PASSWORD" in proc.stderr and "password authentication failed" in proc.stderr
+        assert "wrong-secret" not in proc.stderr and "retrying" not in proc.stderr
+    assert processed(world) == 0
+
+
+@pytest.mark.parametrize(("change", "variable", "words"), [
+    ({"user": "nobody_here"}, "PG_USER", 'role "nobody_here" does not exist'),
+    ({"dbname": "no_such_db"}, "PG_DATABASE", 'database "no_such_db" does not exist'),
+])
+def test_unknown_role_or_database_exits_78(world: World, change: dict[str, str], variable: str, words: str) -> None:
+    from psycopg2.extensions import make_dsn
+    proc = cli("--once", "--env-file", str(write_env(world, world.tmp / "chdb", PG_DSN=make_dsn(world.pg_dsn,
+                                                                                               **change))))
+    assert proc.returncode == 78, proc.stderr
+    assert f"configuration error: {variable}: " in proc.stderr and words in proc.stderr
+
+
+def test_missing_privileges_are_configuration_errors_and_check_names_them(world: World) -> None:
+    world.make_source(10)
+    role = f"ro_{world.ch_database}"
+    world.sql(f"CREATE ROLE {role} LOGIN; GRANT SELECT ON src TO {role}")  # no UPDATE, no CREATE
+    from psycopg2.extensions import make_dsn
+    settings = world.settings()
+    import dataclasses
+    limited = dataclasses.replace(settings, pg_dsn=make_dsn(world.pg_dsn, user=role))
+    result = run_job(limited, limited.jobs[0])
+    assert (result.status, result.permanent) == (FAILED, True)
+    assert "configuration error: PG_USER" in result.message and "permission denied" in result.message
+    lines: list[str] = []
+    assert not checks.check(limited, lines.append)
+    failed = [line for line in lines if "FAIL PG_USER: lacks privileges" in line]
+    assert failed and f'GRANT UPDATE ("processed") ON "public"."src" TO "{role}"' in failed[0]
+    assert "GRANT SELECT" not in failed[0]
+    assert processed(world) == 0
