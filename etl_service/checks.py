@@ -34,11 +34,11 @@ def ping_pg(settings: Settings) -> str:
 
 def ping_ch(settings: Settings) -> str:
     """ClickHouse's version; SinkUnavailable (EngineBusy for a chDB folder held elsewhere) if unreachable."""
-    client = sink.connect(settings)
+    client = sink.connect(settings, "check")
     try:
         return str(sink.query_rows(client, "SELECT version()")[0][0])
     finally:
-        client.close()
+        sink.release(client)
 
 
 def ping(settings: Settings) -> tuple[str, str]:
@@ -113,7 +113,7 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
 def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape) -> list[str]:
     lines = []
     try:
-        client = sink.connect(settings)
+        client = sink.connect(settings, "check")
     except sink.EngineBusy as exc:
         return [f"note: ClickHouse part not checked: {exc}"]
     try:
@@ -130,7 +130,7 @@ def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape)
             ready = sink.is_ready(client, job.ready_query, 0, settings.ch_query_timeout)
             lines.append(f"readiness query runs (currently {'ready' if ready else 'not ready'})")
     finally:
-        client.close()
+        sink.release(client)
     return lines
 
 

@@ -17,7 +17,7 @@ from types import FrameType
 
 from loguru import logger
 
-from etl_service import __version__, admin, checks, logs
+from etl_service import __version__, admin, checks, logs, sink
 from etl_service.config import Settings, load
 from etl_service.errors import ConfigError
 from etl_service.pipeline import FAILED, SUCCESS, run_job
@@ -65,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load(args.env_file)
         if args.job:
             settings.job(args.job)
-        return _dispatch(args, settings)
+        code = _dispatch(args, settings)
+        sys.stdout.flush()  # inside the try: a reader that left (`status | head`) is not an error
+        return code
     except ConfigError as exc:
         logger.error("configuration error: {}", exc)
         return EX_CONFIG
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `status | head`: the reader left; say nothing more (and nothing at exit either).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        sink.close_all()  # the chDB folder is free as soon as this process is done with it
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -43,6 +44,7 @@ class Daemon:
             },
         )
         self.scheduler.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        self._merged: Counter[str] = Counter()  # due runs merged into the one in progress, per job
 
     def serve(self) -> int:
         """Wait for both databases, schedule the jobs, and run until stopped. Returns the exit code."""
@@ -108,13 +110,15 @@ class Daemon:
 
     def _run(self, job: JobConfig) -> None:
         result = run_job(self.settings, job, self.stop)
+        merged = self._merged.pop(job.name, 0)
+        if merged:
+            logger.bind(job=job.name).info("this run took {:.0f}s, longer than the schedule '{}': {} due run(s) were"
+                                           " merged into it", result.seconds, job.schedule, merged)
         systemd.notify(f"STATUS=last run: {result.line()}"[:500])
 
     def _on_event(self, event: JobSubmissionEvent | JobExecutionEvent) -> None:
-        if isinstance(event, JobSubmissionEvent):  # EVENT_JOB_MAX_INSTANCES
-            due = ", ".join(f"{t:%H:%M:%S}" for t in event.scheduled_run_times)
-            logger.bind(job=event.job_id).warning(
-                "run due at {} skipped: the previous run of this job is still going", due)
+        if isinstance(event, JobSubmissionEvent):  # EVENT_JOB_MAX_INSTANCES: one line when the run ends
+            self._merged[event.job_id] += len(event.scheduled_run_times)
         else:
             logger.bind(job=event.job_id).warning(
                 "run due at {} missed by more than ETL_MISFIRE_GRACE ({:.0f}s); the next one is on schedule",

@@ -150,7 +150,7 @@ def _prepare_clickhouse(settings: Settings) -> None:
         for ddl in DOWNSTREAM:
             client.command(ddl)
     finally:
-        client.close()
+        sink.release(client)
 
 
 def _report(settings: Settings, expected: int) -> bool:
@@ -169,7 +169,7 @@ def _report(settings: Settings, expected: int) -> bool:
                                         " ORDER BY revenue DESC LIMIT 5")
         flags, flagged_rows = sink.query_rows(client, "SELECT count(), sum(rows) FROM demo.batch_status FINAL")[0]
     finally:
-        client.close()
+        sink.release(client)
     say("\n== ClickHouse now holds")
     say(f"   trigger table demo.orders_trigger: {rows} rows, {unique} distinct ids, sum(amount) = {ch_sum}")
     say(f"   PostgreSQL orders: {total} rows, {marked} marked processed, sum(amount) = {pg_sum}")

@@ -368,7 +368,8 @@ class Ledger:
     def _canonical(self, key: Key, text: str) -> str:
         """`text` as the ledger stores this key (`007` -> `7`); SourceError if it is not one."""
         try:
-            rows = self._run(f"read key {text!r}", sql.SQL("SELECT {}").format(key.canonical(sql.SQL("%(k)s"))), {"k": text})
+            query = sql.SQL("SELECT {}").format(key.canonical(sql.SQL("%(k)s")))
+            rows = self._run(f"read key {text!r}", query, {"k": text})
         except SourceError as exc:
             example = "42" if len(key.columns) == 1 else "[7, 42]"
             raise SourceError(f"{text!r} is not a key of {self.source} ({key.label}; e.g. {example}): {exc}") from None

@@ -323,11 +323,11 @@ class Run:
     def _clickhouse(self, shape: SourceShape) -> Any:
         """Connect to ClickHouse on first need (an idle run never does) and prepare the target."""
         if self._ch is None:
-            client = sink.connect(self.settings)
+            client = sink.connect(self.settings, f"job:{self.job.name}")
             try:
                 self._prepare_target(client, shape)
             except BaseException:
-                client.close()
+                sink.release(client)
                 raise
             self._ch = client
         return self._ch
@@ -346,7 +346,7 @@ class Run:
 
     def _close_clickhouse(self) -> None:
         if self._ch is not None:
-            self._quietly(self._ch.close)
+            self._quietly(lambda: sink.release(self._ch))
             self._ch = None
 
     def _post_process(self, conn: source.Connection) -> None:

@@ -7,8 +7,10 @@ translated here: connection problems become SinkUnavailable, refusals SinkError.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,6 +79,9 @@ def _open_chdb(dsn: str) -> Client:
     """Open the chDB engine folder, saying plainly why not when it cannot be opened."""
     path = dsn[len("chdb://"):]
     _check_folder(path)
+    holder = chdb_holder(path)
+    if holder is not None:  # asked before opening: the engine would print its own error on stderr
+        raise EngineBusy(f"the chDB folder {path} is held by process {holder} (one process at a time can open it)")
     try:
         return clickhouse_connect.get_client(dsn=dsn)
     except (DatabaseError, ClickHouseError) as exc:
@@ -99,23 +104,24 @@ def _check_folder(path: str) -> None:
 
 
 def chdb_holder(path: str) -> int | None:
-    """The PID of the live process holding a chDB folder (from the engine's own status file), if any."""
+    """The PID of another process holding a chDB folder, or None.
+
+    The engine keeps its `status` file locked while it runs and writes its PID there: a lock we
+    cannot take, with a PID that is not ours, is a folder in use.
+    """
     try:
         with open(os.path.join(path, "status"), encoding="utf-8") as status:
-            first = status.readline()
+            match = re.match(r"PID: (\d+)", status.readline())
+            if not match or int(match[1]) == os.getpid():
+                return None
+            try:
+                fcntl.flock(status.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return int(match[1])
+            fcntl.flock(status.fileno(), fcntl.LOCK_UN)
     except OSError:
         return None
-    match = re.match(r"PID: (\d+)", first)
-    if not match or int(match[1]) == os.getpid():
-        return None
-    pid = int(match[1])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return pid
+    return None
 
 
 def _short(exc: BaseException) -> str:
@@ -123,22 +129,63 @@ def _short(exc: BaseException) -> str:
     return lines[0][:500] if lines else type(exc).__name__
 
 
-def connect(settings: Settings) -> Client:
-    """A client for the configured ClickHouse; the target database is created if absent."""
+# chDB clients live as long as the process, one per owner (a job, or a command): every chDB
+# connection leaves engine threads and descriptors behind when closed, so opening one per run
+# grows the process without bound. An HTTP client holds no such state and is opened per use.
+_SHARED: dict[tuple[str, str], Client] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def connect(settings: Settings, owner: str = "service") -> Client:
+    """A client for the configured ClickHouse (`release` it after use); the target database is created if absent.
+
+    For chDB, `owner`'s client is opened once and reused: the folder stays held by this process.
+    """
     target = settings.clickhouse
-    kwargs = dict(target.client_kwargs)
-    kwargs.pop("database", None)  # may not exist yet: every name below is qualified instead
-    if target.kind == "http":
+    if target.kind == "chdb":
+        client = _shared_chdb(target.client_kwargs["dsn"], owner)
+    else:
+        kwargs = {k: v for k, v in target.client_kwargs.items() if k != "database"}  # may not exist yet
         kwargs.update(connect_timeout=10, send_receive_timeout=int(settings.ch_query_timeout) + 30)
-    with ch_errors(f"connect to ClickHouse ({target.display})"):
-        client = _open_chdb(kwargs["dsn"]) if target.kind == "chdb" else clickhouse_connect.get_client(**kwargs)
+        with ch_errors(f"connect to ClickHouse ({target.display})"):
+            client = clickhouse_connect.get_client(**kwargs)
     try:
         with ch_errors(f"create database {target.database}"):
             client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(target.database)}")
     except BaseException:
-        client.close()  # for chDB an open client keeps the folder locked against other processes
+        release(client)
         raise
     return client
+
+
+def _shared_chdb(dsn: str, owner: str) -> Client:
+    with _SHARED_LOCK:
+        for (other_dsn, other_owner), other in list(_SHARED.items()):
+            if other_dsn != dsn:  # a reload moved the engine: one chDB folder per process
+                other.close()
+                del _SHARED[(other_dsn, other_owner)]
+        client = _SHARED.get((dsn, owner))
+        if client is None:
+            with ch_errors(f"open chDB ({dsn})"):
+                client = _open_chdb(dsn)
+            _SHARED[(dsn, owner)] = client
+        return client
+
+
+def release(client: Client) -> None:
+    """Done with a client for now: an HTTP client is closed, a shared chDB client stays open."""
+    with _SHARED_LOCK:
+        shared = any(client is c for c in _SHARED.values())
+    if not shared:
+        client.close()
+
+
+def close_all() -> None:
+    """Close the shared chDB clients (at exit: the folder is free for the next process)."""
+    with _SHARED_LOCK:
+        for client in _SHARED.values():
+            client.close()
+        _SHARED.clear()
 
 
 def table_name(database: str, table: str) -> str:

@@ -16,7 +16,7 @@ from etl_service import admin, checks
 from etl_service.pipeline import FAILED, IDLE, OK, WAITING, run_job
 
 from .conftest import World
-from .helpers import cli, write_env
+from .helpers import REPO, clean_env, cli, running, stop, wait_for, write_env
 
 
 def target_count(world: World, table: str = "dst") -> int:
@@ -74,7 +74,8 @@ def test_composite_key_of_a_partitioned_table_moves_every_row_once(world: World)
     settings = world.settings(source_key="created_at, id", batch_size="500", chunk_size="200")
     result = run_job(settings, settings.jobs[0])
     assert (result.status, result.rows_loaded, result.rows_marked) == (OK, 2100, 2100)
-    rows, pairs, total = world.ch_rows(f"SELECT count(), uniqExact(id, created_at), sum(amount) FROM {world.target()}")[0]
+    rows, pairs, total = world.ch_rows(f"SELECT count(), uniqExact(id, created_at), sum(amount)"
+                                       f" FROM {world.target()}")[0]
     assert (rows, pairs, total) == (2100, 2100, 2100 * 2101 // 2)
     sorting = world.ch_rows(f"SELECT sorting_key FROM system.tables WHERE database = '{world.ch_database}'"
                             " AND name = 'dst'")
@@ -336,3 +337,78 @@ def test_missing_privileges_are_configuration_errors_and_check_names_them(world:
     assert failed and f'GRANT UPDATE ("processed") ON "public"."src" TO "{role}"' in failed[0]
     assert "GRANT SELECT" not in failed[0]
     assert processed(world) == 0
+
+
+# --- rough edges an operator meets -------------------------------------------------------------
+
+def test_status_into_a_closed_pipe_and_requeue_of_an_unknown_key(world: World) -> None:
+    world.make_source(10)
+    env_file = write_env(world, world.tmp / "chdb")
+    assert cli("--once", "--env-file", str(env_file)).returncode == 0
+    import subprocess
+    import sys
+    piped = subprocess.run(f"{sys.executable} -m etl_service status --env-file {env_file} | true", shell=True,
+                           capture_output=True, text=True, timeout=60, cwd=str(REPO), env=clean_env())
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
+    requeue = cli("requeue", "--key", "5", "--env-file", str(env_file))
+    assert requeue.returncode == 1
+    assert "job src: not quarantined, nothing done: id = 5" in requeue.stdout
+    bad_key = cli("requeue", "--key", "five", "--env-file", str(env_file))
+    assert bad_key.returncode == 1 and "'five' is not a key of public.src (id; e.g. 42)" in bad_key.stdout
+
+
+def test_status_shows_a_subset_of_the_quarantine_with_how_many_more(world: World) -> None:
+    module = f"tx_picky_{world.ch_database}"
+    (world.tmp / f"{module}.py").write_text(
+        "def run(df):\n    if (df['id'] % 10 == 7).any():\n        raise ValueError('no sevens')\n    return df\n")
+    import sys
+    sys.path.insert(0, str(world.tmp))
+    try:
+        world.make_source(80)
+        settings = world.settings(transform=f"{module}:run")
+        assert run_job(settings, settings.jobs[0]).rows_quarantined == 8
+    finally:
+        sys.path.remove(str(world.tmp))
+    lines: list[str] = []
+    assert not checks.status(settings, lines.append)  # rows are quarantined: needs attention
+    assert "  quarantined rows: 8 (release with `requeue` after fixing them)" in lines
+    assert sum(1 for line in lines if line.startswith("    id=")) == 5
+    assert "    and 3 more" in lines
+
+
+def test_a_transform_that_fails_every_row_logs_no_quarantine_lines(world: World) -> None:
+    world.make_source(50)
+    (world.tmp / "always_fails.py").write_text("def run(df):\n    raise ValueError('broken')\n")
+    once = cli("--once", "--env-file", str(write_env(world, world.tmp / "chdb", ETL_TRANSFORM="always_fails:run")),
+               path=world.tmp)
+    assert once.returncode == 1
+    assert "nothing was quarantined" in once.stderr
+    assert " quarantined: " not in once.stderr
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
+
+
+def test_check_and_status_while_the_daemon_holds_the_chdb_folder(world: World) -> None:
+    world.make_source(20)
+    chdb = world.tmp / "chdb"
+    env_file = write_env(world, chdb, ETL_SCHEDULE="0 0 1 1 *")
+    with running("--env-file", str(env_file), log=world.tmp / "daemon.log") as daemon:
+        wait_for(lambda: processed(world) == 20, 60, "the first run")
+        check = cli("check", "--env-file", str(env_file))
+        status = cli("status", "--env-file", str(env_file))
+        assert stop(daemon) == 0
+    assert check.returncode == 0, check.stdout
+    assert f"held by process {daemon.pid}" in check.stdout and "the ClickHouse part is not checked" in check.stdout
+    assert "20 unprocessed row(s)" not in check.stdout and "0 unprocessed row(s)" in check.stdout
+    assert "next runs: " in check.stdout
+    assert "DB::Exception" not in check.stdout + check.stderr and "Code:" not in check.stdout
+    assert status.returncode == 0 and "batches=1 loaded=20 marked=20" in status.stdout
+
+
+def test_a_chdb_folder_that_cannot_be_created_is_a_configuration_error(world: World) -> None:
+    world.make_source(5)
+    blocker = world.tmp / "a-file"
+    blocker.write_text("not a folder")
+    once = cli("--once", "--env-file", str(write_env(world, blocker / "chdb")))
+    assert once.returncode == 78, once.stderr
+    assert f"CLICK_DSN: the chDB folder {blocker / 'chdb'} cannot be created" in once.stderr
+    assert "in use" not in once.stderr
