@@ -210,20 +210,28 @@ def _chunks_loaded(world: World) -> int:
 
 @pytest.mark.slow
 def test_two_daemons_and_a_once_on_one_job_never_overlap(world: World) -> None:
+    # A chDB folder belongs to one process, so each runner has its own engine; they coordinate
+    # through PostgreSQL, and every row must land in exactly one of them, once.
     world.make_source(5000)
-    chdb = world.tmp / "chdb"
-    env_file = write_env(world, chdb, ETL_SCHEDULE="*/1 * * * * *", ETL_BATCH_SIZE="500", ETL_CHUNK_SIZE="250",
-                         ETL_RETRY_BACKOFF="0.2", ETL_RETRY_ATTEMPTS="5")
+    folders = [world.tmp / "chdb_a", world.tmp / "chdb_b", world.tmp / "chdb_once"]
+    settings = {"ETL_SCHEDULE": "*/1 * * * * *", "ETL_BATCH_SIZE": "500", "ETL_CHUNK_SIZE": "250",
+                "ETL_RETRY_BACKOFF": "0.2", "ETL_RETRY_ATTEMPTS": "5"}
+    envs = [write_env(world, folder, f"{folder.name}.env", **settings) for folder in folders]
     logs = [world.tmp / "a.log", world.tmp / "b.log"]
     procs = []
     once_codes: list[int] = []
     try:
-        for log in logs:  # one after the other: a chDB folder opens in one process at a time
+        for env_file, log in zip(envs, logs, strict=False):
             procs.append(start("--env-file", str(env_file), log=log))
             wait_for(lambda log=log: "etl-service ready" in log.read_text(), 60, "a daemon to be ready")
+        with running("--env-file", str(envs[0]), log=world.tmp / "copy.log") as copy:  # same folder as a
+            wait_for(lambda: "is held by process" in (world.tmp / "copy.log").read_text(), 30, "the copy to wait")
+            assert stop(copy) == 0
+        copy_log = (world.tmp / "copy.log").read_text()
+        assert f"the chDB folder {folders[0]} is held by process {procs[0].pid}" in copy_log
         with Writer(world, batches=150, pause=0.02):
             time.sleep(2)
-            once = cli("--once", "--env-file", str(env_file))
+            once = cli("--once", "--env-file", str(envs[2]))
             once_codes.append(once.returncode)
             once_log = once.stderr[-3000:]
         wait_for(lambda: marked(world)[0] == marked(world)[1], 60, "every row marked")
@@ -242,7 +250,12 @@ def test_two_daemons_and_a_once_on_one_job_never_overlap(world: World) -> None:
                      " ORDER BY started_at")
     overlaps = [(a, b) for a, b in itertools.pairwise(runs) if a[1] > b[0]]
     assert overlaps == [], "two runners processed the job at the same time"
-    assert_exact(world, chdb, "two daemons and --once")
+    has_dst = f"SELECT count() FROM system.tables WHERE database = '{world.ch_database}' AND name = 'dst'"
+    landed = [int(row[0]) for folder in folders if chdb_query(folder, has_dst) == [[1]]
+              for row in chdb_query(folder, f"SELECT id FROM `{world.ch_database}`.dst")]
+    source_ids = sorted(int(r[0]) for r in world.sql("SELECT id FROM src"))
+    assert sorted(landed) == source_ids, f"{len(landed) - len(set(landed))} doubled"
+    assert world.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)]
 
 
 def test_lock_holder_is_named_when_a_run_skips(world: World) -> None:
