@@ -12,7 +12,7 @@ from collections.abc import Callable
 from loguru import logger
 from psycopg2 import sql
 
-from etl_service import cron, sink, source
+from etl_service import cron, sink, source, target
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, EtlError, TransientError
 from etl_service.ledger import Ledger
@@ -118,14 +118,21 @@ def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape)
         return [f"note: ClickHouse part not checked: {exc}"]
     try:
         db, table = settings.clickhouse.database, job.target_table
-        existing = sink.target_columns(client, db, table)
-        if existing is None:
+        name = sink.table_name(db, table)
+        described = sink.describe_target(client, db, table)
+        if described is None:
             lines.append(f"target {db}.{table} does not exist yet: the first run creates it")
         else:
-            warnings = [] if job.transform else sink.fit_columns(existing, shape, db, table)
-            lines.append(f"target {db}.{table} exists with {len(existing)} column(s)")
-            lines.extend(f"note: {w}" for w in warnings)
-        lines.append(sink.check_grants(client, db, table, existing is not None))
+            info, views = described
+            lines.append(f"target {db}.{table} exists ({info.engine}, {len(info.columns)} column(s))")
+            accepted = target.check_dedup(info, name, job.target_dedup)
+            lines.append(f"note: {accepted}" if accepted else f"target drops a repeated insert ({info.engine})")
+            lines.extend(f"note: {line}" for line in sink.doubling_views(client, views))
+            if not job.transform:
+                plan = target.evolve(info, shape, name, "", job.schema_changes == "auto")
+                lines.extend(f"note: the next run will apply: {change}" for change in plan.changes)
+                lines.extend(f"note: {w}" for w in plan.warnings)
+        lines.append(sink.check_grants(client, db, table, described is not None))
         if job.ready_query:
             ready = sink.is_ready(client, job.ready_query, 0, settings.ch_query_timeout)
             lines.append(f"readiness query runs (currently {'ready' if ready else 'not ready'})")

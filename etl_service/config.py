@@ -44,6 +44,9 @@ JOB_KEYS: dict[str, tuple[str, Any]] = {
     "post_pg_sql": ("ETL_POST_PG_SQL", ""),
     "post_ch_sql": ("ETL_POST_CH_SQL", ""),
     "max_run_seconds": ("ETL_MAX_RUN_SECONDS", "3600"),
+    "target_dedup": ("ETL_TARGET_DEDUP", "on"),
+    "schema_changes": ("ETL_SCHEMA_CHANGES", "auto"),
+    "verify_load": ("ETL_VERIFY_LOAD", "on"),
 }
 
 
@@ -68,6 +71,9 @@ class JobConfig:
     post_pg_sql: str
     post_ch_sql: str
     max_run_seconds: float
+    target_dedup: bool = True  # refuse a target that would not drop a repeated insert
+    schema_changes: str = "auto"  # auto: follow the source; fail: never alter an operator-made table
+    verify_load: bool = True  # count the batch's rows in ClickHouse before marking
 
     def trigger(self) -> CronTrigger:
         """The APScheduler trigger for this job's schedule (validated at load)."""
@@ -82,6 +88,7 @@ class ClickHouseTarget:
     display: str  # safe to print: no password
     database: str
     client_kwargs: Mapping[str, Any] = field(repr=False)
+    cluster: str = ""  # CLICK_CLUSTER: create and alter ON CLUSTER, as ReplicatedMergeTree
 
 
 @dataclass(frozen=True)
@@ -331,6 +338,9 @@ def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], labe
         post_pg_sql=get.raw(key("post_pg_sql"), ""),
         post_ch_sql=get.raw(key("post_ch_sql"), ""),
         max_run_seconds=get.number(key("max_run_seconds"), default("max_run_seconds")),
+        target_dedup=get.choice(key("target_dedup"), default("target_dedup"), ("on", "off")) == "on",
+        schema_changes=get.choice(key("schema_changes"), default("schema_changes"), ("auto", "fail")),
+        verify_load=get.choice(key("verify_load"), default("verify_load"), ("on", "off")) == "on",
     )
 
 
@@ -418,6 +428,14 @@ def redact_pg_dsn(dsn: str) -> str:
 
 
 def _clickhouse(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget:
+    target = _clickhouse_target(env, get)
+    cluster = env.get("CLICK_CLUSTER", "").strip()
+    if cluster and target.kind == "chdb":
+        raise ConfigError("CLICK_CLUSTER", "has no meaning for an embedded chdb:// target", "leave it empty")
+    return ClickHouseTarget(target.kind, target.display, target.database, target.client_kwargs, cluster)
+
+
+def _clickhouse_target(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget:
     dsn = env.get("CLICK_DSN", "").strip()
     if dsn.startswith("chdb://"):
         path = dsn[len("chdb://"):]

@@ -146,7 +146,7 @@ def _prepare_clickhouse(settings: Settings) -> None:
         conn.close()
     client = sink.connect(settings)
     try:
-        sink.create_target(client, "demo", job.target_table, shape)
+        sink.create_target(client, "demo", job.target_table, shape, ".".join(job.source_table))
         for ddl in DOWNSTREAM:
             client.command(ddl)
     finally:

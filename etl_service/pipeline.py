@@ -18,7 +18,7 @@ from typing import Any
 from loguru import logger
 from psycopg2 import sql
 
-from etl_service import fit, metrics, sink, source, transform
+from etl_service import fit, metrics, sink, source, target, transform
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError, TransientError
 from etl_service.faults import Faults
@@ -85,11 +85,11 @@ class Run:
 
     def execute(self) -> RunResult:
         """Run with bounded retries of transient errors; never raises for a run failure."""
-        started, t0 = datetime.now(UTC), self.clock()
+        t0 = self.clock()
         attempt = 0
         while True:
             try:
-                self._attempt(started, t0)
+                self._attempt(t0)
                 break
             except _Outcome as out:
                 self.result.status, self.result.message = out.status, out.message
@@ -127,13 +127,14 @@ class Run:
     def _fail(self, message: str) -> None:
         self.result.status, self.result.message = FAILED, message
 
-    def _attempt(self, started: datetime, t0: float) -> None:
+    def _attempt(self, t0: float) -> None:
         conn = source.connect(self.settings, self.job.name)
         try:
             ledger = Ledger(conn, self.settings.ledger_schema, self.job)
             ledger.ensure_schema()
             if not ledger.try_lock():
                 raise _Outcome(SKIPPED, f"skipped: {ledger.lock_holder()} is running this job")
+            started = datetime.now(UTC)  # on record from the lock on: runs of one source never overlap
             try:
                 try:
                     self._drain(conn, ledger, t0)
@@ -204,8 +205,7 @@ class Run:
         """One batch through every step; raises _Outcome when it must stop short."""
         bt0 = self.clock()
         quarantined_before = self.result.rows_quarantined
-        if batch.state == "claimed":
-            self._load(conn, ledger, shape, batch)
+        sent = self._load(conn, ledger, shape, batch) if batch.state == "claimed" else 0
         self.faults.reached("during_ready")
         if self.job.ready_query:
             waited = self.clock()
@@ -218,6 +218,7 @@ class Run:
                 raise _Outcome(status, f"batch {batch.batch_id} is loaded but ClickHouse is not ready;"
                                " the next run polls again")
         self.faults.reached("after_ready")
+        self._verify(shape, batch, batch.rows_loaded + sent)
         quarantined = self.result.rows_quarantined - quarantined_before
         self.marker.submit(batch, shape, lambda done, marked: self._marked(done, marked, quarantined, bt0))
 
@@ -233,9 +234,24 @@ class Run:
         self.log.bind(batch=batch.batch_id).info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s",
                                                  batch.batch_id, batch.row_count, marked, notes, self.clock() - bt0)
 
-    def _load(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> None:
-        """Insert the chunks not yet recorded as loaded, recording each; then mark the batch loaded."""
+    def _verify(self, shape: SourceShape, batch: Batch, expected: int) -> None:
+        """Before marking: ClickHouse holds exactly the rows sent for this batch (ETL_VERIFY_LOAD)."""
+        if not self.job.verify_load or not expected:
+            return
+        client = self._clickhouse(shape)
+        if sink.BATCH_COLUMN not in self._target_types:
+            return
+        held = sink.batch_rows(client, self.settings.clickhouse.database, self.job.target_table, batch.batch_id)
+        if held != expected:
+            raise EtlError(f"batch {batch.batch_id}: ClickHouse holds {held} of its rows but {expected} were sent,"
+                           f" so it is not marked. Did a TTL, a row-collapsing engine or a DELETE remove rows, or did"
+                           f" a retried insert land twice? The batch stays loaded; ETL_VERIFY_LOAD=off skips this"
+                           f" check for targets that change rows by design")
+
+    def _load(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> int:
+        """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""
         split = set(batch.split)
+        total = 0
         for index in range(batch.chunks_loaded, batch.chunk_count):
             if self.stop.is_set():
                 raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
@@ -257,9 +273,11 @@ class Run:
             if not last_chunk:
                 self.faults.reached("between_chunks")
             self.result.rows_loaded += sent
+            total += sent
             self.log.bind(batch=batch.batch_id).debug("chunk {}/{}: {} rows loaded", index + 1,
                                                       batch.chunk_count, sent)
         ledger.set_loaded(batch)
+        return total
 
     def _load_range(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch,
                     first: int, last: int, split: set[str]) -> int:
@@ -333,16 +351,43 @@ class Run:
         return self._ch
 
     def _prepare_target(self, client: Any, shape: SourceShape) -> None:
+        """Create the target, or check that it deduplicates and bring it in step with the source."""
         database, table = self.settings.clickhouse.database, self.job.target_table
-        existing = sink.target_columns(client, database, table)
-        if existing is None:
-            sink.create_target(client, database, table, shape)
-            self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
-            existing = sink.target_columns(client, database, table) or {}
-        elif not self.job.transform:  # a transform may reshape columns: ClickHouse checks at insert
-            for warning in sink.fit_columns(existing, shape, database, table):
-                self.log.warning(warning)
-        self._target_types = existing
+        name = sink.table_name(database, table)
+        described = sink.describe_target(client, database, table)
+        if described is None:
+            sink.create_target(client, database, table, shape, ".".join(self.job.source_table),
+                               self.settings.clickhouse.cluster)
+            self.log.info("created ClickHouse table {} from the source column types", name)
+            described = sink.describe_target(client, database, table)
+            if described is None:
+                raise EtlError(f"{name} was created but ClickHouse does not list it")
+        info, views = described
+        accepted = target.check_dedup(info, name, self.job.target_dedup)
+        if accepted:
+            self.log.warning(accepted)
+        for line in sink.doubling_views(client, views):
+            _warn_once(self.log, line)
+        if not self.job.transform:  # a transform decides its own columns: ClickHouse checks them at insert
+            info = self._evolve(client, info, shape, database, table)
+        self._target_types = info.columns
+
+    def _evolve(self, client: Any, info: target.TargetInfo, shape: SourceShape, database: str,
+                table: str) -> target.TargetInfo:
+        cluster = self.settings.clickhouse.cluster
+        on_cluster = f" ON CLUSTER {sink.quote_identifier(cluster)}" if cluster else ""
+        plan = target.evolve(info, shape, sink.table_name(database, table), on_cluster,
+                             self.job.schema_changes == "auto")
+        for statement, change in zip(plan.statements, plan.changes, strict=True):
+            sink.run_statement(client, statement)
+            self.log.info("schema change at the source: {} in {}.{}", change, database, table)
+        for line in plan.warnings:
+            _warn_once(self.log, line)
+        if plan.statements:
+            described = sink.describe_target(client, database, table)
+            if described:
+                return described[0]
+        return info
 
     def _close_clickhouse(self) -> None:
         if self._ch is not None:
@@ -368,6 +413,15 @@ class Run:
             action()
         except Exception as exc:
             self.log.debug("cleanup step failed: {}", exc)
+
+
+_WARNED: set[str] = set()  # facts that stay true run after run: logged once per process
+
+
+def _warn_once(log: Any, line: str) -> None:
+    if line not in _WARNED:
+        _WARNED.add(line)
+        log.warning(line)
 
 
 def run_job(settings: Settings, job: JobConfig, stop: threading.Event | None = None,

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import clickhouse_connect
@@ -23,6 +24,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 from loguru import logger
 
+from etl_service import target
 from etl_service.config import Settings
 from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable
 from etl_service.source import SourceShape
@@ -132,7 +134,15 @@ def _short(exc: BaseException) -> str:
 # chDB clients live as long as the process, one per owner (a job, or a command): every chDB
 # connection leaves engine threads and descriptors behind when closed, so opening one per run
 # grows the process without bound. An HTTP client holds no such state and is opened per use.
-_SHARED: dict[tuple[str, str], Client] = {}
+# Each shared client counts its users, so a reload that moves CLICK_DSN closes the old engine
+# only once no run is using it.
+@dataclass
+class _Shared:
+    client: Client
+    users: int = 0
+
+
+_SHARED: dict[tuple[str, str], _Shared] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -160,31 +170,45 @@ def connect(settings: Settings, owner: str = "service") -> Client:
 
 def _shared_chdb(dsn: str, owner: str) -> Client:
     with _SHARED_LOCK:
-        for (other_dsn, other_owner), other in list(_SHARED.items()):
-            if other_dsn != dsn:  # a reload moved the engine: one chDB folder per process
-                other.close()
-                del _SHARED[(other_dsn, other_owner)]
-        client = _SHARED.get((dsn, owner))
-        if client is None:
+        _close_unused(keep=dsn)  # a reload moved the engine: one chDB folder per process
+        shared = _SHARED.get((dsn, owner))
+        if shared is None:
             with ch_errors(f"open chDB ({dsn})"):
-                client = _open_chdb(dsn)
-            _SHARED[(dsn, owner)] = client
-        return client
+                shared = _SHARED[(dsn, owner)] = _Shared(_open_chdb(dsn))
+        shared.users += 1
+        return shared.client
+
+
+def _close_unused(keep: str | None) -> None:
+    """Close shared clients of other folders than `keep` that no run is using (caller holds the lock)."""
+    for (dsn, owner), shared in list(_SHARED.items()):
+        if dsn != keep and shared.users == 0:
+            shared.client.close()
+            del _SHARED[(dsn, owner)]
+
+
+def close_other_folders(settings: Settings) -> None:
+    """After a reload: close chDB clients of a folder no longer configured (those not in use now)."""
+    keep = settings.clickhouse.client_kwargs.get("dsn") if settings.clickhouse.kind == "chdb" else None
+    with _SHARED_LOCK:
+        _close_unused(keep)
 
 
 def release(client: Client) -> None:
     """Done with a client for now: an HTTP client is closed, a shared chDB client stays open."""
     with _SHARED_LOCK:
-        shared = any(client is c for c in _SHARED.values())
-    if not shared:
-        client.close()
+        shared = next((s for s in _SHARED.values() if s.client is client), None)
+        if shared is not None:
+            shared.users -= 1
+            return
+    client.close()
 
 
 def close_all() -> None:
     """Close the shared chDB clients (at exit: the folder is free for the next process)."""
     with _SHARED_LOCK:
-        for client in _SHARED.values():
-            client.close()
+        for shared in _SHARED.values():
+            shared.client.close()
         _SHARED.clear()
 
 
@@ -202,39 +226,64 @@ def target_columns(client: Client, database: str, table: str) -> dict[str, str] 
     return dict(result.result_rows) or None  # type: ignore[arg-type]
 
 
-def create_target(client: Client, database: str, table: str, shape: SourceShape) -> str:
+def create_target(client: Client, database: str, table: str, shape: SourceShape, source: str,
+                  cluster: str = "") -> str:
     """Create the trigger table from the source types, sorted by the key; returns the DDL that was run."""
-    keys = shape.key_targets
-    cols = [f"{quote_identifier(t)} {c.ch_column_type(is_key=(t in keys))}"
-            for c, t in zip(shape.columns, shape.targets, strict=True)]
-    cols.append(f"{quote_identifier(BATCH_COLUMN)} UInt64")
-    order = quote_identifier(keys[0]) if len(keys) == 1 else f"({', '.join(map(quote_identifier, keys))})"
-    ddl = (f"CREATE TABLE IF NOT EXISTS {table_name(database, table)} ({', '.join(cols)})"
-           f" ENGINE = MergeTree ORDER BY {order}"
-           f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}")
+    ddl = target.create_ddl(table_name(database, table), shape, source, cluster, DEDUP_WINDOW)
     with ch_errors(f"create target table {database}.{table}"):
         client.command(ddl)
     return ddl
 
 
-def fit_columns(existing: dict[str, str], shape: SourceShape, database: str, name: str) -> list[str]:
-    """Check data columns against an existing table; returns warnings, raises if data has nowhere to go."""
-    table, keys = f"{database}.{name}", shape.key_targets
-    missing = [(t, c.ch_column_type(is_key=t in keys)) for c, t in zip(shape.columns, shape.targets, strict=True)
-               if t not in existing]
-    if missing:
-        adds = ", ".join(f"ADD COLUMN {quote_identifier(t)} {ch_type}" for t, ch_type in missing)
-        raise SinkError(f"target table {table} has no column {', '.join(repr(t) for t, _ in missing)}: run"
-                        f" ALTER TABLE {table_name(database, name)} {adds}; or select/rename columns with"
-                        " ETL_COLUMNS")
-    extra = [c for c in existing if c not in shape.targets and c != BATCH_COLUMN]
-    warnings = []
-    if extra:
-        warnings.append(f"target table {table} has columns the job does not fill"
-                        f" ({', '.join(extra)}): they get their defaults")
-    if BATCH_COLUMN not in existing:
-        warnings.append(f"target table {table} has no {BATCH_COLUMN} column: batch ids are not recorded")
-    return warnings
+_DESCRIBE_TARGET = """
+SELECT engine, engine_full, comment,
+       (SELECT groupArray((name, type)) FROM (SELECT name, type FROM system.columns
+         WHERE database = {db:String} AND table = {t:String} ORDER BY position)),
+       (SELECT groupArray((name, toUInt64OrZero(value))) FROM system.merge_tree_settings
+         WHERE name IN ('replicated_deduplication_window', 'non_replicated_deduplication_window')),
+       arrayZip(dependencies_database, dependencies_table)
+FROM system.tables WHERE database = {db:String} AND name = {t:String}
+"""
+
+
+Views = list[tuple[str, str]]  # (database, name) of materialized views reading a table
+
+
+def describe_target(client: Client, database: str, table: str) -> tuple[target.TargetInfo, Views] | None:
+    """The target's engine, settings and columns, and the views that read it; None if it does not exist."""
+    with ch_errors(f"describe {database}.{table}"):
+        rows = client.query(_DESCRIBE_TARGET, parameters={"db": database, "t": table}).result_rows
+    if not rows:
+        return None
+    engine, engine_full, comment, columns, windows, views = rows[0]
+    info = target.TargetInfo(engine, engine_full, comment, dict(columns), {k: int(v) for k, v in windows})
+    return info, [(str(d), str(v)) for d, v in views]
+
+
+def doubling_views(client: Client, views: Views) -> list[str]:
+    """Materialized views reading the target whose own target would double a repeated insert."""
+    found = []
+    for database, view in views:
+        with ch_errors(f"describe view {database}.{view}"):
+            rows = client.query("SELECT target_database, target_table FROM system.tables"
+                                " WHERE database = {db:String} AND name = {t:String}",
+                                parameters={"db": database, "t": view}).result_rows
+        if not rows or not rows[0][1]:
+            continue
+        described = describe_target(client, str(rows[0][0]), str(rows[0][1]))
+        name = table_name(str(rows[0][0]), str(rows[0][1]))
+        problem = target.dedup_problem(described[0], name) if described else None
+        if problem:
+            found.append(f"materialized view {database}.{view} writes to {problem}")
+    return found
+
+
+def batch_rows(client: Client, database: str, table: str, batch_id: int) -> int:
+    """How many rows of `batch_id` the target holds (the batch column has a minmax skip index)."""
+    with ch_errors(f"count batch {batch_id} in {database}.{table}"):
+        rows = client.query(f"SELECT count() FROM {table_name(database, table)} WHERE {BATCH_COLUMN} = {{b:UInt64}}",
+                            parameters={"b": batch_id}).result_rows
+    return int(rows[0][0])
 
 
 def check_grants(client: Client, database: str, table: str, exists: bool) -> str:
@@ -260,7 +309,9 @@ def insert_chunk(client: Client, database: str, table: str, data: pa.Table, batc
     """Insert one chunk; a repeat with the same token is dropped by ClickHouse. Returns rows sent."""
     if with_batch_column:
         data = data.append_column(BATCH_COLUMN, pa.repeat(pa.scalar(batch_id, pa.uint64()), data.num_rows))
-    settings = {"insert_deduplication_token": token, "insert_deduplicate": 1}
+    # The views on the target must drop a repeated block too, or they would count it twice.
+    settings = {"insert_deduplication_token": token, "insert_deduplicate": 1,
+                "deduplicate_blocks_in_dependent_materialized_views": 1}
     with ch_errors(f"insert batch {batch_id} into {database}.{table}"):
         client.insert_arrow(table_name(database, table), data, settings=settings)
     return data.num_rows
@@ -294,6 +345,15 @@ def await_ready(client: Client, query: str, batch_id: int, timeout: float, inter
             return False
         if stop(min(interval, left)):
             return False
+
+
+def run_statement(client: Client, statement: str) -> None:
+    """Run one statement the service wrote (a schema change); SchemaChangeError if ClickHouse refuses it."""
+    try:
+        with ch_errors(f"run {statement}"):
+            client.command(statement)
+    except SinkError as exc:
+        raise target.SchemaChangeError(f"{exc}: run it by hand once the cause is fixed") from exc
 
 
 def run_sql(client: Client, statements: str) -> None:

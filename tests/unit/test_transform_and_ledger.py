@@ -11,12 +11,9 @@ import pyarrow as pa
 import pytest
 
 from etl_service import transform
-from etl_service.errors import SinkError, TransformError
-from etl_service.keys import Key, KeyColumn
+from etl_service.errors import TransformError
 from etl_service.ledger import Batch
-from etl_service.sink import fit_columns, table_name
-from etl_service.source import SourceShape
-from etl_service.typemap import map_column
+from etl_service.sink import table_name
 
 
 @pytest.fixture
@@ -74,18 +71,3 @@ def test_tokens_are_deterministic_and_distinct() -> None:
 
 def test_clickhouse_names_are_backquoted() -> None:
     assert table_name("db", "t`; DROP TABLE x") == "`db`.`t\\`; DROP TABLE x`"
-
-
-def shape(*names: str) -> SourceShape:
-    columns = tuple(map_column(n, "int8", "bigint", n != "id", "N", None) for n in names)
-    return SourceShape(Key((KeyColumn("id", "bigint", False),)), columns, names)
-
-
-def test_fit_columns_reports_missing_and_unfilled() -> None:
-    existing = {"id": "Int64", "amount": "Int64", "extra": "UInt8"}
-    warnings = fit_columns(existing, shape("id", "amount"), "db", "t")
-    assert any("extra" in w for w in warnings) and any("_etl_batch" in w for w in warnings)
-    with pytest.raises(SinkError) as err:
-        fit_columns(existing, shape("id", "name", "qty"), "db", "t")
-    assert "has no column 'name', 'qty': run ALTER TABLE `db`.`t` ADD COLUMN `name` Nullable(Int64)," \
-        " ADD COLUMN `qty` Nullable(Int64);" in str(err.value)

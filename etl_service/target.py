@@ -1,0 +1,197 @@
+"""The ClickHouse target table: is it safe to load (does it drop a repeated insert), and does it match the source?
+
+Read once per run that loads rows (two catalog queries), before the first insert:
+
+- the deduplication guard: exactly-once rests on the target dropping a repeated insert token.
+  A Replicated*MergeTree with `replicated_deduplication_window` > 0, or another MergeTree-family
+  engine with `non_replicated_deduplication_window` > 0, does; anything else is refused with
+  the statement that fixes it, unless ETL_TARGET_DEDUP=off accepts at-least-once;
+- schema evolution: a column added at the source is added to the target, a column whose type
+  widened is widened (when no value can be lost), anything else stops the run with the
+  statement to run; a column dropped at the source keeps its default in the target.
+
+Pure decisions on catalog facts; the statements run through `sink`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from etl_service.errors import ConfigError, SinkError
+from etl_service.source import SourceShape
+
+CREATED_COMMENT = "etl-service: created from "  # the table comment of tables the service created
+# Refused as targets: they either keep no data or cannot drop a repeated insert.
+_WINDOWS = ("replicated_deduplication_window", "non_replicated_deduplication_window")
+
+
+class SchemaChangeError(SinkError):
+    """The source changed in a way the target cannot follow by itself; the message has the statement to run."""
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the catalog says about the target table."""
+
+    engine: str
+    engine_full: str
+    comment: str
+    columns: dict[str, str]
+    server_windows: dict[str, int] = field(default_factory=dict)  # merge_tree_settings defaults
+
+    @property
+    def created_by_service(self) -> bool:
+        return self.comment.startswith(CREATED_COMMENT)
+
+    def window(self, name: str) -> int:
+        """A deduplication window: the table's own setting, else the server's default."""
+        match = re.search(rf"\b{name}\s*=\s*(\d+)", self.engine_full)
+        return int(match[1]) if match else self.server_windows.get(name, 0)
+
+
+def dedup_problem(info: TargetInfo, table: str) -> str | None:
+    """Why `table` would not drop a repeated insert token (with the fix), or None when it does."""
+    engine = info.engine
+    if engine.startswith(("Replicated", "Shared")) and engine.endswith("MergeTree"):
+        if info.window("replicated_deduplication_window") > 0:
+            return None
+        return (f"{table} ({engine}) has replicated_deduplication_window = 0, so a retried insert would land twice:"
+                f" run ALTER TABLE {table} MODIFY SETTING replicated_deduplication_window = 10000")
+    if engine.endswith("MergeTree"):
+        if info.window("non_replicated_deduplication_window") > 0:
+            return None
+        return (f"{table} ({engine}) does not drop a repeated insert (non_replicated_deduplication_window = 0), so"
+                f" a retried insert would land twice: run ALTER TABLE {table} MODIFY SETTING"
+                " non_replicated_deduplication_window = 10000")
+    if engine == "Distributed":
+        return (f"{table} is a Distributed table: a retried insert may go to another shard, where its token is"
+                " unknown, and land twice. Point ETL_TARGET_TABLE at the shard's local Replicated*MergeTree table"
+                " (README, \"ClickHouse cluster\")")
+    return (f"{table} uses the {engine} engine, which cannot drop a repeated insert: recreate it as MergeTree"
+            " (… ENGINE = MergeTree ORDER BY <key> SETTINGS non_replicated_deduplication_window = 10000)")
+
+
+def check_dedup(info: TargetInfo, table: str, dedup: bool) -> str | None:
+    """ConfigError naming ETL_TARGET_DEDUP when the target would double a retried insert.
+
+    With `dedup` off, returns the warning to log on every run instead.
+    """
+    problem = dedup_problem(info, table)
+    if problem is None:
+        return None
+    if not dedup:
+        return f"ETL_TARGET_DEDUP=off: at-least-once delivery, a retried insert may be doubled — {problem}"
+    raise ConfigError("ETL_TARGET_DEDUP", problem,
+                      "or accept at-least-once delivery with ETL_TARGET_DEDUP=off")
+
+
+_INT = re.compile(r"^(U?)Int(\d+)$")
+_DEC = re.compile(r"^Decimal\((\d+), ?(\d+)\)$")
+
+
+def _unwrap(ch_type: str) -> tuple[str, bool]:
+    if ch_type.startswith("Nullable(") and ch_type.endswith(")"):
+        return ch_type[len("Nullable("):-1], True
+    return ch_type, False
+
+
+def holds(existing: str, wanted: str) -> bool:
+    """Every value of ClickHouse type `wanted` fits unchanged in a column of type `existing`."""
+    have, have_null = _unwrap(existing)
+    want, want_null = _unwrap(wanted)
+    if want_null and not have_null and not want.startswith("Array("):
+        return False
+    if have == want:
+        return True
+    ints = _INT.match(have), _INT.match(want)
+    if ints[0] and ints[1]:
+        (h_unsigned, h_bits), (w_unsigned, w_bits) = ints[0].groups(), ints[1].groups()
+        if h_unsigned and not w_unsigned:
+            return False
+        return int(h_bits) > int(w_bits) or (int(h_bits) == int(w_bits) and h_unsigned == w_unsigned)
+    decs = _DEC.match(have), _DEC.match(want)
+    if decs[0] and decs[1]:
+        (hp, hs), (wp, ws) = (tuple(map(int, m.groups())) for m in decs)  # type: ignore[union-attr]
+        return hs >= ws and hp - hs >= wp - ws
+    if ints[1] and decs[0]:
+        precision, scale = map(int, decs[0].groups())
+        return precision - scale >= len(str(2 ** (int(ints[1][2]) - 1)))
+    return (have, want) in {("Float64", "Float32"), ("Date32", "Date"), ("String", "FixedString")}
+
+
+@dataclass
+class Evolution:
+    """What a run must do to the target before loading: statements to run, and warnings to log once."""
+
+    statements: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)  # one line per change, for the log
+    warnings: list[str] = field(default_factory=list)
+
+
+def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, allow: bool) -> Evolution:
+    """Statements that bring `table` in step with the source, or SchemaChangeError with the one to run by hand.
+
+    `allow`: operator-made tables may be altered (ETL_SCHEMA_CHANGES=auto); tables the service
+    created always are.
+    """
+    plan = Evolution()
+    alter = f"ALTER TABLE {table}{on_cluster}"
+    keys = shape.key_targets
+    for column, target in zip(shape.columns, shape.targets, strict=True):
+        wanted = column.ch_column_type(is_key=target in keys)
+        existing = info.columns.get(target)
+        name = _quote(target)
+        if existing is None:
+            plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted}")
+            plan.changes.append(f"added column {target} {wanted} (new at the source)")
+        elif not holds(existing, wanted):
+            if target in keys or not holds(wanted, existing):
+                why = "it is in the sort key" if target in keys else "changing it could lose values"
+                raise SchemaChangeError(
+                    f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but"
+                    f" {table}.{target} is {existing}, and {why}: decide, then run {alter} MODIFY COLUMN {name}"
+                    f" {wanted} (or recreate the table); nothing was loaded or marked")
+            plan.statements.append(f"{alter} MODIFY COLUMN {name} {wanted}")
+            plan.changes.append(f"widened column {target} from {existing} to {wanted}")
+    if plan.statements and not (allow or info.created_by_service):
+        raise SchemaChangeError(
+            f"the source changed and ETL_SCHEMA_CHANGES=fail keeps the service from altering {table}: run "
+            + "; ".join(plan.statements) + " — nothing was loaded or marked")
+    dropped = [c for c in info.columns if c not in shape.targets and not c.startswith("_etl_")]
+    if dropped:
+        plan.warnings.append(f"{table} has column(s) the source no longer has, or the job does not fill"
+                             f" ({', '.join(dropped)}): new rows get their defaults there")
+    return plan
+
+
+BATCH_INDEX = "_etl_batch_minmax"
+
+
+def create_ddl(table: str, shape: SourceShape, source: str, cluster: str = "", window: int = 10000) -> str:
+    """The CREATE TABLE for a new target: the source's columns, the batch column with a minmax
+    skip index (load verification reads a few granules), sorted by the key, deduplicating.
+
+    With `cluster`, the table is created ON CLUSTER as a ReplicatedMergeTree whose Keeper path
+    and replica name come from the `{shard}`/`{replica}` macros: deduplication then happens in
+    Keeper, across the shard's replicas.
+    """
+    keys = shape.key_targets
+    cols = [f"{_quote(t)} {c.ch_column_type(is_key=(t in keys))}" for c, t in zip(shape.columns, shape.targets,
+                                                                                     strict=True)]
+    cols.append("`_etl_batch` UInt64")
+    cols.append(f"INDEX {BATCH_INDEX} `_etl_batch` TYPE minmax GRANULARITY 1")
+    order = _quote(keys[0]) if len(keys) == 1 else f"({', '.join(map(_quote, keys))})"
+    if cluster:
+        engine = "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')"
+        setting = f"replicated_deduplication_window = {window}"
+        where = f" ON CLUSTER {_quote(cluster)}"
+    else:
+        engine, setting, where = "MergeTree", f"non_replicated_deduplication_window = {window}", ""
+    comment = (CREATED_COMMENT + source).replace("\\", "\\\\").replace("'", "\\'")
+    return (f"CREATE TABLE IF NOT EXISTS {table}{where} ({', '.join(cols)}) ENGINE = {engine} ORDER BY {order}"
+            f" SETTINGS {setting} COMMENT '{comment}'")
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
