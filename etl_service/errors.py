@@ -4,6 +4,7 @@
     ├── ConfigError          bad settings: the process exits 78 (EX_CONFIG)
     ├── TransientError       marker: retry later (server unreachable, timeout, lock lost)
     │   ├── SourceUnavailable    PostgreSQL could not be reached or dropped the connection
+    │   ├── SourceChanged        the source table changed shape mid-run: start over with the new shape
     │   └── SinkUnavailable      ClickHouse could not be reached or dropped the connection
     ├── SourceError          PostgreSQL refused a statement (missing table, bad SQL, ...)
     │   └── BadSourceValues      (RowError) a value could not be converted to its column type
@@ -52,6 +53,10 @@ class SourceError(EtlError):
 
 class SourceUnavailable(SourceError, TransientError):
     """PostgreSQL could not be reached, or the connection broke."""
+
+
+class SourceChanged(SourceError, TransientError):
+    """The source table's columns changed since the run described it; the retry describes it again."""
 
 
 class BadSourceValues(SourceError, RowError):

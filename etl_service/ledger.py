@@ -18,7 +18,7 @@ from psycopg2 import sql
 from etl_service.config import JobConfig
 from etl_service.errors import SourceError
 from etl_service.keys import Key
-from etl_service.source import Connection, SourceShape, pg_errors, qualified
+from etl_service.source import Connection, SourceShape, generation, pg_errors, qualified
 
 # Unfinished batches of other job names on this job's source and flag (or of unknown source:
 # recorded before batches named it). Parameters: job, source, flag.
@@ -74,11 +74,13 @@ CREATE INDEX IF NOT EXISTS runs_job ON {schema}.runs (job, run_id);
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source text,
     ADD COLUMN IF NOT EXISTS flag text, ADD COLUMN IF NOT EXISTS origin text;
 CREATE INDEX IF NOT EXISTS batches_open_source ON {schema}.batches (source, flag) WHERE state <> 'done';
+-- The source's storage at claim time: when a rewrite changed it, xmins no longer tell changes.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS generation text;
 """
 
 
 _BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
-                  " keys[cardinality(keys)], coalesce(origin, job)")
+                  " keys[cardinality(keys)], coalesce(origin, job), generation")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Batch:
     split: tuple[str, ...] = ()
     last_key: str | None = None
     origin: str = ""  # the job name that claimed it: part of every insert token
+    generation: str | None = None  # the source's storage when claimed (source.GENERATION)
 
     @property
     def chunk_count(self) -> int:
@@ -116,9 +119,9 @@ class Batch:
 
 def _batch(row: tuple[Any, ...]) -> Batch:
     """A Batch from a row of the _BATCH_COLUMNS select list."""
-    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key, origin = row
+    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key, origin, gen = row
     return Batch(batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, tuple(split),
-                 last_key, origin)
+                 last_key, origin, gen)
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ class Ledger:
             "SELECT count(*) FROM pg_attribute WHERE NOT attisdropped AND attnum > 0"
             " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
             " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
-            " OR (attrelid = to_regclass(%(b)s) AND attname = 'origin')"
+            " OR (attrelid = to_regclass(%(b)s) AND attname = 'generation')"
             " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
             {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs"})
         if present[0][0] < 4:
@@ -240,9 +243,10 @@ class Ledger:
         order = sql.SQL(", ").join(sql.Identifier(f"o{i}") for i in range(len(key.columns)))
         query = sql.SQL(
             "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + _FOREIGN + ")"
-            " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size)"
+            " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size,"
+            " generation)"
             " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(p.k ORDER BY {order}),"
-            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s"
+            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s, {generation}"
             " FROM (SELECT {encoded} AS k, s.xmin AS x, {ordered} FROM {src} s WHERE s.{flag} = false"
             " AND {not_null}{above}{held}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = {encoded})"
@@ -252,7 +256,7 @@ class Ledger:
                  encoded=key.encode("s"), row=key.row("s"), order=order, not_null=key.not_null("s"),
                  ordered=sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(f"o{i}"))
                                             for i, c in enumerate(key.names)),
-                 above=above, held=held)
+                 above=above, held=held, generation=generation(qualified(self.job).as_string(self.conn)))
         rows = self._run("claim batch", query, {**self._names(), "chunk": self.job.chunk_size,
                                                 "limit": self.job.batch_size, "after": after})
         return _batch(rows[0]) if rows else None
@@ -310,15 +314,21 @@ class Ledger:
         mark = sql.SQL(
             "UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
             " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
-            " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x"
-            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = k.key)"
-        ).format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column), s=self.schema,
-                 matches=shape.key.matches("s", sql.SQL("k.key")))
+            " WHERE b.batch_id = %(batch)s AND {matches}{unchanged}"
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = k.key)")
         close = sql.SQL(
             "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
+        name = qualified(self.job).as_string(self.conn)
         with pg_errors(f"mark batch {batch.batch_id} done", self.conn), self.conn.cursor() as cur:
-            cur.execute(mark, {"batch": batch.batch_id, "job": self.job.name})
+            # The UPDATE's own lock, taken first: no rewrite can happen between this check and the mark.
+            cur.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(qualified(self.job)))
+            cur.execute(sql.SQL("SELECT {}").format(generation(name)))
+            by_xmin = cur.fetchone()[0] == batch.generation  # type: ignore[index]
+            unchanged = sql.SQL(" AND s.xmin = k.x" if by_xmin else "")
+            cur.execute(mark.format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
+                                    s=self.schema, matches=shape.key.matches("s", sql.SQL("k.key")),
+                                    unchanged=unchanged), {"batch": batch.batch_id, "job": self.job.name})
             marked = cur.rowcount
             cur.execute(close, (marked, batch.batch_id))
             before_commit()

@@ -304,7 +304,8 @@ class Run:
     def _insert_range(self, conn: source.Connection, shape: SourceShape, batch: Batch, first: int,
                       last: int) -> int:
         client = self._clickhouse(shape)
-        data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema, batch.batch_id, first, last)
+        data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema, batch.batch_id, first, last,
+                                    batch.generation)
         self.faults.reached("mid_extract")
         metrics.ROWS.labels(self.job.name, "extracted").inc(data.num_rows)
         data = transform.apply(data, self.job.transform, shape.key_targets)

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 from psycopg2 import sql
 
 from etl_service.config import JobConfig, Settings
-from etl_service.errors import BadSourceValues, ConfigError, SourceError, SourceUnavailable
+from etl_service.errors import BadSourceValues, ConfigError, SourceChanged, SourceError, SourceUnavailable
 from etl_service.keys import Key, KeyColumn
 from etl_service.typemap import Column, map_column
 
@@ -117,6 +117,11 @@ class SourceShape:
         return None
 
     @property
+    def signature(self) -> tuple[object, ...]:
+        """What must stay the same for rows extracted now to fit what this shape prepared."""
+        return (self.key, self.targets, tuple((c.name, c.pg_type, c.nullable) for c in self.columns))
+
+    @property
     def key_targets(self) -> tuple[str, ...]:
         """The target column names of the key columns (every key column is moved)."""
         return tuple(self.target_of(name) or name for name in self.key.names)
@@ -146,15 +151,32 @@ ORDER BY i.indisprimary DESC, count(*), min(i.indexrelid::bigint)
 """
 
 
+# The table's storage, partitions included: it changes when a rewrite (ALTER … TYPE, VACUUM FULL,
+# CLUSTER) gives every row a new version, and so a new xmin, without changing its data.
+GENERATION = ("concat_ws(',', pg_relation_filenode({t}::regclass),"
+              " (SELECT string_agg(pg_relation_filenode(p.relid)::text, ',' ORDER BY p.relid::oid)"
+              " FROM pg_partition_tree({t}::regclass) p))")
+
+
+def generation(name: str) -> sql.Composable:
+    """SQL for the storage generation of the table `name` (quoted schema.table; see GENERATION)."""
+    return sql.SQL(GENERATION).format(t=sql.Literal(name))
+
+
 def describe(conn: Connection, job: JobConfig) -> SourceShape:
     """Read the source table's columns and key; ConfigError when the table, a column or the key is wrong."""
     name = qualified(job).as_string(conn)
     with pg_errors(f"describe {name}", conn), conn.cursor() as cur:
-        cur.execute(_DESCRIBE, (name,))
-        rows = cur.fetchall()
-        cur.execute(_UNIQUE_KEYS, (name,))
-        unique = [tuple(r[1]) for r in cur.fetchall()]
+        shape = _read_shape(cur, job, name)
     conn.rollback()
+    return shape
+
+
+def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> SourceShape:
+    cur.execute(_DESCRIBE, (name,))
+    rows = cur.fetchall()
+    cur.execute(_UNIQUE_KEYS, (name,))
+    unique = [tuple(r[1]) for r in cur.fetchall()]
     if not rows:
         raise ConfigError("ETL_SOURCE_TABLE", f"table {name} does not exist in PostgreSQL",
                           "check the schema and table name (schema.table)")
@@ -200,12 +222,31 @@ def _key(table: str, job: JobConfig, unique: list[tuple[str, ...]], by_name: dic
 
 
 def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: str,
-                  batch_id: int, first: int, last: int) -> pa.Table:
+                  batch_id: int, first: int, last: int, claimed_generation: str | None) -> pa.Table:
     """Stream keys [first, last] (1-based positions in the batch) out with COPY, parse into Arrow.
 
     Only rows whose xmin still equals the claimed one are extracted: a row changed since the
-    claim is left for the next batch, which will load its new version.
+    claim is left for the next batch, which will load its new version. If the table was
+    rewritten since the claim (every xmin changed, no data did), rows are matched by key alone.
+    Under the table's lock, the columns are checked first: SourceChanged if they are no longer
+    the ones this run prepared the target for.
     """
+    name = qualified(job).as_string(conn)
+    buf = io.BytesIO()
+    with pg_errors(f"extract batch {batch_id} rows {first}-{last}", conn), conn.cursor() as cur:
+        # ACCESS SHARE until commit: no ALTER can change the columns between this check and the COPY.
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(qualified(job)))
+        if _read_shape(cur, job, name).signature != shape.signature:
+            raise SourceChanged(f"{name} changed its columns during the run: starting over with the new ones")
+        cur.execute(sql.SQL("SELECT {}").format(generation(name)))
+        rewritten = cur.fetchone()[0] != claimed_generation  # type: ignore[index]
+        cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last, not rewritten), buf)
+    conn.commit()
+    return parse_csv(buf.getvalue(), shape)
+
+
+def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int, first: int, last: int,
+                 by_xmin: bool) -> sql.Composable:
     # The claimed keys are sorted, so the chunk is the key range keys[first]..keys[last]: one
     # index range scan merged with the claimed keys is about twice as fast as a lookup per key.
     # (Bounds from the array, not min()/max(): uuid, for one, has no min().)
@@ -214,12 +255,12 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
              for i, v in enumerate(key.decode(sql.SQL("u.key")))]
     joined = sql.SQL(" AND ").join(sql.SQL("s.{} = k.{}").format(sql.Identifier(c), sql.Identifier(f"k{i}"))
                                    for i, c in enumerate(key.names))
-    query = sql.SQL(
+    return sql.SQL(
         "COPY (WITH k AS MATERIALIZED (SELECT {parts}, u.x FROM {ledger}.batches b,"
         " unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS u(key, x) WHERE b.batch_id = {batch}),"
         " r AS (SELECT b.keys[{first}] AS lo, b.keys[{last}] AS hi FROM {ledger}.batches b"
         " WHERE b.batch_id = {batch})"
-        " SELECT {exprs} FROM {src} s JOIN k ON {joined} AND s.xmin = k.x"
+        " SELECT {exprs} FROM {src} s JOIN k ON {joined}{unchanged}"
         " WHERE {above_lo} AND {below_hi})"
         " TO STDOUT WITH (FORMAT csv)"
     ).format(
@@ -228,15 +269,11 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
         ledger=sql.Identifier(ledger),
         first=sql.Literal(first), last=sql.Literal(last),
         src=qualified(job), joined=joined,
+        unchanged=sql.SQL(" AND s.xmin = k.x" if by_xmin else ""),
         above_lo=key.compare("s", ">=", sql.SQL("(SELECT lo FROM r)")),
         below_hi=key.compare("s", "<=", sql.SQL("(SELECT hi FROM r)")),
         batch=sql.Literal(batch_id),
     )
-    buf = io.BytesIO()
-    with pg_errors(f"extract batch {batch_id} rows {first}-{last}", conn), conn.cursor() as cur:
-        cur.copy_expert(query, buf)
-    conn.commit()
-    return parse_csv(buf.getvalue(), shape)
 
 
 def parse_csv(data: bytes, shape: SourceShape) -> pa.Table:

@@ -97,11 +97,12 @@ def _unwrap(ch_type: str) -> tuple[str, bool]:
 
 
 def holds(existing: str, wanted: str) -> bool:
-    """Every value of ClickHouse type `wanted` fits unchanged in a column of type `existing`."""
-    have, have_null = _unwrap(existing)
-    want, want_null = _unwrap(wanted)
-    if want_null and not have_null and not want.startswith("Array("):
-        return False
+    """Every value of ClickHouse type `wanted` fits unchanged in a column of type `existing`.
+
+    Nullability is not compared: a non-Nullable column chosen by the operator stays so (a NULL
+    sent to it is a bad row, quarantined with its reason).
+    """
+    have, want = _unwrap(existing)[0], _unwrap(wanted)[0]
     if have == want:
         return True
     ints = _INT.match(have), _INT.match(want)
@@ -118,6 +119,12 @@ def holds(existing: str, wanted: str) -> bool:
         precision, scale = map(int, decs[0].groups())
         return precision - scale >= len(str(2 ** (int(ints[1][2]) - 1)))
     return (have, want) in {("Float64", "Float32"), ("Date32", "Date"), ("String", "FixedString")}
+
+
+def _widened(existing: str, wanted: str) -> str:
+    """`wanted`'s type with `existing`'s nullability."""
+    inner = _unwrap(wanted)[0]
+    return f"Nullable({inner})" if _unwrap(existing)[1] else inner
 
 
 @dataclass
@@ -146,14 +153,15 @@ def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, al
             plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted}")
             plan.changes.append(f"added column {target} {wanted} (new at the source)")
         elif not holds(existing, wanted):
+            widened = _widened(existing, wanted)
             if target in keys or not holds(wanted, existing):
                 why = "it is in the sort key" if target in keys else "changing it could lose values"
                 raise SchemaChangeError(
                     f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but"
                     f" {table}.{target} is {existing}, and {why}: decide, then run {alter} MODIFY COLUMN {name}"
-                    f" {wanted} (or recreate the table); nothing was loaded or marked")
-            plan.statements.append(f"{alter} MODIFY COLUMN {name} {wanted}")
-            plan.changes.append(f"widened column {target} from {existing} to {wanted}")
+                    f" {widened} (or recreate the table); nothing was loaded or marked")
+            plan.statements.append(f"{alter} MODIFY COLUMN {name} {widened}")
+            plan.changes.append(f"widened column {target} from {existing} to {widened}")
     if plan.statements and not (allow or info.created_by_service):
         raise SchemaChangeError(
             f"the source changed and ETL_SCHEMA_CHANGES=fail keeps the service from altering {table}: run "

@@ -89,13 +89,16 @@ def test_composite_key_of_a_partitioned_table_moves_every_row_once(world: World)
 def test_composite_key_rows_are_quarantined_and_requeued_by_their_key(world: World) -> None:
     world.sql("CREATE TABLE src (tenant int, id int, qty int, processed boolean NOT NULL DEFAULT false,"
               " PRIMARY KEY (tenant, id)); INSERT INTO src SELECT g % 3, g, g, false FROM generate_series(1, 60) g")
-    world.backend.ch().command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
-    world.backend.ch().command(f"CREATE TABLE {world.target()} (tenant Int32, id Int32, qty Int8, _etl_batch UInt64)"
-                               " ENGINE = MergeTree ORDER BY (tenant, id)"
-                               " SETTINGS non_replicated_deduplication_window = 100")
-    world.sql("UPDATE src SET qty = 1000 WHERE id IN (7, 44)")
-    settings = world.settings(source_key="tenant, id")
-    result = run_job(settings, settings.jobs[0])
+    module = f"tx_pick_{world.ch_database}"
+    (world.tmp / f"{module}.py").write_text(
+        "def run(df):\n    if df['id'].isin([7, 44]).any():\n        raise ValueError('no 7 or 44')\n    return df\n")
+    import sys
+    sys.path.insert(0, str(world.tmp))
+    try:
+        settings = world.settings(source_key="tenant, id", transform=f"{module}:run")
+        result = run_job(settings, settings.jobs[0])
+    finally:
+        sys.path.remove(str(world.tmp))
     assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 58, 2)
     keys = sorted(r[0] for r in world.sql("SELECT key FROM etl.quarantine"))
     assert keys == ["[1, 7]", "[2, 44]"]

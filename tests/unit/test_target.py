@@ -50,7 +50,7 @@ def test_targets_that_would_double_a_retry_are_refused_with_the_fix(engine: str,
 
 @pytest.mark.parametrize(("existing", "wanted", "fits"), [
     ("Int32", "Int16", True), ("Int16", "Int32", False), ("Int64", "Int64", True), ("UInt32", "Int16", False),
-    ("Nullable(Int64)", "Int32", True), ("Int64", "Nullable(Int64)", False),
+    ("Nullable(Int64)", "Int32", True), ("Int64", "Nullable(Int32)", True), ("Int16", "Nullable(Int32)", False),
     ("Decimal(12, 2)", "Decimal(10, 2)", True), ("Decimal(10, 2)", "Decimal(12, 2)", False),
     ("Decimal(12, 4)", "Decimal(10, 2)", True), ("Decimal(12, 2)", "Decimal(12, 4)", False),
     ("Float64", "Float32", True), ("Float32", "Float64", False), ("String", "Int32", False),
