@@ -18,10 +18,10 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg2
 import psycopg2.extensions
-from apscheduler.triggers.cron import CronTrigger
 from dotenv.parser import parse_stream
 
 from etl_service import faults
+from etl_service.cron import CrontabTrigger
 from etl_service.errors import ConfigError
 
 NATIVE_PORTS = {"9000": "8123", "9440": "8443"}
@@ -75,9 +75,9 @@ class JobConfig:
     schema_changes: str = "auto"  # auto: follow the source; fail: never alter an operator-made table
     verify_load: bool = True  # count the batch's rows in ClickHouse before marking
 
-    def trigger(self) -> CronTrigger:
-        """The APScheduler trigger for this job's schedule (validated at load)."""
-        return cron_trigger(self.schedule, self.timezone)
+    def trigger(self) -> CrontabTrigger:
+        """The APScheduler trigger for this job's schedule (validated at load): crontab(5) semantics."""
+        return CrontabTrigger(self.schedule, self.timezone)
 
 
 @dataclass(frozen=True)
@@ -247,17 +247,6 @@ def check_identifier(variable: str, value: str) -> None:
                           "use a table or column name of 1-63 characters")
 
 
-def cron_trigger(schedule: str, timezone: str) -> CronTrigger:
-    """Five-field crontab, or six fields with seconds first (for second-level schedules)."""
-    fields = schedule.split()
-    if len(fields) == 5:
-        return CronTrigger.from_crontab(schedule, timezone=timezone)
-    if len(fields) == 6:
-        sec, minute, hour, day, month, dow = fields
-        return CronTrigger(second=sec, minute=minute, hour=hour, day=day, month=month,
-                           day_of_week=dow, timezone=timezone)
-    raise ValueError(f"expected 5 fields (or 6 with seconds first), got {len(fields)}")
-
 
 def _load_jobs(env: Mapping[str, str], get: _Getter) -> tuple[JobConfig, ...]:
     jobs_file = env.get("ETL_JOBS_FILE", "").strip()
@@ -351,7 +340,7 @@ def _check_schedule(schedule_var: str, tz_var: str, schedule: str, timezone: str
         raise ConfigError(tz_var, f"unknown time zone {timezone!r}",
                           "use an IANA name such as UTC or Europe/Berlin") from None
     try:
-        cron_trigger(schedule, timezone)
+        CrontabTrigger(schedule, timezone)
     except ValueError as exc:
         raise ConfigError(schedule_var, f"{schedule!r} is not a valid cron expression ({exc})",
                           "use 5 fields like '*/5 * * * *', or 6 with seconds first") from None

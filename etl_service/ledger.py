@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg2 import sql
+from psycopg2.extras import Json
 
 from etl_service.config import JobConfig
 from etl_service.errors import SourceError
@@ -76,6 +77,15 @@ ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source text,
 CREATE INDEX IF NOT EXISTS batches_open_source ON {schema}.batches (source, flag) WHERE state <> 'done';
 -- The source's storage at claim time: when a rewrite changed it, xmins no longer tell changes.
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS generation text;
+-- The source column types each job's target was last brought in step with: a type that differs
+-- from it is a change at the source (one that matches is the operator's choice, left alone).
+CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
+    job        text        NOT NULL,
+    target     text        NOT NULL,
+    columns    jsonb       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, target)
+);
 """
 
 
@@ -166,9 +176,11 @@ class Ledger:
             " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
             " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
             " OR (attrelid = to_regclass(%(b)s) AND attname = 'generation')"
+            " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
             " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
-            {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs"})
-        if present[0][0] < 4:
+            {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs",
+             "t": f"{self._quoted()}.target_shapes"})
+        if present[0][0] < 5:
             self._run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=self.schema))
             # Batches recorded before batches named their source: this job's own are on its source.
             self._run("record the source of older batches", sql.SQL(
@@ -384,6 +396,19 @@ class Ledger:
             example = "42" if len(key.columns) == 1 else "[7, 42]"
             raise SourceError(f"{text!r} is not a key of {self.source} ({key.label}; e.g. {example}): {exc}") from None
         return str(rows[0][0])
+
+    def aligned_shape(self, target: str) -> dict[str, str] | None:
+        """Source column -> type the target was last brought in step with (None: never recorded)."""
+        rows = self._run("read the target's recorded shape", sql.SQL(
+            "SELECT columns FROM {s}.target_shapes WHERE job = %s AND target = %s").format(s=self.schema),
+            (self.job.name, target))
+        return dict(rows[0][0]) if rows else None
+
+    def record_shape(self, target: str, columns: dict[str, str]) -> None:
+        self._run("record the target's shape", sql.SQL(
+            "INSERT INTO {s}.target_shapes (job, target, columns) VALUES (%s, %s, %s)"
+            " ON CONFLICT (job, target) DO UPDATE SET columns = EXCLUDED.columns, updated_at = now()").format(
+            s=self.schema), (self.job.name, target, Json(columns)))
 
     def null_keys(self, key: Key) -> int:
         """Unprocessed rows that cannot be moved because their key has a NULL part."""

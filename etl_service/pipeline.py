@@ -81,6 +81,7 @@ class Run:
         self._target_types: dict[str, str] = {}
         self._last_reason = ""
         self._quarantine_lines: list[str] = []  # logged once the chunk is known not to be all bad
+        self._ledger: Ledger | None = None  # the run's ledger, once the job's lock is held
         self._barren = 0  # batches in a row that marked nothing: a run must progress or end
 
     def execute(self) -> RunResult:
@@ -135,6 +136,7 @@ class Run:
             if not ledger.try_lock():
                 raise _Outcome(SKIPPED, f"skipped: {ledger.lock_holder()} is running this job")
             started = datetime.now(UTC)  # on record from the lock on: runs of one source never overlap
+            self._ledger = ledger
             try:
                 try:
                     self._drain(conn, ledger, t0)
@@ -377,13 +379,16 @@ class Run:
                 table: str) -> target.TargetInfo:
         cluster = self.settings.clickhouse.cluster
         on_cluster = f" ON CLUSTER {sink.quote_identifier(cluster)}" if cluster else ""
+        aligned = self._ledger.aligned_shape(table) if self._ledger else None
         plan = target.evolve(info, shape, sink.table_name(database, table), on_cluster,
-                             self.job.schema_changes == "auto")
+                             self.job.schema_changes == "auto", aligned)
         for statement, change in zip(plan.statements, plan.changes, strict=True):
             sink.run_statement(client, statement)
             self.log.info("schema change at the source: {} in {}.{}", change, database, table)
         for line in plan.warnings:
             _warn_once(self.log, line)
+        if self._ledger and aligned != target.source_types(shape):
+            self._ledger.record_shape(table, target.source_types(shape))
         if plan.statements:
             described = sink.describe_target(client, database, table)
             if described:

@@ -136,11 +136,19 @@ class Evolution:
     warnings: list[str] = field(default_factory=list)
 
 
-def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, allow: bool) -> Evolution:
+def source_types(shape: SourceShape) -> dict[str, str]:
+    """Target column -> source type: what `evolve` compares with the recorded alignment."""
+    return {t: c.pg_type for c, t in zip(shape.columns, shape.targets, strict=True)}
+
+
+def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, allow: bool,
+           aligned: dict[str, str] | None = None) -> Evolution:
     """Statements that bring `table` in step with the source, or SchemaChangeError with the one to run by hand.
 
     `allow`: operator-made tables may be altered (ETL_SCHEMA_CHANGES=auto); tables the service
-    created always are.
+    created always are. `aligned`: the source types the target was last in step with; a column
+    whose source type is unchanged since is left as it is (its ClickHouse type may be the
+    operator's deliberate choice; values that do not fit it are bad rows). None: first sight.
     """
     plan = Evolution()
     alter = f"ALTER TABLE {table}{on_cluster}"
@@ -152,7 +160,7 @@ def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, al
         if existing is None:
             plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted}")
             plan.changes.append(f"added column {target} {wanted} (new at the source)")
-        elif not holds(existing, wanted):
+        elif aligned is not None and aligned.get(target) != column.pg_type and not holds(existing, wanted):
             widened = _widened(existing, wanted)
             if target in keys or not holds(wanted, existing):
                 why = "it is in the sort key" if target in keys else "changing it could lose values"

@@ -175,3 +175,21 @@ def test_on_reload_the_edited_file_wins_over_values_it_put_in_the_environment(tm
     env_file.write_text("ETL_SOURCE_TABLE=orders\nETL_BATCH_SIZE=99\nCLICK_DSN=chdb:///tmp/x\nETL_CHUNK_SIZE=7\n")
     again = load(str(env_file), environ, previous=first)
     assert (again.jobs[0].batch_size, again.jobs[0].chunk_size) == (99, 5)  # the environment's own value wins
+
+
+def test_schedules_mean_what_crontab_means() -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from etl_service.cron import next_runs
+
+    job = load(environ={**BASE, "ETL_SCHEDULE": "0 9 * * 1-5", "ETL_TIMEZONE": "Europe/Moscow"}).jobs[0]
+    monday = datetime(2026, 11, 23, 10, 0, tzinfo=ZoneInfo("Europe/Moscow"))
+    runs = next_runs(job.trigger(), 5, monday)
+    assert [f"{r:%a %d %H:%M}" for r in runs] == ["Tue 24 09:00", "Wed 25 09:00", "Thu 26 09:00", "Fri 27 09:00",
+                                                  "Mon 30 09:00"]
+    sunday = load(environ={**BASE, "ETL_SCHEDULE": "0 9 * * 7"}).jobs[0]
+    assert f"{next_runs(sunday.trigger(), 1, monday)[0]:%a}" == "Sun"
+    with pytest.raises(ConfigError) as err:
+        load(environ={**BASE, "ETL_SCHEDULE": "0 9 * * 8"})
+    assert err.value.variable == "ETL_SCHEDULE" and "day-of-week" in str(err.value)

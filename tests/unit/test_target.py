@@ -72,14 +72,15 @@ SOURCE = shape(("id", "int8", "bigint", False), ("qty", "int8", "bigint", True),
 def test_evolution_adds_new_columns_and_widens_lossless_changes() -> None:
     existing = info("MergeTree", comment=CREATED_COMMENT + "public.src", id="Int64", qty="Nullable(Int32)",
                     gone="String", _etl_batch="UInt64")
-    plan = evolve(existing, SOURCE, "`db`.`t`", "", allow=False)  # a table the service made
+    before = {"id": "bigint", "qty": "integer"}  # qty was integer when the target was last aligned
+    plan = evolve(existing, SOURCE, "`db`.`t`", "", allow=False, aligned=before)  # a table the service made
     assert plan.statements == ["ALTER TABLE `db`.`t` MODIFY COLUMN `qty` Nullable(Int64)",
                                "ALTER TABLE `db`.`t` ADD COLUMN IF NOT EXISTS `note` Nullable(String)"]
     assert plan.changes == ["widened column qty from Nullable(Int32) to Nullable(Int64)",
                             "added column note Nullable(String) (new at the source)"]
     assert plan.warnings == ["`db`.`t` has column(s) the source no longer has, or the job does not fill (gone):"
                              " new rows get their defaults there"]
-    on_cluster = evolve(existing, SOURCE, "`db`.`t`", " ON CLUSTER `c`", allow=True)
+    on_cluster = evolve(existing, SOURCE, "`db`.`t`", " ON CLUSTER `c`", allow=True, aligned=before)
     assert on_cluster.statements[1] == \
         "ALTER TABLE `db`.`t` ON CLUSTER `c` ADD COLUMN IF NOT EXISTS `note` Nullable(String)"
 
@@ -96,10 +97,18 @@ def test_evolution_of_an_operator_table_in_fail_mode_gives_the_statements() -> N
 @pytest.mark.parametrize(("column", "existing"), [("qty", "Nullable(String)"), ("id", "Int32")])
 def test_changes_that_could_lose_values_stop_the_run(column: str, existing: str) -> None:
     columns = {"id": "Int64", "qty": "Nullable(Int64)", "note": "Nullable(String)", column: existing}
+    changed = {"id": "integer", "qty": "integer", "note": "text"}
     with pytest.raises(SchemaChangeError) as err:
-        evolve(info("MergeTree", **columns), SOURCE, "`db`.`t`", "", allow=True)
+        evolve(info("MergeTree", **columns), SOURCE, "`db`.`t`", "", allow=True, aligned=changed)
     wanted = "Int64" if column == "id" else "Nullable(Int64)"
     assert f"run ALTER TABLE `db`.`t` MODIFY COLUMN `{column}` {wanted}" in str(err.value)
+
+
+def test_a_type_unchanged_at_the_source_is_left_as_the_operator_chose_it() -> None:
+    narrow = info("MergeTree", id="Int64", qty="Int8", note="UUID")  # deliberate choices
+    aligned = {"id": "bigint", "qty": "bigint", "note": "text"}
+    assert evolve(narrow, SOURCE, "`db`.`t`", "", allow=True, aligned=aligned).statements == []
+    assert evolve(narrow, SOURCE, "`db`.`t`", "", allow=True, aligned=None).statements == []  # first sight
 
 
 def test_create_ddl_single_node_and_cluster() -> None:
