@@ -1,11 +1,13 @@
 """Soak: the daemon for many runs under a writer; threads, descriptors and RSS sampled from /proc.
 
-    .venv/bin/python tests/soak.py [--runs 3600] [--every 300] [--target chdb]
+    .venv/bin/python tests/soak.py [--runs 3600] [--every 300] [--compressed]
 
-An hour of runs compressed: the daemon runs its job every second (the shortest cron step)
-against an embedded PostgreSQL and a chDB folder while a writer inserts rows. Every `--every`
-runs it prints the daemon's thread count, open descriptors (and what they point at) and RSS.
-At the end it checks that every row arrived exactly once. Figures, not assertions.
+The daemon runs its job every second (the shortest cron step) against an embedded PostgreSQL
+and a chDB folder while a writer inserts rows: --runs 3600 is an hour of runs. --compressed
+runs the same job back to back in this process instead (no scheduler wait between runs), an
+hour of runs in minutes. Every `--every` runs it prints the process's thread count, open
+descriptors (and what they point at) and RSS. At the end it checks that every row arrived
+exactly once. Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=300, help="sample every N runs")
     parser.add_argument("--rate", type=int, default=60, help="rows the writer inserts per second (default 60)")
     parser.add_argument("--batch", type=int, default=500, help="ETL_BATCH_SIZE (default 500)")
+    parser.add_argument("--compressed", action="store_true", help="runs back to back in this process")
     args = parser.parse_args()
     from etl_service.embedded import postgres
 
@@ -90,20 +93,24 @@ def main() -> None:
                    ETL_BATCH_SIZE=str(args.batch), ETL_CHUNK_SIZE=str(max(1, args.batch // 2)))
         stop, written = threading.Event(), [0]
         feeder = threading.Thread(target=writer, args=(pg.uri, stop, written, args.rate), daemon=True)
+        if args.compressed:
+            feeder.start()
+            _compressed(env, args, started=time.monotonic())
+            stop.set()
+            feeder.join()
+            _exactness(env, tmp, pg.uri, written[0])
+            return
         log = open(Path(tmp) / "daemon.log", "wb")
         daemon = subprocess.Popen([sys.executable, "-m", "etl_service"], env=env, cwd=REPO, stdout=log, stderr=log)
         feeder.start()
         started = time.monotonic()
-        print(f"{'runs':>6} {'minutes':>8} {'threads':>8} {'fds':>6} {'RSS MB':>8}  descriptors by kind", flush=True)
+        _header()
         try:
             next_sample = 10
             while next_sample <= args.runs:
                 done = count_runs(pg.uri)
                 if done >= next_sample:
-                    threads, fds, rss, kinds = sample(daemon.pid)
-                    top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(6))
-                    minutes = (time.monotonic() - started) / 60
-                    print(f"{done:>6} {minutes:>8.1f} {threads:>8} {fds:>6} {rss:>8.0f}  {top}", flush=True)
+                    _line(done, started, daemon.pid)
                     next_sample = args.every if next_sample == 10 else next_sample + args.every
                 if daemon.poll() is not None:
                     raise SystemExit(f"the daemon exited with {daemon.returncode}; see {log.name}")
@@ -117,16 +124,48 @@ def main() -> None:
             log.close()
         subprocess.run([sys.executable, "-m", "etl_service", "--once"], env=env, cwd=REPO, check=True,
                        capture_output=True)
-        import clickhouse_connect
+        _exactness(env, tmp, pg.uri, written[0])
 
-        client = clickhouse_connect.get_client(dsn=f"chdb://{tmp}/chdb")
-        rows, unique = client.query("SELECT count(), uniqExact(id) FROM default.dst").result_rows[0]
-        client.close()
-        with psycopg2.connect(pg.uri) as conn, conn.cursor() as cur:
-            cur.execute("SELECT count(*), count(*) FILTER (WHERE processed) FROM src")
-            total, marked = cur.fetchone()  # type: ignore[misc]
-        print(f"exactness: source {total} rows ({marked} marked), ClickHouse {rows} rows, {unique} distinct ids;"
-              f" writer added {written[0]}")
+
+def _header() -> None:
+    print(f"{'runs':>6} {'minutes':>8} {'threads':>8} {'fds':>6} {'RSS MB':>8}  descriptors by kind", flush=True)
+
+
+def _line(done: int, started: float, pid: int) -> None:
+    threads, fds, rss, kinds = sample(pid)
+    top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(6))
+    print(f"{done:>6} {(time.monotonic() - started) / 60:>8.1f} {threads:>8} {fds:>6} {rss:>8.0f}  {top}", flush=True)
+
+
+def _compressed(env: dict[str, str], args: argparse.Namespace, started: float) -> None:
+    """The job's runs back to back in this process: the same pipeline, the same shared chDB client."""
+    from etl_service import logs
+    from etl_service.config import load
+    from etl_service.pipeline import run_job
+
+    logs.setup("WARNING")
+    settings = load(environ=env)
+    _header()
+    for done in range(1, args.runs + 1):
+        run_job(settings, settings.jobs[0])
+        if done == 10 or done % args.every == 0:
+            _line(done, started, os.getpid())
+    run_job(settings, settings.jobs[0])  # what the writer added last
+
+
+def _exactness(env: dict[str, str], tmp: str, pg_uri: str, written: int) -> None:
+    from etl_service import sink
+
+    sink.close_all()  # this process may hold the folder (--compressed)
+    out = subprocess.run([sys.executable, "-c", "import clickhouse_connect; c = clickhouse_connect.get_client("
+                          f"dsn='chdb://{tmp}/chdb'); print(*c.query('SELECT count(), uniqExact(id)"
+                          " FROM default.dst').result_rows[0])"], capture_output=True, text=True, check=True)
+    rows, unique = out.stdout.split()
+    with psycopg2.connect(pg_uri) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(*) FILTER (WHERE processed) FROM src")
+        total, marked = cur.fetchone()  # type: ignore[misc]
+    print(f"exactness: source {total} rows ({marked} marked), ClickHouse {rows} rows, {unique} distinct ids;"
+          f" writer added {written}")
 
 
 if __name__ == "__main__":
