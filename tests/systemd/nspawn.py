@@ -59,7 +59,7 @@ def wheelhouse(repo: Path) -> Path:
         old.unlink()
     with contextlib.chdir(repo):
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-                        "--wheel-dir", str(house), "--find-links", str(house), "."], check=True,
+                        "--wheel-dir", str(house), "--find-links", str(house), ".[embedded]"], check=True,
                        capture_output=True)
     # the in-tree build leaves these behind
     shutil.rmtree(repo / "build", ignore_errors=True)

@@ -80,7 +80,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
                         " processed boolean NOT NULL DEFAULT false);"
                         "INSERT INTO src SELECT g, g * 0.5, 'n' || g, false FROM generate_series(1, 3000) g")
         with nspawn.booted({REPO: "/src", house: "/wheels"}, base / "nspawn.log") as box:
-            installed = box.run("/src/deploy/install.sh", "--wheelhouse", "/wheels")
+            installed = box.run("/src/deploy/install.sh", "--wheelhouse", "/wheels", "--embedded")
             assert "created /etc/etl-service/etl.env from .env.example" in installed.stdout
             assert "next: edit /etc/etl-service/etl.env, then: systemctl start etl.service" in installed.stdout
             assert box.show(UNIT, "ActiveState") == "inactive"  # not started on the example settings
@@ -187,7 +187,7 @@ def test_stop_is_a_clean_sigterm_exit_and_every_row_is_there_once(service: Servi
 
 def test_install_again_is_an_upgrade_that_keeps_the_settings(service: Service) -> None:
     before = service.box.run("cat", ENV).stdout
-    again = service.box.run("/src/deploy/install.sh", "--wheelhouse", "/wheels")
+    again = service.box.run("/src/deploy/install.sh", "--wheelhouse", "/wheels", "--embedded")
     assert "kept the existing /etc/etl-service/etl.env" in again.stdout
     assert service.box.run("cat", ENV).stdout == before
     assert service.box.run("stat", "-c", "%a %U", ENV).stdout.strip() == "600 etl-service"

@@ -193,3 +193,41 @@ def test_schedules_mean_what_crontab_means() -> None:
     with pytest.raises(ConfigError) as err:
         load(environ={**BASE, "ETL_SCHEDULE": "0 9 * * 8"})
     assert err.value.variable == "ETL_SCHEDULE" and "day-of-week" in str(err.value)
+
+
+def test_passwords_come_from_files_or_systemd_credentials(tmp_path: Path) -> None:
+    (tmp_path / "pg").write_text("pg-from-file\n")
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "click_password").write_text("ch-from-credential\n")
+    env = {**BASE, "PG_DSN": "postgresql://etl@db.example:5432/app", "PG_PASSWORD_FILE": str(tmp_path / "pg"),
+           "CLICK_DSN": "https://etl@ch.example:8443/analytics", "CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    settings = load(environ=env)
+    assert "password=pg-from-file" in settings.pg_dsn
+    assert settings.clickhouse.client_kwargs["password"] == "ch-from-credential"
+    assert "pg-from-file" not in repr(settings) and "ch-from-credential" not in repr(settings)
+    assert load(environ={**env, "PG_PASSWORD": "explicit"}).pg_dsn.count("password=explicit") == 1
+    with pytest.raises(ConfigError) as err:
+        load(environ={**env, "PG_PASSWORD_FILE": str(tmp_path / "missing")})
+    assert err.value.variable == "PG_PASSWORD_FILE" and "cannot read" in str(err.value)
+
+
+def test_clickhouse_tls_with_a_private_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {**BASE, "CLICK_DSN": "https://etl:pw@ch.example:8443/analytics", "CLICK_CA_CERT": str(ca)}
+    kwargs = load(environ=env).clickhouse.client_kwargs
+    assert (kwargs["secure"], kwargs["verify"], kwargs["ca_cert"]) == (True, True, str(ca))
+    assert load(environ={**env, "CLICK_VERIFY": "false"}).clickhouse.client_kwargs["verify"] is False
+    with pytest.raises(ConfigError) as err:
+        load(environ={**env, "CLICK_CA_CERT": str(tmp_path / "nope.pem")})
+    assert err.value.variable == "CLICK_CA_CERT"
+
+
+def test_a_chdb_target_without_the_embedded_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "chdb" else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        load(environ=BASE)
+    assert err.value.variable == "CLICK_DSN" and "pip install 'etl-service[embedded]'" in str(err.value)
