@@ -1,12 +1,15 @@
 """Logging: one loguru sink on stderr, shaped for a terminal, journald or a log shipper.
 
 Under journald (JOURNAL_STREAM set) lines carry `<N>` priority prefixes and no timestamp of
-our own, so `journalctl -p err` filters by level. `json` emits one JSON object per line.
-Context bound with `logger.bind(job=…, batch=…)` appears on every line.
+our own, so `journalctl -p err` filters by level. `json` emits one flat JSON object per line
+with stable keys: ts, level, message, job and batch when known, and on run summaries the
+figures (`logger.bind(summary={...})`): status, batches, rows_loaded, rows_marked,
+rows_quarantined, seconds. Context bound with `logger.bind(job=…, batch=…)` appears on every line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -36,6 +39,21 @@ def _text_format(record: Any) -> str:
             "<cyan>{extra[_ctx]}</cyan>{message}\n{exception}")
 
 
+def _json_sink(message: Any) -> None:
+    """One flat object per line: what Vector, Loki or Elastic read without parsing text."""
+    record = message.record
+    extra = record["extra"]
+    line: dict[str, Any] = {"ts": record["time"].isoformat(), "level": record["level"].name,
+                            "message": record["message"]}
+    line.update({k: extra[k] for k in ("job", "batch") if k in extra})
+    line.update(extra.get("summary", {}))
+    if record["exception"] is not None:
+        line["exception"] = "".join(logging.Formatter().formatException(
+            (record["exception"].type, record["exception"].value, record["exception"].traceback)))
+    sys.stderr.write(json.dumps(line, default=str) + "\n")
+    sys.stderr.flush()
+
+
 class _FromLogging(logging.Handler):
     """Routes the standard library's log records (APScheduler, drivers) into our one sink."""
 
@@ -53,7 +71,7 @@ def setup(level: str = "INFO", fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "journal" if os.environ.get("JOURNAL_STREAM") else "text"
     if fmt == "json":
-        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+        logger.add(_json_sink, level=level, format="{message}", backtrace=False, diagnose=False)
     elif fmt == "journal":
         logger.add(sys.stderr, level=level, format=_journal_format, colorize=False, backtrace=False,
                    diagnose=False)

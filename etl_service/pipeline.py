@@ -122,7 +122,10 @@ class Run:
         if self.result.status in SUCCESS:
             metrics.LAST_SUCCESS.labels(self.job.name).set(time.time())
         level = "ERROR" if self.result.status == FAILED else "INFO"
-        self.log.log(level, "run finished: {}", self.result.line())
+        r = self.result
+        summary = {"status": r.status, "batches": r.batches, "rows_loaded": r.rows_loaded, "rows_marked": r.rows_marked,
+                   "rows_quarantined": r.rows_quarantined, "seconds": round(r.seconds, 3)}
+        self.log.bind(summary=summary).log(level, "run finished: {}", r.line())
         return self.result
 
     def _fail(self, message: str) -> None:

@@ -34,11 +34,16 @@ def test_auto_picks_the_journal_format_under_journald(capfd: pytest.CaptureFixtu
     assert capfd.readouterr().err == "<4>careful\n"
 
 
-def test_json_lines_for_log_shippers(capfd: pytest.CaptureFixture[str]) -> None:
+def test_json_lines_are_flat_objects_with_stable_keys(capfd: pytest.CaptureFixture[str]) -> None:
     logs.setup("INFO", "json")
-    logger.bind(job="orders").info("hello")
-    record = json.loads(capfd.readouterr().err)["record"]
-    assert (record["message"], record["level"]["name"], record["extra"]["job"]) == ("hello", "INFO", "orders")
+    logger.bind(job="orders", batch=7).info("hello")
+    summary = {"status": "ok", "batches": 2, "rows_loaded": 10, "rows_marked": 10, "rows_quarantined": 0,
+               "seconds": 0.5}
+    logger.bind(job="orders", summary=summary).info("run finished: …")
+    first, second = (json.loads(line) for line in capfd.readouterr().err.splitlines())
+    assert set(first) == {"ts", "level", "message", "job", "batch"}
+    assert (first["message"], first["level"], first["job"], first["batch"]) == ("hello", "INFO", "orders", 7)
+    assert {k: second[k] for k in summary} == summary and second["message"] == "run finished: …"
 
 
 def test_text_lines_have_time_level_and_context(capfd: pytest.CaptureFixture[str]) -> None:
