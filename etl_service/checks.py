@@ -6,8 +6,10 @@ both databases with backoff, logging each failure, and never crashes on an outag
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from loguru import logger
 from psycopg2 import sql
@@ -18,7 +20,6 @@ from etl_service.errors import ConfigError, EtlError, TransientError
 from etl_service.ledger import Ledger
 
 Print = Callable[[str], None]
-QUARANTINE_SHOWN = 5
 
 
 def ping_pg(settings: Settings) -> str:
@@ -62,8 +63,37 @@ def wait_until_reachable(settings: Settings, stop: threading.Event, max_delay: f
     return False
 
 
-def check(settings: Settings, out: Print = print) -> bool:
+def check(settings: Settings, out: Print = print, as_json: bool = False) -> bool:
     """Validate connectivity and every job's source and target; print findings. True if all is well."""
+    if as_json:
+        found = _Findings(settings)
+        healthy = _check(settings, found.add)
+        out(json.dumps({"healthy": healthy, **found.data}, indent=2))
+        return healthy
+    return _check(settings, out)
+
+
+class _Findings:
+    """Collects `check`'s lines as data: the connections' findings, then each job's."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.jobs = iter(settings.jobs)
+        self.data: dict[str, Any] = {"connections": [], "jobs": []}
+        self.current: list[dict[str, str]] = self.data["connections"]
+
+    def add(self, line: str) -> None:
+        if line.startswith("job "):
+            job = next(self.jobs)
+            self.data["jobs"].append({"job": job.name, "summary": line, "findings": []})
+            self.current = self.data["jobs"][-1]["findings"]
+        elif line.startswith("  "):
+            level, _, text = line.strip().partition(" ")
+            self.current.append({"level": level.lower(), "text": text.strip()})
+        else:
+            self.current.append({"level": "info", "text": line})
+
+
+def _check(settings: Settings, out: Print) -> bool:
     out(f"PostgreSQL: {settings.pg_display}")
     out(f"ClickHouse: {settings.clickhouse.display}")
     try:
@@ -178,65 +208,6 @@ def preflight(settings: Settings) -> None:
             _pg_privileges(conn, settings, job)
     finally:
         conn.close()
-
-
-def status(settings: Settings, out: Print = print) -> bool:
-    """Per job: backlog, unfinished batches, recent runs. True if every job could be read."""
-    conn = source.connect(settings, "status")
-    healthy = True
-    try:
-        for job in settings.jobs:
-            out(f"job {job.name} ({'.'.join(job.source_table)} -> {job.target_table}):")
-            try:
-                healthy = _job_status(conn, settings, job, out) and healthy
-            except EtlError as exc:
-                out(f"  cannot read: {exc}")
-                healthy = False
-    finally:
-        conn.close()
-    return healthy
-
-
-def _job_status(conn: source.Connection, settings: Settings, job: JobConfig, out: Print) -> bool:
-    """Print one job's state; False when it needs attention (failed run, quarantine, foreign batches)."""
-    shape = source.describe(conn, job)
-    ledger = Ledger(conn, settings.ledger_schema, job)
-    out(f"  backlog: {ledger.backlog()} unprocessed row(s)")
-    nulls = ledger.null_keys(shape.key)
-    if nulls:
-        out(f"  cannot move: {nulls} row(s) with a NULL key ({shape.key.label}); they are never claimed")
-    if not ledger_exists(conn, settings.ledger_schema):
-        out("  no runs yet (the ledger is created by the first run)")
-        return True
-    healthy = _batches(ledger, job, out)
-    count, recent = ledger.quarantined(QUARANTINE_SHOWN)
-    out(f"  quarantined rows: {count}" + (" (release with `requeue` after fixing them)" if count else ""))
-    for key, reason, when in recent:
-        out(f"    {shape.key.label}={key} at {when:%Y-%m-%d %H:%M:%S}: {reason}")
-    if count > len(recent):
-        out(f"    and {count - len(recent)} more")
-    runs = ledger.recent_runs()
-    out("  last runs:" if runs else "  last runs: none")
-    for started, st, batches, loaded, marked, seconds, message in runs:
-        tail = f" — {message}" if message else ""
-        out(f"    {started:%Y-%m-%d %H:%M:%S} {st:8} batches={batches} loaded={loaded} marked={marked}"
-            f" {seconds:.1f}s{tail}")
-    return healthy and not count and not (runs and runs[0][1] == "failed")
-
-
-def _batches(ledger: Ledger, job: JobConfig, out: Print) -> bool:
-    by_state: dict[str, list[int]] = {}
-    for batch in ledger.unfinished():
-        by_state.setdefault(batch.state, []).append(batch.batch_id)
-    out("  unfinished batches: " + (", ".join(f"{s}: {ids}" for s, ids in by_state.items()) or "none"))
-    foreign = ledger.foreign()
-    for other in foreign:
-        where = "this source" if other.source else "an unknown source (recorded by an older version)"
-        out(f"  batch {other.batch_id} of job {other.job!r} (not this job) holds {other.row_count} key(s) of {where}:"
-            f" {other.state}, {other.chunks_loaded} chunk(s) loaded, claimed {other.claimed_at:%Y-%m-%d %H:%M:%S};"
-            " its keys are not claimed until you `adopt --batch"
-            f" {other.batch_id} --job {job.name}` (finish it, no reload) or `release` it")
-    return not foreign
 
 
 def ledger_exists(conn: source.Connection, schema: str) -> bool:

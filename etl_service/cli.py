@@ -17,7 +17,7 @@ from types import FrameType
 
 from loguru import logger
 
-from etl_service import __version__, admin, checks, logs, sink
+from etl_service import __version__, admin, checks, logs, report, sink
 from etl_service.config import Settings, load
 from etl_service.errors import ConfigError
 from etl_service.pipeline import FAILED, SUCCESS, run_job
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", action="append", metavar="KEY",
                         help="requeue: only this key, as `status` shows it (repeat for several)")
     parser.add_argument("--batch", type=int, metavar="N", help="adopt / release: the batch id `status` shows")
+    parser.add_argument("--json", action="store_true", help="check, status: machine-readable output")
     parser.add_argument("--force", action="store_true",
                         help="release: even if rows of the batch may be in ClickHouse (they would load twice)")
     parser.add_argument("--env-file", metavar="PATH", help="settings file (default: ./.env if present)")
@@ -83,9 +84,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     logs.setup(settings.log_level, settings.log_format)
     jobs = [settings.job(args.job)] if args.job else list(settings.jobs)
     if args.command == "check":
-        return 0 if checks.check(settings) else EX_FAILED
+        return 0 if checks.check(settings, as_json=args.json) else EX_FAILED
     if args.command == "status":
-        return 0 if checks.status(settings) else EX_FAILED
+        return 0 if report.status(settings, as_json=args.json) else EX_FAILED
     if args.command == "requeue":
         return 0 if admin.requeue(settings, jobs, args.key) else EX_FAILED
     if args.command in ("adopt", "release"):

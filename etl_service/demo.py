@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from etl_service import checks, sink, source
+from etl_service import report, sink, source
 from etl_service.config import Settings, load
 from etl_service.embedded import postgres
 from etl_service.pipeline import SUCCESS, run_job
@@ -107,7 +107,7 @@ def run_demo(workdir: str, rows: int) -> int:
             say(f"   {result.line()}")
         exact = _report(settings, rows + 1000)
         say()
-        checks.status(settings, say)
+        report.status(settings, say)
         ok = exact and all(r.status in SUCCESS for r in (first, second, third))
         say(f"\ndemo {'succeeded' if ok else 'FAILED'}; its files are in {base}")
         return 0 if ok else 1

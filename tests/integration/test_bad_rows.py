@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from etl_service import admin, checks
+from etl_service import admin, report
 from etl_service.pipeline import FAILED, OK, run_job
 
 from .conftest import World
@@ -45,7 +45,7 @@ def test_rows_the_transform_rejects_are_quarantined_and_requeued_after_a_fix(wor
     assert [(key, name) for key, _, name in rows] == [("7", "row 7"), ("17", "row 17")]
     assert rows[0][1] == f"transform {picky_transform} raised ValueError: customer code missing"
     lines: list[str] = []
-    checks.status(settings, lines.append)
+    report.status(settings, lines.append)
     assert "  quarantined rows: 100 (release with `requeue` after fixing them)" in lines
     assert run_job(settings, settings.jobs[0]).rows_loaded == 0  # quarantined rows are not claimed again
 
@@ -137,7 +137,7 @@ def test_status_lists_quarantined_rows_with_reasons(world: World, picky_transfor
     settings = world.settings(transform=picky_transform)
     run_job(settings, settings.jobs[0])
     lines: list[str] = []
-    assert not checks.status(settings, lines.append)  # quarantined rows need attention: exit 1
+    assert not report.status(settings, lines.append)  # quarantined rows need attention: exit 1
     text = "\n".join(lines)
     assert "quarantined rows: 2" in text
     assert "id=17 at " in text and "customer code missing" in text

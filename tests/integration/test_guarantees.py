@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from etl_service import admin, checks
+from etl_service import admin, checks, report
 from etl_service.pipeline import FAILED, IDLE, OK, WAITING, run_job
 
 from .conftest import World
@@ -125,7 +125,7 @@ def test_rows_with_a_null_key_are_never_claimed_and_the_run_ends(world: World) -
     assert target_count(world) == 300
     assert world.sql("SELECT count(*) FROM src WHERE NOT processed AND id IS NULL") == [(2,)]
     lines: list[str] = []
-    checks.status(settings, lines.append)
+    report.status(settings, lines.append)
     assert "  cannot move: 2 row(s) with a NULL key (id); they are never claimed" in lines
     assert run_job(settings, settings.jobs[0]).status == IDLE
 
@@ -222,7 +222,7 @@ def test_a_renamed_job_never_claims_the_old_names_keys_and_adopts_its_batch(worl
     assert (renamed.status, renamed.rows_marked) == (OK, 1500)  # every row but the old batch's
     assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(2500, 2500)]
     lines: list[str] = []
-    assert not checks.status(new, lines.append)
+    assert not report.status(new, lines.append)
     assert any("batch 1 of job 'orders' (not this job) holds 1000 key(s) of this source: loaded" in ln for ln in lines)
     out: list[str] = []
     assert not admin.release(new, new.jobs[0], 1, False, out.append)  # loaded: releasing would reload
@@ -373,7 +373,7 @@ def test_status_shows_a_subset_of_the_quarantine_with_how_many_more(world: World
     finally:
         sys.path.remove(str(world.tmp))
     lines: list[str] = []
-    assert not checks.status(settings, lines.append)  # rows are quarantined: needs attention
+    assert not report.status(settings, lines.append)  # rows are quarantined: needs attention
     assert "  quarantined rows: 8 (release with `requeue` after fixing them)" in lines
     assert sum(1 for line in lines if line.startswith("    id=")) == 5
     assert "    and 3 more" in lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -41,6 +42,14 @@ def test_check_and_status_report_what_they_find(world: World) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
     assert "backlog: 0 unprocessed row(s)" in status.stdout
     assert "batches=1 loaded=10 marked=10" in status.stdout
+    as_json = json.loads(cli("status", "--json", "--env-file", str(env_file)).stdout)
+    job = as_json["jobs"][0]
+    assert (as_json["healthy"], job["job"], job["backlog"], job["quarantined"]) == (True, "src", 0, 0)
+    assert (job["runs"][0]["status"], job["runs"][0]["rows_marked"]) == ("ok", 10)
+    checked = json.loads(cli("check", "--json", "--env-file", str(env_file)).stdout)
+    assert checked["healthy"] is True and checked["jobs"][0]["job"] == "src"
+    texts = [f["text"] for f in checked["jobs"][0]["findings"]]
+    assert any(t.startswith("next runs: ") for t in texts) and "0 unprocessed row(s)" in texts
     bad = cli("check", "--env-file", str(write_env(world, world.tmp / "chdb", ETL_SOURCE_TABLE="public.nope")))
     assert bad.returncode == 1
     assert 'FAIL ETL_SOURCE_TABLE: table "public"."nope" does not exist in PostgreSQL' in bad.stdout

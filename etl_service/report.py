@@ -1,0 +1,100 @@
+"""`status`: what each job is doing, gathered as data, then shown as text for people or JSON for scripts.
+
+Everything comes from PostgreSQL (the source and the ledger), so `status` works while the
+daemon runs and holds a chDB folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from etl_service import source
+from etl_service.checks import ledger_exists
+from etl_service.config import JobConfig, Settings
+from etl_service.errors import EtlError
+from etl_service.ledger import Ledger
+
+Print = Callable[[str], None]
+QUARANTINE_SHOWN = 5
+
+
+def status(settings: Settings, out: Print = print, as_json: bool = False) -> bool:
+    """Per job: backlog, unfinished batches, quarantine, recent runs. True if nothing needs attention."""
+    conn = source.connect(settings, "status")
+    try:
+        jobs = [_job(conn, settings, job) for job in settings.jobs]
+    finally:
+        conn.close()
+    healthy = not any(j["needs_attention"] for j in jobs)
+    if as_json:
+        out(json.dumps({"healthy": healthy, "jobs": jobs}, default=str, indent=2))
+    else:
+        for job in jobs:
+            _render(job, out)
+    return healthy
+
+
+def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[str, Any]:
+    data: dict[str, Any] = {"job": job.name, "source": ".".join(job.source_table), "target": job.target_table}
+    try:
+        shape = source.describe(conn, job)
+        ledger = Ledger(conn, settings.ledger_schema, job)
+        data.update(key=shape.key.label, backlog=ledger.backlog(), null_keys=ledger.null_keys(shape.key),
+                    ledger=ledger_exists(conn, settings.ledger_schema))
+        if data["ledger"]:
+            _ledger_part(ledger, data)
+    except EtlError as exc:
+        data["error"] = str(exc)
+    data["needs_attention"] = bool(data.get("error") or data.get("foreign") or data.get("quarantined")
+                                   or (data.get("runs") and data["runs"][0]["status"] == "failed"))
+    return data
+
+
+def _ledger_part(ledger: Ledger, data: dict[str, Any]) -> None:
+    data["unfinished"] = [{"batch": b.batch_id, "state": b.state, "rows": b.row_count} for b in ledger.unfinished()]
+    data["foreign"] = [{"batch": f.batch_id, "job": f.job, "state": f.state, "rows": f.row_count,
+                        "chunks_loaded": f.chunks_loaded, "claimed_at": f.claimed_at, "source": f.source}
+                       for f in ledger.foreign()]
+    count, recent = ledger.quarantined(QUARANTINE_SHOWN)
+    data["quarantined"] = count
+    data["quarantine"] = [{"key": key, "reason": reason, "at": when} for key, reason, when in recent]
+    data["runs"] = [{"started_at": started, "status": st, "batches": batches, "rows_loaded": loaded,
+                     "rows_marked": marked, "seconds": round(seconds, 3), "message": message}
+                    for started, st, batches, loaded, marked, seconds, message in ledger.recent_runs()]
+
+
+def _render(job: dict[str, Any], out: Print) -> None:
+    out(f"job {job['job']} ({job['source']} -> {job['target']}):")
+    if "error" in job:
+        out(f"  cannot read: {job['error']}")
+        return
+    out(f"  backlog: {job['backlog']} unprocessed row(s)")
+    if job["null_keys"]:
+        out(f"  cannot move: {job['null_keys']} row(s) with a NULL key ({job['key']}); they are never claimed")
+    if not job["ledger"]:
+        out("  no runs yet (the ledger is created by the first run)")
+        return
+    by_state: dict[str, list[int]] = {}
+    for batch in job["unfinished"]:
+        by_state.setdefault(batch["state"], []).append(batch["batch"])
+    out("  unfinished batches: " + (", ".join(f"{s}: {ids}" for s, ids in by_state.items()) or "none"))
+    for other in job["foreign"]:
+        where = "this source" if other["source"] else "an unknown source (recorded by an older version)"
+        claimed = f"{other['claimed_at']:%Y-%m-%d %H:%M:%S}"
+        out(f"  batch {other['batch']} of job {other['job']!r} (not this job) holds {other['rows']} key(s) of {where}:"
+            f" {other['state']}, {other['chunks_loaded']} chunk(s) loaded, claimed {claimed};"
+            f" its keys are not claimed until you `adopt --batch {other['batch']} --job {job['job']}` (finish it,"
+            " no reload) or `release` it")
+    count = job["quarantined"]
+    out(f"  quarantined rows: {count}" + (" (release with `requeue` after fixing them)" if count else ""))
+    for row in job["quarantine"]:
+        out(f"    {job['key']}={row['key']} at {row['at']:%Y-%m-%d %H:%M:%S}: {row['reason']}")
+    if count > len(job["quarantine"]):
+        out(f"    and {count - len(job['quarantine'])} more")
+    out("  last runs:" if job["runs"] else "  last runs: none")
+    for run in job["runs"]:
+        tail = f" — {run['message']}" if run["message"] else ""
+        out(f"    {run['started_at']:%Y-%m-%d %H:%M:%S} {run['status']:8} batches={run['batches']}"
+            f" loaded={run['rows_loaded']} marked={run['rows_marked']} {run['seconds']:.1f}s{tail}")
