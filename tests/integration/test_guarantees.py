@@ -8,12 +8,13 @@ permanent errors (password, role, database, privileges) that must not be retried
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 
 import pytest
 
 from etl_service import admin, checks, report
-from etl_service.pipeline import FAILED, IDLE, OK, WAITING, run_job
+from etl_service.pipeline import FAILED, IDLE, OK, WAITING, RunResult, run_job
 
 from .conftest import World
 from .helpers import REPO, clean_env, cli, running, stop, wait_for, write_env
@@ -27,6 +28,18 @@ def target_count(world: World, table: str = "dst") -> int:
 
 def processed(world: World) -> int:
     return int(world.sql("SELECT count(*) FROM src WHERE processed")[0][0])
+
+
+def run_with_transform(world: World, name: str, code: str, **job: str) -> RunResult:
+    """One run of the job with `code` (a module defining run(df)) as its transform."""
+    module = f"tx_{name}_{world.ch_database}"
+    (world.tmp / f"{module}.py").write_text(code)
+    sys.path.insert(0, str(world.tmp))
+    try:
+        settings = world.settings(transform=f"{module}:run", **job)
+        return run_job(settings, settings.jobs[0])
+    finally:
+        sys.path.remove(str(world.tmp))
 
 
 # --- the key must be unique --------------------------------------------------------------------
@@ -89,17 +102,11 @@ def test_composite_key_of_a_partitioned_table_moves_every_row_once(world: World)
 def test_composite_key_rows_are_quarantined_and_requeued_by_their_key(world: World) -> None:
     world.sql("CREATE TABLE src (tenant int, id int, qty int, processed boolean NOT NULL DEFAULT false,"
               " PRIMARY KEY (tenant, id)); INSERT INTO src SELECT g % 3, g, g, false FROM generate_series(1, 60) g")
-    module = f"tx_pick_{world.ch_database}"
-    (world.tmp / f"{module}.py").write_text(
-        "def run(df):\n    if df['id'].isin([7, 44]).any():\n        raise ValueError('no 7 or 44')\n    return df\n")
-    import sys
-    sys.path.insert(0, str(world.tmp))
-    try:
-        settings = world.settings(source_key="tenant, id", transform=f"{module}:run")
-        result = run_job(settings, settings.jobs[0])
-    finally:
-        sys.path.remove(str(world.tmp))
+    picky = ("def run(df):\n    if df['id'].isin([7, 44]).any():\n        raise ValueError('no 7 or 44')\n"
+             "    return df\n")
+    result = run_with_transform(world, "pick", picky, source_key="tenant, id")
     assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 58, 2)
+    settings = world.settings(source_key="tenant, id")
     keys = sorted(r[0] for r in world.sql("SELECT key FROM etl.quarantine"))
     assert keys == ["[1, 7]", "[2, 44]"]
     out: list[str] = []
@@ -154,55 +161,32 @@ BREAKERS = {
 @pytest.mark.parametrize("case", sorted(BREAKERS))
 def test_a_transform_that_breaks_the_key_fails_the_run_and_nothing_moves(world: World, case: str) -> None:
     body, words = BREAKERS[case]
-    module = f"tx_{case}_{world.ch_database}"
-    (world.tmp / f"{module}.py").write_text(f"def run(df):\n    {body}\n")
-    import sys
-    sys.path.insert(0, str(world.tmp))
-    try:
-        world.make_source(300)
-        settings = world.settings(transform=f"{module}:run")
-        result = run_job(settings, settings.jobs[0])
-    finally:
-        sys.path.remove(str(world.tmp))
-    assert result.status == FAILED and words in result.message and f"transform {module}:run" in result.message
+    world.make_source(300)
+    result = run_with_transform(world, case, f"def run(df):\n    {body}\n")
+    assert result.status == FAILED and words in result.message
+    assert f"transform tx_{case}_{world.ch_database}:run" in result.message
     assert (result.rows_loaded, result.rows_quarantined) == (0, 0)
     assert (processed(world), target_count(world)) == (0, 0)
     assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
 
 
 def test_a_transform_may_drop_rows_and_they_count_as_handled(world: World) -> None:
-    module = f"tx_drop_{world.ch_database}"
-    (world.tmp / f"{module}.py").write_text("def run(df):\n    return df[df['id'] % 2 == 0]\n")
-    import sys
-    sys.path.insert(0, str(world.tmp))
-    try:
-        world.make_source(300)
-        settings = world.settings(transform=f"{module}:run")
-        result = run_job(settings, settings.jobs[0])
-    finally:
-        sys.path.remove(str(world.tmp))
+    world.make_source(300)
+    result = run_with_transform(world, "drop", "def run(df):\n    return df[df['id'] % 2 == 0]\n")
     assert (result.status, result.rows_loaded, result.rows_marked) == (OK, 150, 300)
     assert world.ch_rows(f"SELECT count(), sum(id % 2) FROM {world.target()}") == [(150, 0)]
 
 
 def test_a_run_that_can_mark_nothing_stops_instead_of_spinning(world: World) -> None:
     # A transform that touches its rows in PostgreSQL: every row changes between claim and mark.
-    module = f"tx_touch_{world.ch_database}"
-    (world.tmp / f"{module}.py").write_text(
-        "import psycopg2\n"
+    world.make_source(1000)
+    result = run_with_transform(
+        world, "touch", "import psycopg2\n"
         f"DSN = {world.pg_dsn!r}\n"
         "def run(df):\n"
         "    with psycopg2.connect(DSN) as c, c.cursor() as cur:\n"
         "        cur.execute('UPDATE src SET name = name WHERE id = ANY(%s)', (list(map(int, df['id'])),))\n"
-        "    return df\n")
-    import sys
-    sys.path.insert(0, str(world.tmp))
-    try:
-        world.make_source(1000)
-        settings = world.settings(transform=f"{module}:run", batch_size="100", chunk_size="100")
-        result = run_job(settings, settings.jobs[0])
-    finally:
-        sys.path.remove(str(world.tmp))
+        "    return df\n", batch_size="100", chunk_size="100")
     assert result.status == FAILED
     assert "3 batches in a row were claimed and none of their rows could be marked" in result.message
     # the 4th batch may be claimed while the 3rd is still being marked (marking overlaps the next batch)
@@ -349,7 +333,6 @@ def test_status_into_a_closed_pipe_and_requeue_of_an_unknown_key(world: World) -
     env_file = write_env(world, world.tmp / "chdb")
     assert cli("--once", "--env-file", str(env_file)).returncode == 0
     import subprocess
-    import sys
     piped = subprocess.run(f"{sys.executable} -m etl_service status --env-file {env_file} | true", shell=True,
                            capture_output=True, text=True, timeout=60, cwd=str(REPO), env=clean_env())
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
@@ -361,17 +344,10 @@ def test_status_into_a_closed_pipe_and_requeue_of_an_unknown_key(world: World) -
 
 
 def test_status_shows_a_subset_of_the_quarantine_with_how_many_more(world: World) -> None:
-    module = f"tx_picky_{world.ch_database}"
-    (world.tmp / f"{module}.py").write_text(
-        "def run(df):\n    if (df['id'] % 10 == 7).any():\n        raise ValueError('no sevens')\n    return df\n")
-    import sys
-    sys.path.insert(0, str(world.tmp))
-    try:
-        world.make_source(80)
-        settings = world.settings(transform=f"{module}:run")
-        assert run_job(settings, settings.jobs[0]).rows_quarantined == 8
-    finally:
-        sys.path.remove(str(world.tmp))
+    world.make_source(80)
+    sevens = "def run(df):\n    if (df['id'] % 10 == 7).any():\n        raise ValueError('no sevens')\n    return df\n"
+    assert run_with_transform(world, "picky", sevens).rows_quarantined == 8
+    settings = world.settings()
     lines: list[str] = []
     assert not report.status(settings, lines.append)  # rows are quarantined: needs attention
     assert "  quarantined rows: 8 (release with `requeue` after fixing them)" in lines
