@@ -364,7 +364,7 @@ class Run:
         if described is None:
             sink.create_target(client, database, table, shape, ".".join(self.job.source_table),
                                self.settings.clickhouse.cluster)
-            self.log.info("created ClickHouse table {} from the source column types", name)
+            self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
             described = sink.describe_target(client, database, table)
             if described is None:
                 raise EtlError(f"{name} was created but ClickHouse does not list it")

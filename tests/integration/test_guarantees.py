@@ -295,6 +295,25 @@ def test_wrong_password_exits_78_at_once_naming_the_variable(world: World, passw
     assert processed(world) == 0
 
 
+def test_a_running_daemon_fails_runs_on_a_changed_password_without_a_retry_loop(world: World,
+                                                                                password_role: str) -> None:
+    world.make_source(10)
+    world.sql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {password_role}; GRANT CREATE ON DATABASE"
+              f" {world.ch_database} TO {password_role}")
+    from psycopg2.extensions import make_dsn
+    dsn = make_dsn(world.pg_dsn, user=password_role, password="right-secret")
+    log = world.tmp / "daemon.log"
+    with running("--env-file", str(write_env(world, world.tmp / "chdb", PG_DSN=dsn, ETL_SCHEDULE="* * * * * *",
+                                               ETL_RETRY_BACKOFF="0.2")), log=log) as daemon:
+        wait_for(lambda: processed(world) == 10, 60, "the first run")
+        world.sql(f"ALTER ROLE {password_role} PASSWORD 'rotated-secret'")
+        wait_for(lambda: log.read_text().count("configuration error: PG_PASSWORD") >= 2, 30, "failed runs")
+        assert daemon.poll() is None  # the daemon stays up, each scheduled run tries once
+        assert stop(daemon) == 0
+    text = log.read_text()
+    assert "retrying" not in text and "rotated-secret" not in text and "right-secret" not in text
+
+
 @pytest.mark.parametrize(("change", "variable", "words"), [
     ({"user": "nobody_here"}, "PG_USER", 'role "nobody_here" does not exist'),
     ({"dbname": "no_such_db"}, "PG_DATABASE", 'database "no_such_db" does not exist'),
