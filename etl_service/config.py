@@ -48,6 +48,7 @@ JOB_KEYS: dict[str, tuple[str, Any]] = {
     "target_dedup": ("ETL_TARGET_DEDUP", "on"),
     "schema_changes": ("ETL_SCHEMA_CHANGES", "auto"),
     "verify_load": ("ETL_VERIFY_LOAD", "on"),
+    "lag_column": ("ETL_LAG_COLUMN", ""),
 }
 
 
@@ -75,6 +76,7 @@ class JobConfig:
     target_dedup: bool = True  # refuse a target that would not drop a repeated insert
     schema_changes: str = "auto"  # auto: follow the source; fail: never alter an operator-made table
     verify_load: bool = True  # count the batch's rows in ClickHouse before marking
+    lag_column: str = ""  # a timestamp of the source rows (created_at): lag is the oldest unprocessed one's age
 
     def trigger(self) -> CrontabTrigger:
         """The APScheduler trigger for this job's schedule (validated at load): crontab(5) semantics."""
@@ -331,6 +333,7 @@ def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], labe
         target_dedup=get.choice(key("target_dedup"), default("target_dedup"), ("on", "off")) == "on",
         schema_changes=get.choice(key("schema_changes"), default("schema_changes"), ("auto", "fail")),
         verify_load=get.choice(key("verify_load"), default("verify_load"), ("on", "off")) == "on",
+        lag_column=get.raw(key("lag_column"), ""),
     )
 
 

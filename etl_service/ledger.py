@@ -135,6 +135,17 @@ def _batch(row: tuple[Any, ...]) -> Batch:
 
 
 @dataclass(frozen=True)
+class Health:
+    """How far behind a job is, for metrics and `status`."""
+
+    backlog: int  # unprocessed source rows
+    lag_seconds: float  # age of the oldest unprocessed row (see Ledger.health); 0 without a backlog
+    waiting: int  # batches loaded but not marked (waiting for readiness)
+    quarantined: int
+    last_success: datetime | None  # when a run last ended ok or idle
+
+
+@dataclass(frozen=True)
 class ForeignBatch:
     """An unfinished batch of another job name that holds keys of this job's source."""
 
@@ -434,6 +445,33 @@ class Ledger:
             "INSERT INTO {s}.runs (job, started_at, status, batches, rows_loaded, rows_marked, seconds,"
             " message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(s=self.schema),
             (self.job.name, started_at, status, batches, loaded, marked, seconds, message))
+
+    def health(self) -> Health:
+        """Backlog, lag, waiting batches, quarantine and last success, in one statement.
+
+        Lag is the age of the oldest unprocessed row: exact with ETL_LAG_COLUMN; otherwise the age
+        of the oldest unfinished batch, else the time since a run last found the backlog empty
+        (every row waiting now arrived after it), else since the job's first run.
+        """
+        src, flag = qualified(self.job), sql.Identifier(self.job.processed_column)
+        if self.job.lag_column:
+            oldest = sql.SQL("(SELECT min(s.{col})::timestamptz FROM {src} s WHERE s.{flag} = false)").format(
+                col=sql.Identifier(self.job.lag_column), src=src, flag=flag)
+        else:
+            oldest = sql.SQL(
+                "coalesce((SELECT min(claimed_at) FROM {s}.batches WHERE job = %(job)s AND state <> 'done'),"
+                " (SELECT max(finished_at) FROM {s}.runs WHERE job = %(job)s AND status = 'idle'),"
+                " (SELECT min(started_at) FROM {s}.runs WHERE job = %(job)s))").format(s=self.schema)
+        rows = self._run("read the job's health", sql.SQL(
+            "WITH b AS (SELECT count(*) AS n FROM {src} WHERE {flag} = false)"
+            " SELECT b.n, CASE WHEN b.n = 0 THEN 0 ELSE"
+            " coalesce(extract(epoch FROM now() - {oldest})::float8, 0) END,"
+            " (SELECT count(*) FROM {s}.batches WHERE job = %(job)s AND state = 'loaded'),"
+            " (SELECT count(*) FROM {s}.quarantine WHERE job = %(job)s),"
+            " (SELECT max(finished_at) FROM {s}.runs WHERE job = %(job)s AND status IN ('ok', 'idle'))"
+            " FROM b").format(src=src, flag=flag, oldest=oldest, s=self.schema), self._names())
+        backlog, lag, waiting, quarantined, last_success = rows[0]
+        return Health(int(backlog), max(0.0, float(lag)), int(waiting), int(quarantined), last_success)
 
     def backlog(self) -> int:
         """Source rows not yet flagged processed."""

@@ -146,8 +146,6 @@ class Run:
                 finally:
                     self.marker.settle()
                 self._finish(conn)
-                if self.settings.metrics_port:
-                    metrics.BACKLOG.labels(self.job.name).set(ledger.backlog())
             except _Outcome as out:
                 self._record(ledger, started, t0, out.status, out.message)
                 raise
@@ -159,9 +157,17 @@ class Run:
             finally:
                 self._quietly(self.marker.close)
                 self._close_clickhouse()
+                if self.settings.metrics_port:  # counts the backlog: only when someone reads it
+                    self._quietly(lambda: self._gauges(ledger))
                 self._quietly(ledger.unlock)
         finally:
             conn.close()
+
+    def _gauges(self, ledger: Ledger) -> None:
+        health = ledger.health()
+        for gauge, value in ((metrics.BACKLOG, health.backlog), (metrics.LAG, health.lag_seconds),
+                             (metrics.WAITING, health.waiting), (metrics.QUARANTINED, health.quarantined)):
+            gauge.labels(self.job.name).set(value)
 
     def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
         shape = source.describe(conn, self.job)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from etl_service import source
@@ -41,10 +42,16 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
     try:
         shape = source.describe(conn, job)
         ledger = Ledger(conn, settings.ledger_schema, job)
-        data.update(key=shape.key.label, backlog=ledger.backlog(), null_keys=ledger.null_keys(shape.key),
+        data.update(key=shape.key.label, null_keys=ledger.null_keys(shape.key),
                     ledger=ledger_exists(conn, settings.ledger_schema))
         if data["ledger"]:
+            health = ledger.health()
+            since = (datetime.now(UTC) - health.last_success).total_seconds() if health.last_success else None
+            data.update(backlog=health.backlog, lag_seconds=round(health.lag_seconds, 1), waiting=health.waiting,
+                        seconds_since_success=None if since is None else round(since, 1))
             _ledger_part(ledger, data)
+        else:
+            data["backlog"] = ledger.backlog()
     except EtlError as exc:
         data["error"] = str(exc)
     data["needs_attention"] = bool(data.get("error") or data.get("foreign") or data.get("quarantined")
@@ -70,7 +77,8 @@ def _render(job: dict[str, Any], out: Print) -> None:
     if "error" in job:
         out(f"  cannot read: {job['error']}")
         return
-    out(f"  backlog: {job['backlog']} unprocessed row(s)")
+    lag = f"; the oldest waits {_duration(job['lag_seconds'])}" if job.get("lag_seconds") else ""
+    out(f"  backlog: {job['backlog']} unprocessed row(s){lag}")
     if job["null_keys"]:
         out(f"  cannot move: {job['null_keys']} row(s) with a NULL key ({job['key']}); they are never claimed")
     if not job["ledger"]:
@@ -79,7 +87,10 @@ def _render(job: dict[str, Any], out: Print) -> None:
     by_state: dict[str, list[int]] = {}
     for batch in job["unfinished"]:
         by_state.setdefault(batch["state"], []).append(batch["batch"])
-    out("  unfinished batches: " + (", ".join(f"{s}: {ids}" for s, ids in by_state.items()) or "none"))
+    out("  unfinished batches: " + (", ".join(f"{s}: {ids}" for s, ids in by_state.items()) or "none")
+        + (f" ({job['waiting']} loaded, waiting for readiness)" if job["waiting"] else ""))
+    since = job["seconds_since_success"]
+    out(f"  last success: {'never' if since is None else _duration(since) + ' ago'}")
     for other in job["foreign"]:
         where = "this source" if other["source"] else "an unknown source (recorded by an older version)"
         claimed = f"{other['claimed_at']:%Y-%m-%d %H:%M:%S}"
@@ -98,3 +109,12 @@ def _render(job: dict[str, Any], out: Print) -> None:
         tail = f" — {run['message']}" if run["message"] else ""
         out(f"    {run['started_at']:%Y-%m-%d %H:%M:%S} {run['status']:8} batches={run['batches']}"
             f" loaded={run['rows_loaded']} marked={run['rows_marked']} {run['seconds']:.1f}s{tail}")
+
+
+def _duration(seconds: float) -> str:
+    """12 s, 4 min, 3.5 h, 2.1 days: enough precision for a person."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} days"

@@ -190,6 +190,9 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
                           f"columns are: {', '.join(by_name)}")
     if by_name[job.processed_column][1] != "bool":
         raise ConfigError("ETL_PROCESSED_COLUMN", f"column {job.processed_column!r} must be boolean")
+    if job.lag_column and by_name.get(job.lag_column, ("", ""))[1] not in ("timestamptz", "timestamp", "date"):
+        raise ConfigError("ETL_LAG_COLUMN", f"{name} has no timestamp column {job.lag_column!r}",
+                          "name a timestamptz, timestamp or date column such as created_at, or leave it empty")
     key = _key(name, job, unique, by_name)
     pairs = job.columns or tuple((r[0], r[0]) for r in rows if r[0] != job.processed_column)
     missing = [src for src, _ in pairs if src not in by_name]

@@ -410,3 +410,25 @@ def test_a_chdb_folder_that_cannot_be_created_is_a_configuration_error(world: Wo
     assert once.returncode == 78, once.stderr
     assert f"CLICK_DSN: the chDB folder {blocker / 'chdb'} cannot be created" in once.stderr
     assert "in use" not in once.stderr
+
+
+def test_status_and_metrics_say_how_far_behind_a_job_is(world: World) -> None:
+    world.make_source(50)
+    world.sql("UPDATE src SET ts = now() - CASE WHEN id = 7 THEN interval '2 hours' ELSE interval '1 minute' END")
+    settings = world.settings(lag_column="ts", ready_query="SELECT 0", ready_timeout="0.1",
+                              ready_poll_interval="0.05", batch_size="20", chunk_size="20")
+    import dataclasses
+    with_metrics = dataclasses.replace(settings, metrics_port=1)  # gauges are read after each run
+    assert run_job(with_metrics, with_metrics.jobs[0]).status == WAITING  # batch 1 loaded, never ready
+    from etl_service import metrics
+    lag = metrics.LAG.labels("src")._value.get()
+    assert 7190 < lag < 7300 and metrics.WAITING.labels("src")._value.get() == 1
+    lines: list[str] = []
+    report.status(settings, lines.append)
+    backlog = next(line for line in lines if line.startswith("  backlog:"))
+    assert backlog.startswith("  backlog: 50 unprocessed row(s); the oldest waits 2.0 h"), backlog
+    assert any(line.endswith("(1 loaded, waiting for readiness)") for line in lines), lines
+    assert "  last success: never" in lines
+    wrong = world.settings(lag_column="name")  # text, not a timestamp
+    result = run_job(wrong, wrong.jobs[0])
+    assert result.permanent and "ETL_LAG_COLUMN" in result.message
