@@ -18,8 +18,8 @@ from types import FrameType
 from loguru import logger
 
 from etl_service import __version__, admin, checks, logs, report, sink
-from etl_service.config import Settings, load
-from etl_service.errors import ConfigError
+from etl_service.config import JobConfig, Settings, load
+from etl_service.errors import ConfigError, TransientError
 from etl_service.pipeline import FAILED, SUCCESS, run_job
 
 EX_FAILED, EX_TEMPFAIL, EX_CONFIG = 1, 75, 78
@@ -99,17 +99,25 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     install_signal_handlers(stop)
     if args.once:
-        results = [run_job(settings, job, stop) for job in jobs]
-        if any(r.permanent for r in results):
-            return EX_CONFIG
-        if any(r.status == FAILED for r in results):
-            return EX_FAILED
-        return 0 if all(r.status in SUCCESS for r in results) else EX_TEMPFAIL
+        return _once(settings, jobs, stop)
     from etl_service.daemon import Daemon
 
     reload = threading.Event()
     signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set())
     return Daemon(settings, stop, reload, lambda current: load(args.env_file, previous=current)).serve()
+
+
+def _once(settings: Settings, jobs: list[JobConfig], stop: threading.Event) -> int:
+    try:
+        checks.preflight(settings)  # a wrong key, table or grant exits 78 before anything is loaded
+    except TransientError:
+        pass  # an outage: the runs retry it with backoff and report it
+    results = [run_job(settings, job, stop) for job in jobs]
+    if any(r.permanent for r in results):
+        return EX_CONFIG
+    if any(r.status == FAILED for r in results):
+        return EX_FAILED
+    return 0 if all(r.status in SUCCESS for r in results) else EX_TEMPFAIL
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

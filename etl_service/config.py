@@ -458,7 +458,7 @@ def _clickhouse_target(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget
     if dsn.startswith("chdb://"):
         path = dsn[len("chdb://"):]
         if not path.startswith("/"):
-            raise ConfigError("CLICK_DSN", f"chDB path must be absolute, got {dsn!r}",
+            raise ConfigError("CLICK_DSN", "a chdb:// path must be absolute",
                               "write chdb:///var/lib/etl-service/chdb (three slashes)")
         if importlib.util.find_spec("chdb") is None:
             raise ConfigError("CLICK_DSN", "a chdb:/// target needs the embedded ClickHouse engine, which is not"

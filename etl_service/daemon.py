@@ -20,7 +20,7 @@ from loguru import logger
 
 from etl_service import checks, logs, metrics, sink, systemd
 from etl_service.config import JobConfig, Settings
-from etl_service.errors import ConfigError
+from etl_service.errors import ConfigError, TransientError
 from etl_service.pipeline import run_job
 
 
@@ -50,7 +50,10 @@ class Daemon:
         """Wait for both databases, schedule the jobs, and run until stopped. Returns the exit code."""
         if not checks.wait_until_reachable(self.settings, self.stop):
             return 0
-        checks.preflight(self.settings)  # a wrong key, table or grant: ConfigError, exit 78
+        try:
+            checks.preflight(self.settings)  # a wrong key, table or grant: ConfigError, exit 78
+        except TransientError as exc:
+            logger.warning("start-up checks skipped: {} (the runs retry and report)", exc)
         now = datetime.now(UTC)
         for job in self.settings.jobs:
             # First run at start: finish what a previous process left unfinished and catch up,

@@ -38,6 +38,11 @@ class Key:
         """`id`, or `(tenant_id, id)`: how log lines and status name the key."""
         return self.columns[0].name if len(self.columns) == 1 else f"({', '.join(self.names)})"
 
+    def ordered(self, names: tuple[str, ...]) -> Key:
+        """The same key with its columns in the order `names` gives (a set of the same columns)."""
+        by_name = {c.name: c for c in self.columns}
+        return Key(tuple(by_name[n] for n in names))
+
     def _type(self, i: int) -> sql.Composable:
         # format_type() output from the catalog, not user text: safe to splice as a type name.
         return sql.SQL(self.columns[i].pg_type)

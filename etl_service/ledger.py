@@ -19,12 +19,26 @@ from psycopg2.extras import Json
 from etl_service.config import JobConfig
 from etl_service.errors import SourceError
 from etl_service.keys import Key
-from etl_service.source import Connection, SourceShape, generation, pg_errors, qualified
+from etl_service.source import (
+    UNCHANGED,
+    UNCHANGED_OR_REWRITTEN,
+    Connection,
+    SourceShape,
+    generation,
+    pg_errors,
+    qualified,
+    retyped,
+)
 
 # Unfinished batches of other job names on this job's source and flag (or of unknown source:
-# recorded before batches named it). Parameters: job, source, flag.
+# recorded before batches named it): a renamed or removed job's, to adopt or release.
+# Parameters: job, source, flag.
 _FOREIGN = (" WHERE b.state <> 'done' AND b.job <> %(job)s"
             " AND (b.source IS NULL OR (b.source = %(source)s AND b.flag = %(flag)s))")
+# Unfinished batches of any other job on this job's source, whatever its flag: their keys are
+# never claimed meanwhile. Another consumer's marking rewrites the row (a new xmin), so two
+# batches holding one key at once would each see the other's mark as an update and load it again.
+_HELD = " WHERE b.state <> 'done' AND b.job <> %(job)s AND (b.source IS NULL OR b.source = %(source)s)"
 
 SCHEMA_SQL = """
 SELECT pg_advisory_xact_lock(hashtextextended('etl-service:ledger-schema', 0));
@@ -77,6 +91,8 @@ ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source text,
 CREATE INDEX IF NOT EXISTS batches_open_source ON {schema}.batches (source, flag) WHERE state <> 'done';
 -- The source's storage at claim time: when a rewrite changed it, xmins no longer tell changes.
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS generation text;
+-- The key's columns, in the order its stored keys list them.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS key_columns text[];
 -- The source column types each job's target was last brought in step with: a type that differs
 -- from it is a change at the source (one that matches is the operator's choice, left alone).
 CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
@@ -90,7 +106,7 @@ CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
 
 
 _BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
-                  " keys[cardinality(keys)], coalesce(origin, job), generation")
+                  " keys[cardinality(keys)], coalesce(origin, job), generation, key_columns")
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,7 @@ class Batch:
     last_key: str | None = None
     origin: str = ""  # the job name that claimed it: part of every insert token
     generation: str | None = None  # the source's storage when claimed (source.GENERATION)
+    key_columns: tuple[str, ...] | None = None  # the key's columns, in the order of its stored keys
 
     @property
     def chunk_count(self) -> int:
@@ -129,9 +146,10 @@ class Batch:
 
 def _batch(row: tuple[Any, ...]) -> Batch:
     """A Batch from a row of the _BATCH_COLUMNS select list."""
-    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key, origin, gen = row
+    batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key, origin, gen, \
+        key_columns = row
     return Batch(batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, tuple(split),
-                 last_key, origin, gen)
+                 last_key, origin, gen, tuple(key_columns) if key_columns else None)
 
 
 @dataclass(frozen=True)
@@ -164,7 +182,6 @@ class Ledger:
     def __init__(self, conn: Connection, schema: str, job: JobConfig) -> None:
         self.conn = conn
         self.schema = sql.Identifier(schema)
-        self.schema_name = schema
         self.job = job
         self.source = ".".join(job.source_table)
 
@@ -186,7 +203,7 @@ class Ledger:
             "SELECT count(*) FROM pg_attribute WHERE NOT attisdropped AND attnum > 0"
             " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
             " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
-            " OR (attrelid = to_regclass(%(b)s) AND attname = 'generation')"
+            " OR (attrelid = to_regclass(%(b)s) AND attname = 'key_columns')"
             " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
             " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
             {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs",
@@ -208,16 +225,17 @@ class Ledger:
     def try_lock(self) -> bool:
         """Take the source's session-level advisory lock if free; held until `unlock` or disconnect.
 
-        The lock is on the source table and flag, not the job name: a renamed job, or a second
-        daemon configured with another name for the same rows, still never runs beside this one.
+        The lock is on the source table (the root of its partition tree), not the job name or the
+        ledger: a renamed job, a second consumer with its own flag, a job on one of its partitions,
+        or a second daemon with another configuration never runs beside this one.
         """
-        rows = self._run("take job lock", sql.SQL("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"),
-                         (self._lock_name(),))
+        rows = self._run("take job lock", sql.SQL("SELECT pg_try_advisory_lock({})").format(self._lock_key()),
+                         {"src": self._quoted_source()})
         return bool(rows[0][0])
 
     def unlock(self) -> None:
-        self._run("release job lock", sql.SQL("SELECT pg_advisory_unlock(hashtextextended(%s, 0))"),
-                  (self._lock_name(),))
+        self._run("release job lock", sql.SQL("SELECT pg_advisory_unlock({})").format(self._lock_key()),
+                  {"src": self._quoted_source()})
 
     def lock_holder(self) -> str:
         """Who holds the job's lock, for the 'skipped' log line."""
@@ -225,8 +243,8 @@ class Ledger:
             "SELECT a.application_name, a.pid, a.backend_start FROM pg_locks l"
             " JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND l.granted"
-            " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(%s, 0)"),
-            (self._lock_name(),))
+            " AND ((l.classid::bigint << 32) | l.objid::bigint) = {}").format(self._lock_key()),
+            {"src": self._quoted_source()})
         if not rows:
             return "another runner (gone now)"
         app, pid, since = rows[0]
@@ -236,12 +254,18 @@ class Ledger:
         """Wait up to `wait_seconds` for the source's lock (for commands that change batches)."""
         with pg_errors("wait for the job's lock (is a run in progress?)", self.conn), self.conn.cursor() as cur:
             cur.execute("SET lock_timeout = %s", (f"{int(wait_seconds * 1000)}ms",))
-            cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (self._lock_name(),))
+            cur.execute(sql.SQL("SELECT pg_advisory_lock({})").format(self._lock_key()), {"src": self._quoted_source()})
             cur.execute("RESET lock_timeout")
             self.conn.commit()
 
-    def _lock_name(self) -> str:
-        return f"etl-service:{self.schema_name}:{self.source}:{self.job.processed_column}"
+    @staticmethod
+    def _lock_key() -> sql.Composable:
+        # A missing table (the run then says so) locks on its name.
+        return sql.SQL("hashtextextended('etl-service:' || coalesce(coalesce(pg_partition_root(to_regclass(%(src)s)),"
+                       " to_regclass(%(src)s))::oid::text, %(src)s), 0)")
+
+    def _quoted_source(self) -> str:
+        return qualified(self.job).as_string(self.conn)
 
     def unfinished(self) -> list[Batch]:
         """Batches of this job that are claimed or loaded, oldest first."""
@@ -256,7 +280,7 @@ class Ledger:
 
         None when there are none. Keys come in key order, so a run can claim the next batch
         past one that is still being marked. Rows with a NULL in the key are never claimed.
-        `skip_foreign`: leave out keys held by unfinished batches of other job names.
+        `skip_foreign`: leave out keys held by other jobs' unfinished batches (see `held_elsewhere`).
         """
         key = shape.key
         above = sql.SQL(" AND {}").format(key.compare("s", ">", sql.SQL("%(after)s"))) if after is not None \
@@ -265,11 +289,11 @@ class Ledger:
             if skip_foreign else sql.SQL("")
         order = sql.SQL(", ").join(sql.Identifier(f"o{i}") for i in range(len(key.columns)))
         query = sql.SQL(
-            "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + _FOREIGN + ")"
+            "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + _HELD + ")"
             " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size,"
-            " generation)"
+            " generation, key_columns)"
             " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(p.k ORDER BY {order}),"
-            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s, {generation}"
+            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s, {generation}, %(key_columns)s"
             " FROM (SELECT {encoded} AS k, s.xmin AS x, {ordered} FROM {src} s WHERE s.{flag} = false"
             " AND {not_null}{above}{held}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = {encoded})"
@@ -280,9 +304,15 @@ class Ledger:
                  ordered=sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(f"o{i}"))
                                             for i, c in enumerate(key.names)),
                  above=above, held=held, generation=generation(qualified(self.job).as_string(self.conn)))
-        rows = self._run("claim batch", query, {**self._names(), "chunk": self.job.chunk_size,
-                                                "limit": self.job.batch_size, "after": after})
+        rows = self._run("claim batch", query, {**self._names(), "chunk": self.job.chunk_size, "after": after,
+                                                "limit": self.job.batch_size, "key_columns": list(key.names)})
         return _batch(rows[0]) if rows else None
+
+    def held_elsewhere(self) -> bool:
+        """Whether another job has an unfinished batch on this source (its keys must be skipped)."""
+        rows = self._run("look for other jobs' batches on this source", sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {s}.batches b" + _HELD + ")").format(s=self.schema), self._names())
+        return bool(rows[0][0])
 
     def foreign(self) -> list[ForeignBatch]:
         """Unfinished batches of other job names that hold keys of this job's source (renamed or removed jobs)."""
@@ -327,6 +357,12 @@ class Ledger:
             "UPDATE {s}.batches SET chunks_loaded = %s, rows_loaded = rows_loaded + %s"
             " WHERE batch_id = %s").format(s=self.schema), (chunks_loaded, rows, batch.batch_id))
 
+    def reload(self, batch: Batch) -> None:
+        """Send a loaded batch again from its first chunk (ClickHouse lost all of it)."""
+        self._run("reset batch for reloading", sql.SQL(
+            "UPDATE {s}.batches SET state = 'claimed', chunks_loaded = 0, rows_loaded = 0, loaded_at = NULL"
+            " WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema), (batch.batch_id,))
+
     def set_loaded(self, batch: Batch) -> None:
         self._run("record batch loaded", sql.SQL(
             "UPDATE {s}.batches SET state = 'loaded', loaded_at = now() WHERE batch_id = %s"
@@ -347,8 +383,8 @@ class Ledger:
             # The UPDATE's own lock, taken first: no rewrite can happen between this check and the mark.
             cur.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(qualified(self.job)))
             cur.execute(sql.SQL("SELECT {}").format(generation(name)))
-            by_xmin = cur.fetchone()[0] == batch.generation  # type: ignore[index]
-            unchanged = sql.SQL(" AND s.xmin = k.x" if by_xmin else "")
+            by_xmin = not retyped(batch.generation, cur.fetchone()[0])  # type: ignore[index]
+            unchanged = sql.SQL(UNCHANGED if by_xmin else UNCHANGED_OR_REWRITTEN)
             cur.execute(mark.format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
                                     s=self.schema, matches=shape.key.matches("s", sql.SQL("k.key")),
                                     unchanged=unchanged), {"batch": batch.batch_id, "job": self.job.name})

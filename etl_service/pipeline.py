@@ -8,6 +8,7 @@ ledger's runs table.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -171,8 +172,8 @@ class Run:
 
     def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
         shape = source.describe(conn, self.job)
-        foreign = ledger.foreign()
-        for other in foreign:
+        held = ledger.held_elsewhere()
+        for other in ledger.foreign() if held else []:
             self.log.warning("batch {} of job {!r} ({} rows, {}) is unfinished and holds keys of {}: they are"
                              " left alone until it is adopted (`etl-service adopt --batch {} --job {}`) or"
                              " released (`etl-service release --batch {} --job {}`)", other.batch_id, other.job,
@@ -196,7 +197,7 @@ class Run:
                                " marked: every claimed row changed or vanished between claim and mark. Is"
                                f" something updating {'.'.join(self.job.source_table)} all the time? See"
                                " `status`; the rows stay unprocessed")
-            claimed = ledger.claim(shape, after, skip_foreign=bool(foreign))
+            claimed = ledger.claim(shape, after, skip_foreign=held)
             if claimed is None:
                 if after is None:
                     break
@@ -214,6 +215,7 @@ class Run:
 
     def _process(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> None:
         """One batch through every step; raises _Outcome when it must stop short."""
+        shape = self._shape_of(batch, shape)
         bt0 = self.clock()
         quarantined_before = self.result.rows_quarantined
         sent = self._load(conn, ledger, shape, batch) if batch.state == "claimed" else 0
@@ -229,9 +231,21 @@ class Run:
                 raise _Outcome(status, f"batch {batch.batch_id} is loaded but ClickHouse is not ready;"
                                " the next run polls again")
         self.faults.reached("after_ready")
-        self._verify(shape, batch, batch.rows_loaded + sent)
+        self._verify(conn, ledger, shape, batch, batch.rows_loaded + sent)
         quarantined = self.result.rows_quarantined - quarantined_before
         self.marker.submit(batch, shape, lambda done, marked: self._marked(done, marked, quarantined, bt0))
+
+    def _shape_of(self, batch: Batch, shape: SourceShape) -> SourceShape:
+        """The shape whose key reads `batch`'s stored keys: their column order is the one at claim time."""
+        claimed = batch.key_columns
+        if not claimed or claimed == shape.key.names:
+            return shape
+        if set(claimed) != set(shape.key.names):
+            raise ConfigError("ETL_SOURCE_KEY", f"batch {batch.batch_id} was claimed with the key"
+                              f" ({', '.join(claimed)}) but the key is now {shape.key.label}: its stored keys"
+                              " cannot be matched",
+                              "set ETL_SOURCE_KEY back until the batch is done (`status` shows it), then change it")
+        return dataclasses.replace(shape, key=shape.key.ordered(claimed))
 
     def _marked(self, batch: Batch, marked: int, quarantined: int, bt0: float) -> None:
         self._barren = self._barren + 1 if batch.row_count and not marked and not quarantined else 0
@@ -245,19 +259,34 @@ class Run:
         self.log.bind(batch=batch.batch_id).info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s",
                                                  batch.batch_id, batch.row_count, marked, notes, self.clock() - bt0)
 
-    def _verify(self, shape: SourceShape, batch: Batch, expected: int) -> None:
-        """Before marking: ClickHouse holds exactly the rows sent for this batch (ETL_VERIFY_LOAD)."""
+    def _verify(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch,
+                expected: int) -> None:
+        """Before marking: ClickHouse holds exactly the rows sent for this batch (ETL_VERIFY_LOAD).
+
+        If it holds none of them (the target was dropped or emptied while the batch waited), the
+        batch is loaded again once, with the same tokens: a target that still knows them drops
+        the repeat, and the count then fails the run.
+        """
         if not self.job.verify_load or not expected:
             return
         client = self._clickhouse(shape)
         if sink.BATCH_COLUMN not in self._target_types:
             return
-        held = sink.batch_rows(client, self.settings.clickhouse.database, self.job.target_table, batch.batch_id)
+        db, table = self.settings.clickhouse.database, self.job.target_table
+        held = sink.batch_rows(client, db, table, batch.batch_id)
+        if held == 0:
+            self.log.bind(batch=batch.batch_id).warning(
+                "ClickHouse holds none of the {} rows of batch {} (was {}.{} dropped or emptied?): loading it again",
+                expected, batch.batch_id, db, table)
+            ledger.reload(batch)
+            again = dataclasses.replace(batch, state="claimed", chunks_loaded=0, rows_loaded=0)
+            expected = self._load(conn, ledger, shape, again)
+            held = sink.batch_rows(client, db, table, batch.batch_id)
         if held != expected:
             raise EtlError(f"batch {batch.batch_id}: ClickHouse holds {held} of its rows but {expected} were sent,"
-                           f" so it is not marked. Did a TTL, a row-collapsing engine or a DELETE remove rows, or did"
-                           f" a retried insert land twice? The batch stays loaded; ETL_VERIFY_LOAD=off skips this"
-                           f" check for targets that change rows by design")
+                           " so it is not marked and stays loaded. Did a TTL, a row-collapsing engine or a DELETE"
+                           " remove rows, or did a retried insert land twice? For a target that drops or folds rows"
+                           " by design set ETL_VERIFY_LOAD=off — which would mark this batch as it is")
 
     def _load(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> int:
         """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""

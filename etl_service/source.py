@@ -151,16 +151,42 @@ ORDER BY i.indisprimary DESC, count(*), min(i.indexrelid::bigint)
 """
 
 
-# The table's storage, partitions included: it changes when a rewrite (ALTER … TYPE, VACUUM FULL,
-# CLUSTER) gives every row a new version, and so a new xmin, without changing its data.
+# The table's storage (partitions included) and its column types: `storage|types`. An ALTER …
+# TYPE that rewrites the table changes both and gives every row a new xmin without changing its
+# data; VACUUM FULL and CLUSTER change the storage but keep xmins; TRUNCATE changes the storage
+# and leaves only rows inserted after it.
 GENERATION = ("concat_ws(',', pg_relation_filenode({t}::regclass),"
               " (SELECT string_agg(pg_relation_filenode(p.relid)::text, ',' ORDER BY p.relid::oid)"
-              " FROM pg_partition_tree({t}::regclass) p))")
+              " FROM pg_partition_tree({t}::regclass) p)) || '|' ||"
+              " (SELECT md5(string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod, ',' ORDER BY a.attnum))"
+              " FROM pg_attribute a WHERE a.attrelid = {t}::regclass AND a.attnum > 0 AND NOT a.attisdropped)")
+
+
+# A row is unchanged since its claim if its xmin is the claimed one. After a rewrite by ALTER …
+# TYPE, also if its xmin is the rewriting transaction's: the one that last changed the table's
+# pg_class row (an UPDATE after the rewrite has a later xmin).
+UNCHANGED = " AND s.xmin = k.x"
+UNCHANGED_OR_REWRITTEN = " AND (s.xmin = k.x OR s.xmin = (SELECT c.xmin FROM pg_class c WHERE c.oid = s.tableoid))"
 
 
 def generation(name: str) -> sql.Composable:
     """SQL for the storage generation of the table `name` (quoted schema.table; see GENERATION)."""
     return sql.SQL(GENERATION).format(t=sql.Literal(name))
+
+
+def retyped(claimed: str | None, now: str) -> bool:
+    """Whether the table was rewritten by a type change since a batch was claimed (see GENERATION)."""
+    if claimed is None or "|" not in claimed:
+        return False
+    (storage, types), (storage_now, types_now) = claimed.split("|", 1), now.split("|", 1)
+    return storage != storage_now and types != types_now
+
+
+# Children by (old-style) inheritance: partitions are fine, their parent's key covers them.
+_INHERITED = """
+SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+               WHERE i.inhparent = to_regclass(%s) AND p.relkind = 'r')
+"""
 
 
 def describe(conn: Connection, job: JobConfig) -> SourceShape:
@@ -180,7 +206,22 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
     if not rows:
         raise ConfigError("ETL_SOURCE_TABLE", f"table {name} does not exist in PostgreSQL",
                           "check the schema and table name (schema.table)")
+    cur.execute(_INHERITED, (name,))
+    if cur.fetchone()[0]:  # type: ignore[index]
+        raise ConfigError("ETL_SOURCE_TABLE", f"{name} has child tables by inheritance: its key is unique in the"
+                          " parent only, and reading it reads the children too", "point the job at a partitioned"
+                          " table, or at each child table with a job of its own")
     by_name = {r[0]: r for r in rows}
+    _check_named_columns(name, job, by_name)
+    key = _key(name, job, unique, by_name)
+    pairs = job.columns or tuple((r[0], r[0]) for r in rows if r[0] != job.processed_column)
+    _check_moved_columns(name, pairs, key, by_name)
+    columns = tuple(map_column(src, by_name[src][1], by_name[src][2], by_name[src][3], by_name[src][4],
+                               by_name[src][5]) for src, _ in pairs)
+    return SourceShape(key, columns, tuple(t for _, t in pairs))
+
+
+def _check_named_columns(name: str, job: JobConfig, by_name: dict[str, tuple[Any, ...]]) -> None:
     for col in job.source_key:
         if col not in by_name:
             raise ConfigError("ETL_SOURCE_KEY", f"column {col!r} does not exist in {name}",
@@ -193,19 +234,22 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
     if job.lag_column and by_name.get(job.lag_column, ("", ""))[1] not in ("timestamptz", "timestamp", "date"):
         raise ConfigError("ETL_LAG_COLUMN", f"{name} has no timestamp column {job.lag_column!r}",
                           "name a timestamptz, timestamp or date column such as created_at, or leave it empty")
-    key = _key(name, job, unique, by_name)
-    pairs = job.columns or tuple((r[0], r[0]) for r in rows if r[0] != job.processed_column)
+
+
+def _check_moved_columns(name: str, pairs: tuple[tuple[str, str], ...], key: Key,
+                         by_name: dict[str, tuple[Any, ...]]) -> None:
     missing = [src for src, _ in pairs if src not in by_name]
     if missing:
         raise ConfigError("ETL_COLUMNS", f"{', '.join(missing)} not in {name}",
                           f"columns are: {', '.join(by_name)}")
+    reserved = [t for _, t in pairs if t.startswith("_etl_")]
+    if reserved:
+        raise ConfigError("ETL_COLUMNS", f"column name {reserved[0]!r} is reserved for the service's own columns"
+                          " in ClickHouse (_etl_…)", f"rename it: ETL_COLUMNS=\"…, {reserved[0]}:other\"")
     unmoved = [k for k in key.names if k not in {src for src, _ in pairs}]
     if unmoved:
         raise ConfigError("ETL_COLUMNS", f"leaves out the key column(s) {', '.join(unmoved)}",
                           "every key column must be moved (it identifies the row in ClickHouse)")
-    columns = tuple(map_column(src, by_name[src][1], by_name[src][2], by_name[src][3], by_name[src][4],
-                               by_name[src][5]) for src, _ in pairs)
-    return SourceShape(key, columns, tuple(t for _, t in pairs))
 
 
 def _key(table: str, job: JobConfig, unique: list[tuple[str, ...]], by_name: dict[str, tuple[Any, ...]]) -> Key:
@@ -230,7 +274,8 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
 
     Only rows whose xmin still equals the claimed one are extracted: a row changed since the
     claim is left for the next batch, which will load its new version. If the table was
-    rewritten since the claim (every xmin changed, no data did), rows are matched by key alone.
+    rewritten by a type change since the claim (every xmin changed, no data did), a row whose xmin is the
+    rewrite's also counts as unchanged.
     Under the table's lock, the columns are checked first: SourceChanged if they are no longer
     the ones this run prepared the target for.
     """
@@ -242,7 +287,7 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
         if _read_shape(cur, job, name).signature != shape.signature:
             raise SourceChanged(f"{name} changed its columns during the run: starting over with the new ones")
         cur.execute(sql.SQL("SELECT {}").format(generation(name)))
-        rewritten = cur.fetchone()[0] != claimed_generation  # type: ignore[index]
+        rewritten = retyped(claimed_generation, cur.fetchone()[0])  # type: ignore[index]
         cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last, not rewritten), buf)
     conn.commit()
     return parse_csv(buf.getvalue(), shape)
@@ -272,7 +317,7 @@ def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int,
         ledger=sql.Identifier(ledger),
         first=sql.Literal(first), last=sql.Literal(last),
         src=qualified(job), joined=joined,
-        unchanged=sql.SQL(" AND s.xmin = k.x" if by_xmin else ""),
+        unchanged=sql.SQL(UNCHANGED if by_xmin else UNCHANGED_OR_REWRITTEN),
         above_lo=key.compare("s", ">=", sql.SQL("(SELECT lo FROM r)")),
         below_hi=key.compare("s", "<=", sql.SQL("(SELECT hi FROM r)")),
         batch=sql.Literal(batch_id),

@@ -162,12 +162,17 @@ def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, al
             plan.changes.append(f"added column {target} {wanted} (new at the source)")
         elif aligned is not None and aligned.get(target) != column.pg_type and not holds(existing, wanted):
             widened = _widened(existing, wanted)
-            if target in keys or not holds(wanted, existing):
-                why = "it is in the sort key" if target in keys else "changing it could lose values"
+            if target in keys:
+                raise SchemaChangeError(
+                    f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but {table}.{target}"
+                    f" is {existing}, and ClickHouse cannot change the type of a sort-key column: recreate the table"
+                    f" with {name} {widened} (CREATE TABLE new … ; INSERT INTO new SELECT * FROM {table}; EXCHANGE"
+                    " TABLES), then run again; nothing was loaded or marked")
+            if not holds(wanted, existing):
                 raise SchemaChangeError(
                     f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but"
-                    f" {table}.{target} is {existing}, and {why}: decide, then run {alter} MODIFY COLUMN {name}"
-                    f" {widened} (or recreate the table); nothing was loaded or marked")
+                    f" {table}.{target} is {existing}, and changing it could lose values: decide, then run {alter}"
+                    f" MODIFY COLUMN {name} {widened} (or recreate the table); nothing was loaded or marked")
             plan.statements.append(f"{alter} MODIFY COLUMN {name} {widened}")
             plan.changes.append(f"widened column {target} from {existing} to {widened}")
     if plan.statements and not (allow or info.created_by_service):

@@ -50,7 +50,7 @@ def _pandas_dtype(arrow_type: pa.DataType) -> object:
     if pa.types.is_integer(arrow_type):
         return pd.api.types.pandas_dtype(str(arrow_type).replace("u", "U").replace("int", "Int"))
     if pa.types.is_floating(arrow_type):
-        return pd.Float64Dtype() if arrow_type == pa.float64() else pd.Float32Dtype()
+        return pd.ArrowDtype(arrow_type)  # keeps NaN apart from NULL (pandas' Float64 folds NaN into NA)
     if pa.types.is_boolean(arrow_type):
         return pd.BooleanDtype()
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
@@ -95,9 +95,9 @@ def check_keys(given: pa.Table, returned: pa.Table, keys: tuple[str, ...], spec:
         raise TransformContractError(f"transform {spec} changed the type of the key ({label}): {exc}") from exc
     if any(col.null_count for col in out):
         raise TransformContractError(f"transform {spec} set a key ({label}) to NULL: keys must stay as given")
-    known = set(zip(*(given.column(k).to_pylist() for k in keys), strict=True))
+    known = set(zip(*(map(_nan, given.column(k).to_pylist()) for k in keys), strict=True))
     seen: set[tuple[object, ...]] = set()
-    for value in zip(*(col.to_pylist() for col in out), strict=True):
+    for value in zip(*(map(_nan, col.to_pylist()) for col in out), strict=True):
         if value not in known:
             raise TransformContractError(
                 f"transform {spec} returned key ({label}) = {_show(value)}, which is not a key of the rows it was"
@@ -107,6 +107,11 @@ def check_keys(given: pa.Table, returned: pa.Table, keys: tuple[str, ...], spec:
                 f"transform {spec} returned key ({label}) = {_show(value)} more than once (duplicated rows): each"
                 " row may come back at most once. Nothing of this chunk was inserted or marked")
         seen.add(value)
+
+
+def _nan(value: object) -> object:
+    """NaN never equals itself: compare float keys' NaN as one marker."""
+    return "NaN" if value != value else value
 
 
 def _show(value: tuple[object, ...]) -> str:

@@ -432,3 +432,102 @@ def test_status_and_metrics_say_how_far_behind_a_job_is(world: World) -> None:
     wrong = world.settings(lag_column="name")  # text, not a timestamp
     result = run_job(wrong, wrong.jobs[0])
     assert result.permanent and "ETL_LAG_COLUMN" in result.message
+
+
+# --- found by an adversarial operator ---------------------------------------------------------
+
+def hold(world: World, **job: str) -> None:
+    """One run that loads a batch and leaves it loaded (readiness never comes)."""
+    settings = world.settings(ready_query="SELECT 0", ready_timeout="0.2", ready_poll_interval="0.05", **job)
+    assert run_job(settings, settings.jobs[0]).status == WAITING
+
+
+def test_two_consumers_with_their_own_flags_never_load_a_row_twice(world: World) -> None:
+    world.sql("CREATE TABLE src (id int PRIMARY KEY, v text, p1 bool NOT NULL DEFAULT false,"
+              " p2 bool NOT NULL DEFAULT false); INSERT INTO src SELECT g, 'v' || g FROM generate_series(1, 12) g")
+    a = {"job_name": "ja", "processed_column": "p1", "target_table": "dst_a", "columns": "id, v"}
+    b = {"job_name": "jb", "processed_column": "p2", "target_table": "dst_b", "columns": "id, v"}
+    hold(world, **b)  # jb's batch holds every key, loaded, waiting
+    first_a = world.settings(**a)
+    assert run_job(first_a, first_a.jobs[0]).rows_marked == 0  # ja leaves jb's keys alone meanwhile
+    second_b = world.settings(**b)
+    assert run_job(second_b, second_b.jobs[0]).rows_marked == 12  # jb marks them: nothing looked changed
+    assert run_job(first_a, first_a.jobs[0]).rows_marked == 12
+    for table in ("dst_a", "dst_b"):
+        assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target(table)}") == [(12, 12)]
+    assert world.sql("SELECT count(*) FROM src WHERE p1 AND p2") == [(12,)]
+
+
+def test_a_rewrite_or_truncate_between_load_and_mark_loses_no_row(world: World) -> None:
+    world.make_source(8)
+    hold(world)
+    world.sql("UPDATE src SET name = 'NEW' WHERE id = 3")
+    conn = world.pg()
+    try:
+        conn.cursor().execute("VACUUM FULL src")  # keeps xmins, new storage
+    finally:
+        conn.close()
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, world.sql("SELECT count(*) FROM src WHERE NOT processed")) == (OK, [(0,)])
+    assert world.ch_rows(f"SELECT name FROM {world.target()} WHERE id = 3 ORDER BY _etl_batch") == \
+        [("row 3",), ("NEW",)]  # the update after extraction arrives as the row's new version
+    world.sql("INSERT INTO src SELECT g, g, 'second', now() FROM generate_series(100, 104) g")
+    hold(world)
+    world.sql("TRUNCATE src; INSERT INTO src SELECT g, g, 'third', now() FROM generate_series(100, 104) g")
+    assert run_job(settings, settings.jobs[0]).status == OK
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
+    assert world.ch_rows(f"SELECT name, count() FROM {world.target()} WHERE id >= 100 GROUP BY name ORDER BY name") \
+        == [("second", 5), ("third", 5)]  # the refill is loaded, not marked unseen
+
+
+def test_a_type_rewrite_between_load_and_mark_doubles_nothing(world: World) -> None:
+    world.sql("CREATE TABLE src (id int PRIMARY KEY, n int, processed bool NOT NULL DEFAULT false);"
+              " INSERT INTO src SELECT g, g FROM generate_series(1, 30) g")
+    hold(world)
+    world.sql("ALTER TABLE src ALTER COLUMN n TYPE bigint")  # every row gets a new xmin
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).status == OK
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(30, 30)]
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
+
+
+def test_a_table_with_inheritance_children_is_refused(world: World) -> None:
+    world.sql("CREATE TABLE src (id int PRIMARY KEY, v text, processed bool NOT NULL DEFAULT false);"
+              " CREATE TABLE src_child () INHERITS (src); INSERT INTO src VALUES (1, 'parent');"
+              " INSERT INTO src_child VALUES (1, 'child')")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert result.permanent and "has child tables by inheritance" in result.message
+    assert world.sql("SELECT count(*) FROM src WHERE processed") == [(0,)]
+
+
+def test_a_primary_key_reordered_while_a_batch_is_unfinished(world: World) -> None:
+    world.sql("CREATE TABLE src (a int NOT NULL, b int NOT NULL, v text, processed bool NOT NULL DEFAULT false,"
+              " CONSTRAINT src_pk PRIMARY KEY (a, b)); INSERT INTO src VALUES (1, 2, 'one-two'), (2, 1, 'two-one')")
+    hold(world, source_key="a, b")
+    world.sql("ALTER TABLE src DROP CONSTRAINT src_pk; ALTER TABLE src ADD CONSTRAINT src_pk PRIMARY KEY (b, a)")
+    settings = world.settings(source_key="a, b")
+    assert run_job(settings, settings.jobs[0]).status == OK
+    assert world.ch_rows(f"SELECT a, b, v FROM {world.target()} ORDER BY a") == [(1, 2, "one-two"), (2, 1, "two-one")]
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
+
+
+def test_a_target_dropped_while_a_batch_waits_is_loaded_again(world: World) -> None:
+    world.make_source(8)
+    hold(world)
+    world.backend.ch().command(f"DROP TABLE {world.target()}")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 8)
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(8, 8)]
+
+
+def test_a_transform_keeps_nan_apart_from_null(world: World) -> None:
+    world.sql("CREATE TABLE src (id float8 PRIMARY KEY, f float8, g float8 NOT NULL,"
+              " processed bool NOT NULL DEFAULT false);"
+              " INSERT INTO src VALUES (1, 'NaN', 1), (2, NULL, 'NaN'), ('NaN', 3, 3)")
+    result = run_with_transform(world, "ident", "def run(df):\n    return df\n")
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 3, 0)
+    rows = world.ch_rows(f"SELECT toString(id), toString(f), toString(g) FROM {world.target()} ORDER BY id")
+    assert sorted(rows, key=str) == sorted([("1", "nan", "1"), ("2", None, "nan"), ("nan", "3", "3")], key=str)
