@@ -68,6 +68,10 @@ else
     say "kept the existing $config_dir/etl.env"
 fi
 
+for credential in pg_password click_password; do  # the unit's LoadCredential= files
+    [ -e "$config_dir/$credential" ] || install -m 600 -o root -g root /dev/null "$config_dir/$credential"
+done
+
 sed -e "s#/opt/etl-service#$prefix#g" -e "s#/etc/etl-service#$config_dir#g" "$src/etl.service" \
     > /etc/systemd/system/etl.service.new
 mv /etc/systemd/system/etl.service.new /etc/systemd/system/etl.service

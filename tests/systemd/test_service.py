@@ -168,8 +168,20 @@ def test_bad_env_exits_78_without_a_restart_loop(service: Service) -> None:
     assert "CLICK_PORT: port 9000 is ClickHouse's native TCP port" in service.journal("-p", "err")
 
 
+def use_password_credential(service: Service) -> str:
+    """A role that must log in with a password, the password only in the unit's credential file."""
+    service.sql("CREATE ROLE etl_cred LOGIN SUPERUSER PASSWORD 'cred-secret'")
+    hba = str(service.sql("SHOW hba_file")[0][0])
+    original = Path(hba).read_text()
+    Path(hba).write_text("host all etl_cred 127.0.0.1/32 scram-sha-256\n" + original)
+    service.sql("SELECT pg_reload_conf()")
+    service.box.run("sh", "-c", "printf 'cred-secret\\n' > /etc/etl-service/pg_password")
+    return psycopg2.extensions.make_dsn(service.pg_uri, user="etl_cred")
+
+
 def test_stop_is_a_clean_sigterm_exit_and_every_row_is_there_once(service: Service) -> None:
-    service.write_env(ETL_TARGET_TABLE="dst2")
+    # This last run reads PostgreSQL's password from the systemd credential, not from etl.env.
+    service.write_env(ETL_TARGET_TABLE="dst2", PG_DSN=use_password_credential(service))
     service.box.run("systemctl", "reset-failed", UNIT)
     service.box.run("systemctl", "start", UNIT)
     service.sql("INSERT INTO src SELECT g, g, 'r', false FROM generate_series(20001, 21000) g")
@@ -183,6 +195,8 @@ def test_stop_is_a_clean_sigterm_exit_and_every_row_is_there_once(service: Servi
     ids = service.chdb("SELECT uniqExact(id) FROM (SELECT id FROM demo.dst UNION ALL SELECT id FROM demo.dst2)")
     assert rows == [[21000, 21000]] and ids == [[21000]]
     assert service.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)]
+    assert service.sql("SELECT count(*) FROM etl.runs WHERE status = 'ok'")[0][0] > 0
+    assert "cred-secret" not in service.journal() + service.box.run("cat", ENV).stdout
 
 
 def test_install_again_is_an_upgrade_that_keeps_the_settings(service: Service) -> None:
