@@ -64,13 +64,14 @@ def _change(settings: Settings, job: JobConfig, batch_id: int, action: str, out:
         ledger.ensure_schema()
         ledger.lock(LOCK_WAIT)
         try:
+            key = source.describe(conn, job).key
             if action == "release" and not force:
-                batch = next((b for b in ledger.foreign() if b.batch_id == batch_id), None)
+                batch = next((b for b in ledger.held_elsewhere(key) if b.batch_id == batch_id), None)
                 refusal = _release_refusal(settings, job, batch) if batch else None
                 if refusal:
                     out(f"not released: {refusal}")
                     return False
-            done = ledger.adopt(batch_id) if action == "adopt" else ledger.release(batch_id)
+            done = ledger.adopt(batch_id) if action == "adopt" else ledger.release(batch_id, key)
         finally:
             ledger.unlock()
     except (EtlError, LookupError) as exc:
@@ -88,6 +89,9 @@ def _change(settings: Settings, job: JobConfig, batch_id: int, action: str, out:
 
 def _release_refusal(settings: Settings, job: JobConfig, batch: ForeignBatch) -> str | None:
     """Why releasing `batch` could load rows twice, or None when ClickHouse shows none of it arrived."""
+    if batch.flag not in (None, job.processed_column):
+        return (f"batch {batch.batch_id} belongs to job {batch.job!r}, which consumes the flag {batch.flag}: while that"
+                " job exists it finishes the batch itself. If it is gone for good, --force releases it")
     if batch.state != "claimed" or batch.chunks_loaded:
         return (f"batch {batch.batch_id} is {batch.state} with {batch.chunks_loaded} chunk(s) in ClickHouse; its"
                 f" rows would be loaded twice. `adopt --batch {batch.batch_id}` finishes it instead (or --force)")

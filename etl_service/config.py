@@ -371,6 +371,13 @@ def _check_owners(jobs: list[JobConfig], variable: str) -> None:
             raise ConfigError(variable, f"jobs {owner!r} and {job.name!r} both consume {'.'.join(job.source_table)}"
                               f" through the flag column {job.processed_column!r}: they would race for the same"
                               " rows", "give the second consumer its own processed column (processed_column = …)")
+    keys: dict[tuple[str, str], JobConfig] = {}
+    for job in jobs:
+        first = keys.setdefault(job.source_table, job)
+        if set(first.source_key) != set(job.source_key):
+            raise ConfigError(variable, f"jobs {first.name!r} and {job.name!r} consume {'.'.join(job.source_table)}"
+                              " with different keys: batches of one table are kept apart by key",
+                              "give both the same source_key")
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise ConfigError(variable, "two jobs have the same name")

@@ -17,18 +17,9 @@ from psycopg2 import sql
 from psycopg2.extras import Json
 
 from etl_service.config import JobConfig
-from etl_service.errors import SourceError
+from etl_service.errors import ConfigError, SourceError
 from etl_service.keys import Key
-from etl_service.source import (
-    UNCHANGED,
-    UNCHANGED_OR_REWRITTEN,
-    Connection,
-    SourceShape,
-    generation,
-    pg_errors,
-    qualified,
-    retyped,
-)
+from etl_service.source import Connection, SourceShape, generation, pg_errors, qualified
 
 # Unfinished batches of other job names on this job's source and flag (or of unknown source:
 # recorded before batches named it): a renamed or removed job's, to adopt or release.
@@ -174,6 +165,7 @@ class ForeignBatch:
     chunks_loaded: int
     claimed_at: datetime
     source: str | None  # None: recorded before batches named their source
+    flag: str | None = None  # the processed column it consumes
 
 
 class Ledger:
@@ -270,9 +262,9 @@ class Ledger:
     def unfinished(self) -> list[Batch]:
         """Batches of this job that are claimed or loaded, oldest first."""
         rows = self._run("read unfinished batches", sql.SQL(
-            "SELECT " + _BATCH_COLUMNS + " FROM {s}.batches WHERE job = %s AND state <> 'done'"
-            " ORDER BY batch_id").format(s=self.schema),
-            (self.job.name,))
+            "SELECT " + _BATCH_COLUMNS + " FROM {s}.batches WHERE job = %(job)s AND state <> 'done'"
+            " AND (source IS NULL OR (source = %(source)s AND flag = %(flag)s))"  # a reused name: another table's
+            " ORDER BY batch_id").format(s=self.schema), self._names())
         return [_batch(row) for row in rows]
 
     def claim(self, shape: SourceShape, after: str | None = None, skip_foreign: bool = False) -> Batch | None:
@@ -308,16 +300,27 @@ class Ledger:
                                                 "limit": self.job.batch_size, "key_columns": list(key.names)})
         return _batch(rows[0]) if rows else None
 
-    def held_elsewhere(self) -> bool:
-        """Whether another job has an unfinished batch on this source (its keys must be skipped)."""
+    def held_elsewhere(self, key: Key) -> list[ForeignBatch]:
+        """Other jobs' unfinished batches on this source (their keys are skipped), any flag.
+
+        ConfigError if one was claimed with another key: its keys could not be compared with ours.
+        """
         rows = self._run("look for other jobs' batches on this source", sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {s}.batches b" + _HELD + ")").format(s=self.schema), self._names())
-        return bool(rows[0][0])
+            "SELECT b.batch_id, b.job, b.state, b.row_count, b.chunks_loaded, b.claimed_at, b.source, b.flag,"
+            " b.key_columns FROM {s}.batches b" + _HELD + " ORDER BY b.batch_id").format(s=self.schema),
+            self._names())
+        for row in rows:
+            if row[8] and set(row[8]) != set(key.names):
+                raise ConfigError("ETL_SOURCE_KEY", f"job {row[1]!r} consumes {self.source} with the key"
+                                  f" ({', '.join(row[8])}) and this job with {key.label}: unfinished batches of one"
+                                  " table can only be kept apart with one key", "give every job on a table the same"
+                                  " ETL_SOURCE_KEY")
+        return [ForeignBatch(*row[:8]) for row in rows]
 
     def foreign(self) -> list[ForeignBatch]:
         """Unfinished batches of other job names that hold keys of this job's source (renamed or removed jobs)."""
         rows = self._run("look for other jobs' batches on this source", sql.SQL(
-            "SELECT b.batch_id, b.job, b.state, b.row_count, b.chunks_loaded, b.claimed_at, b.source"
+            "SELECT b.batch_id, b.job, b.state, b.row_count, b.chunks_loaded, b.claimed_at, b.source, b.flag"
             " FROM {s}.batches b" + _FOREIGN + " ORDER BY b.batch_id").format(s=self.schema), self._names())
         return [ForeignBatch(*row) for row in rows]
 
@@ -337,9 +340,10 @@ class Ledger:
         ).format(s=self.schema), params)
         return batch
 
-    def release(self, batch_id: int) -> ForeignBatch:
-        """Forget another job name's unfinished batch: its keys can be claimed again."""
-        batch = self._foreign_one(batch_id)
+    def release(self, batch_id: int, key: Key) -> ForeignBatch:
+        """Forget another job's unfinished batch on this source (any flag): its keys can be claimed again."""
+        batch = next((b for b in self.held_elsewhere(key) if b.batch_id == batch_id), None) or \
+            self._foreign_one(batch_id)
         self._run("release batch", sql.SQL("DELETE FROM {s}.batches WHERE batch_id = %s AND state <> 'done'")
                   .format(s=self.schema), (batch_id,))
         return batch
@@ -373,21 +377,15 @@ class Ledger:
         mark = sql.SQL(
             "UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
             " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
-            " WHERE b.batch_id = %(batch)s AND {matches}{unchanged}"
+            " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = k.key)")
         close = sql.SQL(
             "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
-        name = qualified(self.job).as_string(self.conn)
         with pg_errors(f"mark batch {batch.batch_id} done", self.conn), self.conn.cursor() as cur:
-            # The UPDATE's own lock, taken first: no rewrite can happen between this check and the mark.
-            cur.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(qualified(self.job)))
-            cur.execute(sql.SQL("SELECT {}").format(generation(name)))
-            by_xmin = not retyped(batch.generation, cur.fetchone()[0])  # type: ignore[index]
-            unchanged = sql.SQL(UNCHANGED if by_xmin else UNCHANGED_OR_REWRITTEN)
             cur.execute(mark.format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
-                                    s=self.schema, matches=shape.key.matches("s", sql.SQL("k.key")),
-                                    unchanged=unchanged), {"batch": batch.batch_id, "job": self.job.name})
+                                    s=self.schema, matches=shape.key.matches("s", sql.SQL("k.key"))),
+                        {"batch": batch.batch_id, "job": self.job.name})
             marked = cur.rowcount
             cur.execute(close, (marked, batch.batch_id))
             before_commit()

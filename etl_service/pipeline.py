@@ -23,7 +23,7 @@ from etl_service import fit, metrics, sink, source, target, transform
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError, TransientError
 from etl_service.faults import Faults
-from etl_service.ledger import Batch, Ledger
+from etl_service.ledger import Batch, ForeignBatch, Ledger
 from etl_service.marker import Marker
 from etl_service.source import SourceShape, pg_errors
 
@@ -83,6 +83,7 @@ class Run:
         self._last_reason = ""
         self._quarantine_lines: list[str] = []  # logged once the chunk is known not to be all bad
         self._ledger: Ledger | None = None  # the run's ledger, once the job's lock is held
+        self._target_created = False  # this run made the target (a loaded batch must go again)
         self._barren = 0  # batches in a row that marked nothing: a run must progress or end
 
     def execute(self) -> RunResult:
@@ -170,15 +171,23 @@ class Run:
                              (metrics.WAITING, health.waiting), (metrics.QUARANTINED, health.quarantined)):
             gauge.labels(self.job.name).set(value)
 
-    def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
-        shape = source.describe(conn, self.job)
-        held = ledger.held_elsewhere()
-        for other in ledger.foreign() if held else []:
+    def _tell_held(self, held: list[ForeignBatch], ledger: Ledger) -> None:
+        """Say which keys this run leaves alone, and what to do about a renamed or removed job's batch."""
+        for other in held:
+            if other.flag not in (None, self.job.processed_column):
+                self.log.info("batch {} of job {!r} (flag {}) is unfinished: its {} keys are left alone until it is"
+                              " done", other.batch_id, other.job, other.flag, other.row_count)
+                continue
             self.log.warning("batch {} of job {!r} ({} rows, {}) is unfinished and holds keys of {}: they are"
                              " left alone until it is adopted (`etl-service adopt --batch {} --job {}`) or"
                              " released (`etl-service release --batch {} --job {}`)", other.batch_id, other.job,
                              other.row_count, other.state, ledger.source, other.batch_id, self.job.name,
                              other.batch_id, self.job.name)
+
+    def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
+        shape = source.describe(conn, self.job)
+        held = ledger.held_elsewhere(shape.key)
+        self._tell_held(held, ledger)
         for batch in ledger.unfinished():
             self.log.info("resuming batch {} ({} rows, state {}, {}/{} chunks loaded)", batch.batch_id,
                           batch.row_count, batch.state, batch.chunks_loaded, batch.chunk_count)
@@ -197,7 +206,7 @@ class Run:
                                " marked: every claimed row changed or vanished between claim and mark. Is"
                                f" something updating {'.'.join(self.job.source_table)} all the time? See"
                                " `status`; the rows stay unprocessed")
-            claimed = ledger.claim(shape, after, skip_foreign=held)
+            claimed = ledger.claim(shape, after, skip_foreign=bool(held))
             if claimed is None:
                 if after is None:
                     break
@@ -219,6 +228,11 @@ class Run:
         bt0 = self.clock()
         quarantined_before = self.result.rows_quarantined
         sent = self._load(conn, ledger, shape, batch) if batch.state == "claimed" else 0
+        if batch.state == "loaded":
+            self._clickhouse(shape)  # the target is checked (and made again if it was dropped) before marking
+            if self._target_created:
+                sent = self._reload(conn, ledger, shape, batch, "the target table was missing")
+                batch = dataclasses.replace(batch, rows_loaded=0)
         self.faults.reached("during_ready")
         if self.job.ready_query:
             waited = self.clock()
@@ -232,6 +246,11 @@ class Run:
                                " the next run polls again")
         self.faults.reached("after_ready")
         self._verify(conn, ledger, shape, batch, batch.rows_loaded + sent)
+        if source.retyped(conn, self.job, batch.generation):
+            self.log.bind(batch=batch.batch_id).warning(
+                "{} was rewritten by ALTER … TYPE while batch {} was in flight: every row has a new xmin, so its"
+                " {} rows look changed and load again (an update made before the rewrite cannot be told apart)",
+                ".".join(self.job.source_table), batch.batch_id, batch.row_count)
         quarantined = self.result.rows_quarantined - quarantined_before
         self.marker.submit(batch, shape, lambda done, marked: self._marked(done, marked, quarantined, bt0))
 
@@ -275,18 +294,21 @@ class Run:
         db, table = self.settings.clickhouse.database, self.job.target_table
         held = sink.batch_rows(client, db, table, batch.batch_id)
         if held == 0:
-            self.log.bind(batch=batch.batch_id).warning(
-                "ClickHouse holds none of the {} rows of batch {} (was {}.{} dropped or emptied?): loading it again",
-                expected, batch.batch_id, db, table)
-            ledger.reload(batch)
-            again = dataclasses.replace(batch, state="claimed", chunks_loaded=0, rows_loaded=0)
-            expected = self._load(conn, ledger, shape, again)
+            expected = self._reload(conn, ledger, shape, batch, f"ClickHouse holds none of its {expected} rows")
             held = sink.batch_rows(client, db, table, batch.batch_id)
         if held != expected:
             raise EtlError(f"batch {batch.batch_id}: ClickHouse holds {held} of its rows but {expected} were sent,"
                            " so it is not marked and stays loaded. Did a TTL, a row-collapsing engine or a DELETE"
                            " remove rows, or did a retried insert land twice? For a target that drops or folds rows"
                            " by design set ETL_VERIFY_LOAD=off — which would mark this batch as it is")
+
+    def _reload(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch, why: str) -> int:
+        """Send a loaded batch again, with the same tokens (a target that still knows them drops them)."""
+        self.log.bind(batch=batch.batch_id).warning("batch {}: {} (was the target dropped or emptied?): loading it"
+                                                    " again", batch.batch_id, why)
+        ledger.reload(batch)
+        return self._load(conn, ledger, shape, dataclasses.replace(batch, state="claimed", chunks_loaded=0,
+                                                                   rows_loaded=0))
 
     def _load(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch) -> int:
         """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""
@@ -344,8 +366,7 @@ class Run:
     def _insert_range(self, conn: source.Connection, shape: SourceShape, batch: Batch, first: int,
                       last: int) -> int:
         client = self._clickhouse(shape)
-        data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema, batch.batch_id, first, last,
-                                    batch.generation)
+        data = source.extract_chunk(conn, self.job, shape, self.settings.ledger_schema, batch.batch_id, first, last)
         self.faults.reached("mid_extract")
         metrics.ROWS.labels(self.job.name, "extracted").inc(data.num_rows)
         data = transform.apply(data, self.job.transform, shape.key_targets)
@@ -399,6 +420,7 @@ class Run:
         if described is None:
             sink.create_target(client, database, table, shape, ".".join(self.job.source_table),
                                self.settings.clickhouse.cluster)
+            self._target_created = True
             self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
             described = sink.describe_target(client, database, table)
             if described is None:

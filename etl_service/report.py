@@ -15,6 +15,7 @@ from etl_service import source
 from etl_service.checks import ledger_exists
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import EtlError
+from etl_service.keys import Key
 from etl_service.ledger import Ledger
 
 Print = Callable[[str], None]
@@ -49,7 +50,7 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
             since = (datetime.now(UTC) - health.last_success).total_seconds() if health.last_success else None
             data.update(backlog=health.backlog, lag_seconds=round(health.lag_seconds, 1), waiting=health.waiting,
                         seconds_since_success=None if since is None else round(since, 1))
-            _ledger_part(ledger, data)
+            _ledger_part(ledger, shape.key, data)
         else:
             data["backlog"] = ledger.backlog()
     except EtlError as exc:
@@ -59,11 +60,14 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
     return data
 
 
-def _ledger_part(ledger: Ledger, data: dict[str, Any]) -> None:
+def _ledger_part(ledger: Ledger, key: Key, data: dict[str, Any]) -> None:
     data["unfinished"] = [{"batch": b.batch_id, "state": b.state, "rows": b.row_count} for b in ledger.unfinished()]
     data["foreign"] = [{"batch": f.batch_id, "job": f.job, "state": f.state, "rows": f.row_count,
                         "chunks_loaded": f.chunks_loaded, "claimed_at": f.claimed_at, "source": f.source}
                        for f in ledger.foreign()]
+    data["held_by_other_consumers"] = [
+        {"batch": h.batch_id, "job": h.job, "flag": h.flag, "state": h.state, "rows": h.row_count}
+        for h in ledger.held_elsewhere(key) if h.flag not in (None, ledger.job.processed_column)]
     count, recent = ledger.quarantined(QUARANTINE_SHOWN)
     data["quarantined"] = count
     data["quarantine"] = [{"key": key, "reason": reason, "at": when} for key, reason, when in recent]
@@ -98,6 +102,10 @@ def _render(job: dict[str, Any], out: Print) -> None:
             f" {other['state']}, {other['chunks_loaded']} chunk(s) loaded, claimed {claimed};"
             f" its keys are not claimed until you `adopt --batch {other['batch']} --job {job['job']}` (finish it,"
             " no reload) or `release` it")
+    for held in job["held_by_other_consumers"]:
+        out(f"  batch {held['batch']} of job {held['job']!r} (flag {held['flag']}, {held['state']}) holds"
+            f" {held['rows']} key(s): this job skips them until it is done; if that job is gone for good,"
+            f" `release --batch {held['batch']} --job {job['job']} --force`")
     count = job["quarantined"]
     out(f"  quarantined rows: {count}" + (" (release with `requeue` after fixing them)" if count else ""))
     for row in job["quarantine"]:

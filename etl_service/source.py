@@ -162,22 +162,25 @@ GENERATION = ("concat_ws(',', pg_relation_filenode({t}::regclass),"
               " FROM pg_attribute a WHERE a.attrelid = {t}::regclass AND a.attnum > 0 AND NOT a.attisdropped)")
 
 
-# A row is unchanged since its claim if its xmin is the claimed one. After a rewrite by ALTER …
-# TYPE, also if its xmin is the rewriting transaction's: the one that last changed the table's
-# pg_class row (an UPDATE after the rewrite has a later xmin).
-UNCHANGED = " AND s.xmin = k.x"
-UNCHANGED_OR_REWRITTEN = " AND (s.xmin = k.x OR s.xmin = (SELECT c.xmin FROM pg_class c WHERE c.oid = s.tableoid))"
-
 
 def generation(name: str) -> sql.Composable:
     """SQL for the storage generation of the table `name` (quoted schema.table; see GENERATION)."""
     return sql.SQL(GENERATION).format(t=sql.Literal(name))
 
 
-def retyped(claimed: str | None, now: str) -> bool:
-    """Whether the table was rewritten by a type change since a batch was claimed (see GENERATION)."""
+def retyped(conn: Connection, job: JobConfig, claimed: str | None) -> bool:
+    """Whether an ALTER … TYPE rewrote the table since a batch was claimed (see GENERATION).
+
+    Such a rewrite gives every row a new xmin, so the batch's rows look changed and load again:
+    told apart from real updates they cannot be (an update made before the rewrite carries the
+    rewrite's xmin too), and loading a row twice is better than losing its update.
+    """
     if claimed is None or "|" not in claimed:
         return False
+    with pg_errors("read the source's storage", conn), conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT {}").format(generation(qualified(job).as_string(conn))))
+        now = str(cur.fetchone()[0])  # type: ignore[index]
+    conn.commit()
     (storage, types), (storage_now, types_now) = claimed.split("|", 1), now.split("|", 1)
     return storage != storage_now and types != types_now
 
@@ -269,13 +272,11 @@ def _key(table: str, job: JobConfig, unique: list[tuple[str, ...]], by_name: dic
 
 
 def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: str,
-                  batch_id: int, first: int, last: int, claimed_generation: str | None) -> pa.Table:
+                  batch_id: int, first: int, last: int) -> pa.Table:
     """Stream keys [first, last] (1-based positions in the batch) out with COPY, parse into Arrow.
 
     Only rows whose xmin still equals the claimed one are extracted: a row changed since the
-    claim is left for the next batch, which will load its new version. If the table was
-    rewritten by a type change since the claim (every xmin changed, no data did), a row whose xmin is the
-    rewrite's also counts as unchanged.
+    claim is left for the next batch, which will load its new version.
     Under the table's lock, the columns are checked first: SourceChanged if they are no longer
     the ones this run prepared the target for.
     """
@@ -286,15 +287,13 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
         cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(qualified(job)))
         if _read_shape(cur, job, name).signature != shape.signature:
             raise SourceChanged(f"{name} changed its columns during the run: starting over with the new ones")
-        cur.execute(sql.SQL("SELECT {}").format(generation(name)))
-        rewritten = retyped(claimed_generation, cur.fetchone()[0])  # type: ignore[index]
-        cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last, not rewritten), buf)
+        cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last), buf)
     conn.commit()
     return parse_csv(buf.getvalue(), shape)
 
 
-def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int, first: int, last: int,
-                 by_xmin: bool) -> sql.Composable:
+def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int, first: int,
+                 last: int) -> sql.Composable:
     # The claimed keys are sorted, so the chunk is the key range keys[first]..keys[last]: one
     # index range scan merged with the claimed keys is about twice as fast as a lookup per key.
     # (Bounds from the array, not min()/max(): uuid, for one, has no min().)
@@ -308,7 +307,7 @@ def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int,
         " unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS u(key, x) WHERE b.batch_id = {batch}),"
         " r AS (SELECT b.keys[{first}] AS lo, b.keys[{last}] AS hi FROM {ledger}.batches b"
         " WHERE b.batch_id = {batch})"
-        " SELECT {exprs} FROM {src} s JOIN k ON {joined}{unchanged}"
+        " SELECT {exprs} FROM {src} s JOIN k ON {joined} AND s.xmin = k.x"
         " WHERE {above_lo} AND {below_hi})"
         " TO STDOUT WITH (FORMAT csv)"
     ).format(
@@ -317,7 +316,6 @@ def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int,
         ledger=sql.Identifier(ledger),
         first=sql.Literal(first), last=sql.Literal(last),
         src=qualified(job), joined=joined,
-        unchanged=sql.SQL(UNCHANGED if by_xmin else UNCHANGED_OR_REWRITTEN),
         above_lo=key.compare("s", ">=", sql.SQL("(SELECT lo FROM r)")),
         below_hi=key.compare("s", "<=", sql.SQL("(SELECT hi FROM r)")),
         batch=sql.Literal(batch_id),
