@@ -132,9 +132,9 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
         if nulls:
             lines.append(f"note: {nulls} unprocessed row(s) cannot move: their key has a NULL")
         if ledger_exists(conn, settings.ledger_schema):
-            for other in ledger.foreign():
-                lines.append(f"note: batch {other.batch_id} of job {other.job!r} holds keys of this source: adopt"
-                             " or release it (see `status`)")
+            for other in ledger.held_elsewhere(key):  # ConfigError if another consumer uses another key
+                lines.append(f"note: batch {other.batch_id} of job {other.job!r} (flag {other.flag}) holds keys of"
+                             " this source, which this job skips until it is done (see `status`)")
     finally:
         conn.close()
     return lines + _check_target(settings, job, shape)

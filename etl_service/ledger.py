@@ -24,12 +24,15 @@ from etl_service.source import Connection, SourceShape, generation, pg_errors, q
 # Unfinished batches of other job names on this job's source and flag (or of unknown source:
 # recorded before batches named it): a renamed or removed job's, to adopt or release.
 # Parameters: job, source, flag.
+# A batch's source is this job's table if it names it, or if it was claimed from the same table
+# under another name (renamed since: the table's oid stays).
+_SAME_SOURCE = "(b.source = %(source)s OR b.source_oid = to_regclass(%(quoted)s)::oid)"
 _FOREIGN = (" WHERE b.state <> 'done' AND b.job <> %(job)s"
-            " AND (b.source IS NULL OR (b.source = %(source)s AND b.flag = %(flag)s))")
+            " AND (b.source IS NULL OR (" + _SAME_SOURCE + " AND b.flag = %(flag)s))")
 # Unfinished batches of any other job on this job's source, whatever its flag: their keys are
 # never claimed meanwhile. Another consumer's marking rewrites the row (a new xmin), so two
 # batches holding one key at once would each see the other's mark as an update and load it again.
-_HELD = " WHERE b.state <> 'done' AND b.job <> %(job)s AND (b.source IS NULL OR b.source = %(source)s)"
+_HELD = " WHERE b.state <> 'done' AND b.job <> %(job)s AND (b.source IS NULL OR " + _SAME_SOURCE + ")"
 
 SCHEMA_SQL = """
 SELECT pg_advisory_xact_lock(hashtextextended('etl-service:ledger-schema', 0));
@@ -84,6 +87,7 @@ CREATE INDEX IF NOT EXISTS batches_open_source ON {schema}.batches (source, flag
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS generation text;
 -- The key's columns, in the order its stored keys list them.
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS key_columns text[];
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source_oid oid;
 -- The source column types each job's target was last brought in step with: a type that differs
 -- from it is a change at the source (one that matches is the operator's choice, left alone).
 CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
@@ -195,7 +199,7 @@ class Ledger:
             "SELECT count(*) FROM pg_attribute WHERE NOT attisdropped AND attnum > 0"
             " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
             " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
-            " OR (attrelid = to_regclass(%(b)s) AND attname = 'key_columns')"
+            " OR (attrelid = to_regclass(%(b)s) AND attname = 'source_oid')"
             " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
             " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
             {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs",
@@ -209,7 +213,8 @@ class Ledger:
                 self._names())
 
     def _names(self) -> dict[str, str]:
-        return {"job": self.job.name, "source": self.source, "flag": self.job.processed_column}
+        return {"job": self.job.name, "source": self.source, "flag": self.job.processed_column,
+                "quoted": self._quoted_source()}
 
     def _quoted(self) -> str:
         return self.schema.as_string(self.conn)
@@ -262,8 +267,8 @@ class Ledger:
     def unfinished(self) -> list[Batch]:
         """Batches of this job that are claimed or loaded, oldest first."""
         rows = self._run("read unfinished batches", sql.SQL(
-            "SELECT " + _BATCH_COLUMNS + " FROM {s}.batches WHERE job = %(job)s AND state <> 'done'"
-            " AND (source IS NULL OR (source = %(source)s AND flag = %(flag)s))"  # a reused name: another table's
+            "SELECT " + _BATCH_COLUMNS + " FROM {s}.batches b WHERE job = %(job)s AND state <> 'done'"
+            " AND (source IS NULL OR (" + _SAME_SOURCE + " AND flag = %(flag)s))"  # a reused name: another table's
             " ORDER BY batch_id").format(s=self.schema), self._names())
         return [_batch(row) for row in rows]
 
@@ -283,9 +288,10 @@ class Ledger:
         query = sql.SQL(
             "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + _HELD + ")"
             " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size,"
-            " generation, key_columns)"
+            " generation, key_columns, source_oid)"
             " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(p.k ORDER BY {order}),"
-            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s, {generation}, %(key_columns)s"
+            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s, {generation}, %(key_columns)s,"
+            " to_regclass(%(quoted)s)::oid"
             " FROM (SELECT {encoded} AS k, s.xmin AS x, {ordered} FROM {src} s WHERE s.{flag} = false"
             " AND {not_null}{above}{held}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = {encoded})"
@@ -365,7 +371,7 @@ class Ledger:
         """Send a loaded batch again from its first chunk (ClickHouse lost all of it)."""
         self._run("reset batch for reloading", sql.SQL(
             "UPDATE {s}.batches SET state = 'claimed', chunks_loaded = 0, rows_loaded = 0, loaded_at = NULL"
-            " WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema), (batch.batch_id,))
+            " WHERE batch_id = %s AND state <> 'done'").format(s=self.schema), (batch.batch_id,))
 
     def set_loaded(self, batch: Batch) -> None:
         self._run("record batch loaded", sql.SQL(
@@ -500,7 +506,8 @@ class Ledger:
             "WITH b AS (SELECT count(*) AS n FROM {src} WHERE {flag} = false)"
             " SELECT b.n, CASE WHEN b.n = 0 THEN 0 ELSE"
             " coalesce(extract(epoch FROM now() - {oldest})::float8, 0) END,"
-            " (SELECT count(*) FROM {s}.batches WHERE job = %(job)s AND state = 'loaded'),"
+            " (SELECT count(*) FROM {s}.batches b WHERE job = %(job)s AND state = 'loaded'"
+            " AND (source IS NULL OR " + _SAME_SOURCE + ")),"
             " (SELECT count(*) FROM {s}.quarantine WHERE job = %(job)s),"
             " (SELECT max(finished_at) FROM {s}.runs WHERE job = %(job)s AND status IN ('ok', 'idle'))"
             " FROM b").format(src=src, flag=flag, oldest=oldest, s=self.schema), self._names())

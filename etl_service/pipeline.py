@@ -227,12 +227,14 @@ class Run:
         shape = self._shape_of(batch, shape)
         bt0 = self.clock()
         quarantined_before = self.result.rows_quarantined
-        sent = self._load(conn, ledger, shape, batch) if batch.state == "claimed" else 0
-        if batch.state == "loaded":
-            self._clickhouse(shape)  # the target is checked (and made again if it was dropped) before marking
-            if self._target_created:
+        sent = 0
+        if batch.state == "loaded" or batch.chunks_loaded:
+            self._clickhouse(shape)  # the target is checked (and made again if it was dropped) first
+            if self._target_created:  # what the batch loaded before went with the old table
                 sent = self._reload(conn, ledger, shape, batch, "the target table was missing")
-                batch = dataclasses.replace(batch, rows_loaded=0)
+                batch = dataclasses.replace(batch, state="loaded", chunks_loaded=batch.chunk_count, rows_loaded=0)
+        if batch.state == "claimed":
+            sent = self._load(conn, ledger, shape, batch)
         self.faults.reached("during_ready")
         if self.job.ready_query:
             waited = self.clock()

@@ -594,3 +594,28 @@ def test_a_dropped_target_is_loaded_again_even_without_verification(world: World
     settings = world.settings(verify_load="off")
     assert run_job(settings, settings.jobs[0]).rows_marked == 8
     assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(8, 8)]
+
+
+def test_a_half_loaded_batch_whose_target_was_dropped_is_loaded_whole(world: World) -> None:
+    world.make_source(20)
+    env = write_env(world, world.tmp / "chdb", ETL_BATCH_SIZE="10", ETL_CHUNK_SIZE="5", ETL_VERIFY_LOAD="off",
+                    ETL_CRASH_AT="between_chunks")
+    assert cli("--once", "--env-file", str(env)).returncode == -9  # killed after chunk 1 of batch 1
+    from .helpers import chdb_query
+    chdb_query(world.tmp / "chdb", f"DROP TABLE `{world.ch_database}`.dst")
+    env = write_env(world, world.tmp / "chdb", ETL_BATCH_SIZE="10", ETL_CHUNK_SIZE="5", ETL_VERIFY_LOAD="off")
+    once = cli("--once", "--env-file", str(env))
+    assert once.returncode == 0 and "the target table was missing" in once.stderr
+    assert chdb_query(world.tmp / "chdb", f"SELECT count(), uniqExact(id) FROM `{world.ch_database}`.dst") == \
+        [[20, 20]]
+    assert processed(world) == 20
+
+
+def test_a_source_table_renamed_while_a_batch_waits_resumes_that_batch(world: World) -> None:
+    world.make_source(20)
+    hold(world, job_name="orders", batch_size="10")
+    world.sql("ALTER TABLE src RENAME TO src_renamed")
+    settings = world.settings(job_name="orders", source_table="public.src_renamed")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 20)
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(20, 20)]
