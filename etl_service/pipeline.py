@@ -461,6 +461,7 @@ class Run:
         if self._ch is not None:
             self._quietly(lambda: sink.release(self._ch))
             self._ch = None
+        self._target_created = False  # a retried attempt prepares the target afresh
 
     def _post_process(self, conn: source.Connection) -> None:
         if self.job.post_pg_sql:

@@ -117,11 +117,6 @@ class SourceShape:
         return None
 
     @property
-    def signature(self) -> tuple[object, ...]:
-        """What must stay the same for rows extracted now to fit what this shape prepared."""
-        return (self.key, self.targets, tuple((c.name, c.pg_type, c.nullable) for c in self.columns))
-
-    @property
     def key_targets(self) -> tuple[str, ...]:
         """The target column names of the key columns (every key column is moved)."""
         return tuple(self.target_of(name) or name for name in self.key.names)
@@ -285,11 +280,21 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
     with pg_errors(f"extract batch {batch_id} rows {first}-{last}", conn), conn.cursor() as cur:
         # ACCESS SHARE until commit: no ALTER can change the columns between this check and the COPY.
         cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(qualified(job)))
-        if _read_shape(cur, job, name).signature != shape.signature:
+        if _columns_changed(cur, job, shape, name):
             raise SourceChanged(f"{name} changed its columns during the run: starting over with the new ones")
         cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last), buf)
     conn.commit()
     return parse_csv(buf.getvalue(), shape)
+
+
+def _columns_changed(cur: psycopg2.extensions.cursor, job: JobConfig, shape: SourceShape, name: str) -> bool:
+    """Whether the columns this run moves (all but the flag, without ETL_COLUMNS) differ from `shape`'s."""
+    cur.execute(_DESCRIBE, (name,))
+    now = {r[0]: (r[2], bool(r[3])) for r in cur.fetchall()}
+    moved = {c.name: (c.pg_type, c.nullable) for c in shape.columns}
+    if job.columns:
+        return any(now.get(column) != described for column, described in moved.items())
+    return {column: d for column, d in now.items() if column != job.processed_column} != moved
 
 
 def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int, first: int,

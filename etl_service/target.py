@@ -22,8 +22,6 @@ from etl_service.errors import ConfigError, SinkError
 from etl_service.source import SourceShape
 
 CREATED_COMMENT = "etl-service: created from "  # the table comment of tables the service created
-# Refused as targets: they either keep no data or cannot drop a repeated insert.
-_WINDOWS = ("replicated_deduplication_window", "non_replicated_deduplication_window")
 
 
 class SchemaChangeError(SinkError):
