@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
@@ -77,6 +78,10 @@ def ch_errors(action: str) -> Iterator[None]:
         raise SinkError(f"{action}: {_short(exc)}") from exc
 
 
+# Server settings for the embedded engine: see the file for why each is there.
+ENGINE_CONFIG = Path(__file__).with_name("chdb_engine.xml")
+
+
 def _open_chdb(dsn: str) -> Client:
     """Open the chDB engine folder, saying plainly why not when it cannot be opened."""
     path = dsn[len("chdb://"):]
@@ -85,7 +90,7 @@ def _open_chdb(dsn: str) -> Client:
     if holder is not None:  # asked before opening: the engine would print its own error on stderr
         raise EngineBusy(f"the chDB folder {path} is held by process {holder} (one process at a time can open it)")
     try:
-        return clickhouse_connect.get_client(dsn=dsn)
+        return clickhouse_connect.get_client(dsn=dsn, chdb_options={"config-file": str(ENGINE_CONFIG)})
     except (DatabaseError, ClickHouseError) as exc:
         holder = chdb_holder(path)
         if holder is not None:
