@@ -126,6 +126,7 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
         lines.append(f"source has {len(shape.columns)} column(s) to move; key {key.label}"
                      f" ({', '.join(c.pg_type for c in key.columns)}) is unique")
         lines.extend(_pg_privileges(conn, settings, job))
+        lines.extend(f"note: {advice}" for advice in source.hot_advice(conn, job))
         ledger = Ledger(conn, settings.ledger_schema, job)
         lines.append(f"{ledger.backlog()} unprocessed row(s)")
         nulls = ledger.null_keys(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import re
 import tomllib
 import zoneinfo
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ JOB_KEYS: dict[str, tuple[str, Any]] = {
     "schedule": ("ETL_SCHEDULE", "*/5 * * * *"),
     "timezone": ("ETL_TIMEZONE", "UTC"),
     "batch_size": ("ETL_BATCH_SIZE", "100000"),
+    "chunk_bytes": ("ETL_CHUNK_BYTES", "16MiB"),
     "chunk_size": ("ETL_CHUNK_SIZE", "50000"),
     "ready_query": ("ETL_READY_QUERY", ""),
     "ready_timeout": ("ETL_READY_TIMEOUT", "300"),
@@ -66,6 +68,7 @@ class JobConfig:
     timezone: str
     batch_size: int
     chunk_size: int
+    chunk_bytes: int  # a chunk ends at ETL_CHUNK_SIZE rows or about this many bytes, whichever comes first
     ready_query: str
     ready_timeout: float
     ready_poll_interval: float
@@ -231,6 +234,14 @@ class _Getter:
             raise ConfigError(self.label + key, f"must be greater than 0, got {text!r}")
         return value
 
+    def size(self, key: str, default: Any) -> int:
+        """A size in bytes: a whole number, optionally with KiB, MiB or GiB (KB, MB, GB: the same)."""
+        text = self.raw(key, default)
+        match = re.fullmatch(r"(\d+)\s*(?:([KMG])i?B)?", text, re.IGNORECASE)
+        if not match or int(match[1]) == 0:
+            raise ConfigError(self.label + key, f"must be a size greater than 0 such as 16MiB or 1048576, got {text!r}")
+        return int(match[1]) << {None: 0, "K": 10, "M": 20, "G": 30}[match[2] and match[2].upper()]
+
     def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.raw(key, default)
         if value.upper() in allowed or value.lower() in allowed:
@@ -323,6 +334,7 @@ def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], labe
         timezone=timezone,
         batch_size=batch_size,
         chunk_size=min(batch_size, int(get.number(key("chunk_size"), default("chunk_size"), whole=True))),
+        chunk_bytes=get.size(key("chunk_bytes"), default("chunk_bytes")),
         ready_query=get.raw(key("ready_query"), ""),
         ready_timeout=get.number(key("ready_timeout"), default("ready_timeout")),
         ready_poll_interval=get.number(key("ready_poll_interval"), default("ready_poll_interval")),

@@ -19,7 +19,7 @@ from psycopg2.extras import Json
 from etl_service.config import JobConfig
 from etl_service.errors import ConfigError, SourceError
 from etl_service.keys import Key
-from etl_service.source import Connection, SourceShape, generation, pg_errors, qualified
+from etl_service.source import Connection, SourceShape, generation, pg_errors, qualified, row_bytes
 
 # Unfinished batches of other job names on this job's source and flag (or of unknown source:
 # recorded before batches named it): a renamed or removed job's, to adopt or release.
@@ -88,6 +88,8 @@ ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS generation text;
 -- The key's columns, in the order its stored keys list them.
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS key_columns text[];
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source_oid oid;
+-- Where each chunk ends (positions), fixed at claim time: chunks end by rows and by bytes.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS chunk_ends integer[];
 -- The source column types each job's target was last brought in step with: a type that differs
 -- from it is a change at the source (one that matches is the operator's choice, left alone).
 CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
@@ -101,7 +103,7 @@ CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
 
 
 _BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
-                  " keys[cardinality(keys)], coalesce(origin, job), generation, key_columns")
+                  " keys[cardinality(keys)], coalesce(origin, job), generation, key_columns, chunk_ends")
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,12 @@ class Batch:
     origin: str = ""  # the job name that claimed it: part of every insert token
     generation: str | None = None  # the source's storage when claimed (source.GENERATION)
     key_columns: tuple[str, ...] | None = None  # the key's columns, in the order of its stored keys
+    chunk_ends: tuple[int, ...] | None = None  # each chunk's last position; None: every chunk_size rows
 
     @property
     def chunk_count(self) -> int:
+        if self.chunk_ends:
+            return len(self.chunk_ends)
         return -(-self.row_count // self.chunk_size)
 
     def range_token(self, first: int, last: int) -> str:
@@ -135,6 +140,8 @@ class Batch:
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         """1-based inclusive positions of chunk `index` in the batch's key array."""
+        if self.chunk_ends:
+            return (self.chunk_ends[index - 1] + 1 if index else 1), self.chunk_ends[index]
         first = index * self.chunk_size + 1
         return first, min(self.row_count, first + self.chunk_size - 1)
 
@@ -142,9 +149,10 @@ class Batch:
 def _batch(row: tuple[Any, ...]) -> Batch:
     """A Batch from a row of the _BATCH_COLUMNS select list."""
     batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split, last_key, origin, gen, \
-        key_columns = row
+        key_columns, chunk_ends = row
     return Batch(batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, tuple(split),
-                 last_key, origin, gen, tuple(key_columns) if key_columns else None)
+                 last_key, origin, gen, tuple(key_columns) if key_columns else None,
+                 tuple(chunk_ends) if chunk_ends else None)
 
 
 @dataclass(frozen=True)
@@ -200,11 +208,12 @@ class Ledger:
             " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
             " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
             " OR (attrelid = to_regclass(%(b)s) AND attname = 'source_oid')"
+            " OR (attrelid = to_regclass(%(b)s) AND attname = 'chunk_ends')"
             " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
             " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
             {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs",
              "t": f"{self._quoted()}.target_shapes"})
-        if present[0][0] < 5:
+        if present[0][0] < 6:
             self._run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=self.schema))
             # Batches recorded before batches named their source: this job's own are on its source.
             self._run("record the source of older batches", sql.SQL(
@@ -288,21 +297,31 @@ class Ledger:
         query = sql.SQL(
             "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + _HELD + ")"
             " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size,"
-            " generation, key_columns, source_oid)"
-            " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(p.k ORDER BY {order}),"
-            " array_agg(p.x ORDER BY {order}), count(*), %(chunk)s, {generation}, %(key_columns)s,"
-            " to_regclass(%(quoted)s)::oid"
-            " FROM (SELECT {encoded} AS k, s.xmin AS x, {ordered} FROM {src} s WHERE s.{flag} = false"
-            " AND {not_null}{above}{held}"
+            " generation, key_columns, source_oid, chunk_ends)"
+            " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(p.k ORDER BY p.pos),"
+            " array_agg(p.x ORDER BY p.pos), count(*), %(chunk)s, {generation}, %(key_columns)s,"
+            " to_regclass(%(quoted)s)::oid, array_agg(p.pos ORDER BY p.pos) FILTER (WHERE p.ends)"
+            # A chunk ends after ETL_CHUNK_SIZE rows or where the running byte count crosses a
+            # multiple of ETL_CHUNK_BYTES: at most that many bytes plus one row. Recorded now, so a
+            # resumed batch sends the same chunks with the same tokens.
+            " FROM (SELECT c.k, c.x, c.pos, c.r IS DISTINCT FROM lead(c.r) OVER w"
+            " OR c.b IS DISTINCT FROM lead(c.b) OVER w AS ends"
+            " FROM (SELECT n.k, n.x, n.pos, (n.pos - 1) / %(chunk)s AS r, (n.total - 1) / %(chunk_bytes)s AS b"
+            " FROM (SELECT o.k, o.x, row_number() OVER w AS pos, sum(o.size) OVER w AS total"
+            " FROM (SELECT {encoded} AS k, s.xmin AS x, {size} AS size, {ordered} FROM {src} s"
+            " WHERE s.{flag} = false AND {not_null}{above}{held}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = {encoded})"
-            " ORDER BY {row} LIMIT %(limit)s) p HAVING count(*) > 0"
+            " ORDER BY {row} LIMIT %(limit)s) o WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) n) c"
+            " WINDOW w AS (ORDER BY c.pos)) p HAVING count(*) > 0"
             " RETURNING " + _BATCH_COLUMNS
         ).format(s=self.schema, src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
                  encoded=key.encode("s"), row=key.row("s"), order=order, not_null=key.not_null("s"),
                  ordered=sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(f"o{i}"))
                                             for i, c in enumerate(key.names)),
-                 above=above, held=held, generation=generation(qualified(self.job).as_string(self.conn)))
+                 above=above, held=held, generation=generation(qualified(self.job).as_string(self.conn)),
+                 size=row_bytes(shape))
         rows = self._run("claim batch", query, {**self._names(), "chunk": self.job.chunk_size, "after": after,
+                                                "chunk_bytes": self.job.chunk_bytes,
                                                 "limit": self.job.batch_size, "key_columns": list(key.names)})
         return _batch(rows[0]) if rows else None
 

@@ -266,6 +266,69 @@ def _key(table: str, job: JobConfig, unique: list[tuple[str, ...]], by_name: dic
                       " columns, so rows could repeat and be loaded more than once", fix)
 
 
+# Types whose raw length octet_length() reads from the value's header, without fetching or
+# decompressing a TOASTed value (bytea's length is doubled: COPY writes it in hex).
+_RAW_LENGTH = {"text": 1, "bytea": 2, "json": 1, "xml": 1}
+_RAW_LENGTH_PREFIX = ("character varying", "character(", "character")
+
+
+def row_bytes(shape: SourceShape, alias: str = "s") -> sql.Composable:
+    """About how many bytes a row takes on its way out (COPY text, then Arrow), cheap to compute.
+
+    Texts and byteas count their full length (what makes a row large: a value of several MB);
+    other variable-length types their stored size, which may be compressed; fixed-size types
+    their size. Used at claim time to end chunks by bytes as well as by rows.
+    """
+    parts: list[sql.Composable] = []
+    for column in shape.columns:
+        ident = sql.Identifier(alias, column.name)
+        factor = _RAW_LENGTH.get(column.pg_type) or (1 if column.pg_type.startswith(_RAW_LENGTH_PREFIX) else 0)
+        if factor:
+            cast = sql.SQL("::text") if column.pg_type in ("json", "xml") else sql.SQL("")
+            parts.append(sql.SQL("coalesce(octet_length({}{}), 0) * {}").format(ident, cast, sql.Literal(factor)))
+        else:
+            parts.append(sql.SQL("coalesce(pg_column_size({}), 0)").format(ident))
+    parts.append(sql.Literal(len(shape.columns)))  # separators
+    return sql.SQL(" + ").join(parts)
+
+
+_HOT = """
+SELECT c.relname, am.amname, pg_get_indexdef(i.indexrelid)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+WHERE i.indrelid = to_regclass(%(table)s) AND am.amname <> 'brin'
+  AND (%(attnum)s = ANY(i.indkey::int2[])
+       OR pg_get_expr(i.indpred, i.indrelid) ~ ('\\m' || %(flag)s || '\\M')
+       OR pg_get_expr(i.indexprs, i.indrelid) ~ ('\\m' || %(flag)s || '\\M'))
+ORDER BY 1
+"""
+
+
+def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
+    """Why marking rows processed cannot be a HOT update here (README, "Tuning"), if it cannot.
+
+    An UPDATE is HOT (no index entry written, about half the work and WAL) when no index but a
+    BRIN one refers to the changed column and the row's page has room for the new version.
+    """
+    name = qualified(job).as_string(conn)
+    with pg_errors("read the source's indexes", conn), conn.cursor() as cur:
+        cur.execute("SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
+                    (name, job.processed_column))
+        attnum = cur.fetchone()
+        cur.execute(_HOT, {"table": name, "attnum": attnum[0] if attnum else 0, "flag": job.processed_column})
+        blocking = cur.fetchall()
+        cur.execute("SELECT coalesce((SELECT option_value::int FROM pg_options_to_table(c.reloptions)"
+                    " WHERE option_name = 'fillfactor'), 100) FROM pg_class c WHERE c.oid = to_regclass(%s)", (name,))
+        fillfactor = cur.fetchone()[0]  # type: ignore[index]
+    conn.commit()
+    advice = [f"index {index} ({am}) refers to {job.processed_column}, so marking a row writes index entries"
+              " (no HOT update): a partial BRIN index serves `WHERE NOT processed` without that (README, Tuning)"
+              for index, am, _ in blocking]
+    if fillfactor == 100:
+        advice.append(f"{name} has fillfactor 100: a marked row moves to another page (no HOT update);"
+                      f" ALTER TABLE {name} SET (fillfactor = 90) leaves room for it (README, Tuning)")
+    return advice
+
+
 def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: str,
                   batch_id: int, first: int, last: int) -> pa.Table:
     """Stream keys [first, last] (1-based positions in the batch) out with COPY, parse into Arrow.
@@ -284,7 +347,7 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
             raise SourceChanged(f"{name} changed its columns during the run: starting over with the new ones")
         cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last), buf)
     conn.commit()
-    return parse_csv(buf.getvalue(), shape)
+    return parse_csv(buf.getbuffer(), shape)  # a view: the chunk's text is not copied again
 
 
 def _columns_changed(cur: psycopg2.extensions.cursor, job: JobConfig, shape: SourceShape, name: str) -> bool:
@@ -327,7 +390,7 @@ def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int,
     )
 
 
-def parse_csv(data: bytes, shape: SourceShape) -> pa.Table:
+def parse_csv(data: bytes | memoryview, shape: SourceShape) -> pa.Table:
     """Parse PostgreSQL's COPY CSV into an Arrow table with exact types, named by target column."""
     names = [c.name for c in shape.columns]
     if not data:
@@ -339,7 +402,7 @@ def parse_csv(data: bytes, shape: SourceShape) -> pa.Table:
         raise BadSourceValues(f"cannot convert a value to its column type: {_first_line(exc)}") from exc
 
 
-def _parse_csv(data: bytes, shape: SourceShape, names: list[str]) -> pa.Table:
+def _parse_csv(data: bytes | memoryview, shape: SourceShape, names: list[str]) -> pa.Table:
     try:
         return _read_csv(data, shape, names, 8 << 20)
     except pa.ArrowInvalid as exc:
@@ -350,9 +413,9 @@ def _parse_csv(data: bytes, shape: SourceShape, names: list[str]) -> pa.Table:
     return _read_csv(data, shape, names, len(data) + 1)
 
 
-def _read_csv(data: bytes, shape: SourceShape, names: list[str], block_size: int) -> pa.Table:
+def _read_csv(data: bytes | memoryview, shape: SourceShape, names: list[str], block_size: int) -> pa.Table:
     table = pacsv.read_csv(
-        io.BytesIO(data),
+        pa.BufferReader(data),
         read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(

@@ -15,10 +15,12 @@ import pytest
 from loguru import logger
 
 from etl_service import admin, checks, report
+from etl_service.errors import ConfigError
 from etl_service.pipeline import FAILED, IDLE, OK, WAITING, RunResult, run_job
 
 from .conftest import World
 from .helpers import REPO, clean_env, cli, running, stop, wait_for, write_env
+from .test_pipeline import ch_summary
 
 
 def target_count(world: World, table: str = "dst") -> int:
@@ -261,6 +263,42 @@ def test_values_larger_than_a_parse_block_arrive_intact(world: World) -> None:
     assert hashlib.md5(b"small 7").hexdigest() == world.ch_rows(
         f"SELECT lower(hex(MD5(doc))) FROM {world.target()} WHERE id = 7")[0][0]
 
+
+
+def test_chunks_end_by_bytes_and_a_resumed_batch_sends_the_same_chunks(world: World) -> None:
+    # 2000 rows; ids 300-339 hold 200 kB of text each and id 1500 a 3 MB bytea (6 MB as hex):
+    # by rows alone the batch is 2 chunks of 1000.
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc text, blob bytea, processed boolean NOT NULL"
+              " DEFAULT false);"
+              " INSERT INTO src SELECT g, 'small ' || g, NULL, false FROM generate_series(1, 2000) g;"
+              " UPDATE src SET doc = repeat(md5(id::text), 6400) WHERE id BETWEEN 300 AND 339;"
+              " UPDATE src SET blob = decode(repeat('cd', 3 * 1024 * 1024), 'hex') WHERE id = 1500")
+    limit = 1024 * 1024
+    settings = world.settings(batch_size="2000", chunk_size="1000", chunk_bytes="1MiB", fail_at="between_chunks:3")
+    result = run_job(settings, settings.jobs[0])  # fails after the 3rd chunk once; the retry resumes
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 2000, 0)
+    ends = world.sql("SELECT chunk_ends FROM etl.batches")[0][0]
+    assert ends[-1] == 2000 and ends == sorted(ends) and 1000 in ends  # the row bound still holds
+    sizes = dict(world.sql("SELECT id, 8 + coalesce(octet_length(doc), 0) + 2 * coalesce(octet_length(blob), 0) + 3"
+                           " FROM src"))  # what the claim counts: the key's 8 bytes, texts, bytea as hex, separators
+    first = 1
+    for last in ends:
+        chunk = sum(sizes[i] for i in range(first, last + 1))
+        assert chunk <= limit + max(sizes[i] for i in range(first, last + 1)), (first, last, chunk)
+        first = last + 1
+    assert len(ends) >= 10  # 8 MB of text and 6 MB of hex in chunks of about 1 MB
+    assert ch_summary(world) == (2000, 2000, 2001000)
+    doc_md5 = world.sql("SELECT md5(string_agg(doc, '' ORDER BY id)) FROM src")[0][0]
+    assert world.ch_rows(f"SELECT lower(hex(MD5(arrayStringConcat(groupArray(doc))))) FROM"
+                         f" (SELECT doc FROM {world.target()} ORDER BY id)")[0][0] == doc_md5
+    assert world.ch_rows(f"SELECT length(blob) FROM {world.target()} WHERE id = 1500") == [(3 * 1024 * 1024,)]
+
+
+def test_chunk_bytes_must_be_a_size(world: World) -> None:
+    for bad in ("0", "16 MBs", "-1", "lots"):
+        with pytest.raises(ConfigError, match="ETL_CHUNK_BYTES: must be a size"):
+            world.settings(chunk_bytes=bad)
+    assert world.settings(chunk_bytes="64 kib").jobs[0].chunk_bytes == 64 * 1024
 
 # --- permanent errors are configuration errors -------------------------------------------------
 

@@ -63,6 +63,22 @@ def test_check_and_status_report_what_they_find(world: World) -> None:
     assert "next runs: " in renamed.stdout
 
 
+
+def test_check_says_when_marking_cannot_be_a_hot_update(world: World) -> None:
+    world.make_source(10)
+    env_file = write_env(world, world.tmp / "chdb")
+    world.sql("CREATE INDEX src_todo ON src (id) WHERE NOT processed")
+    plain = cli("check", "--env-file", str(env_file))
+    assert plain.returncode == 0, plain.stdout  # advice, not a failure
+    assert "note index src_todo (btree) refers to processed, so marking a row writes index entries" in plain.stdout
+    assert 'note "public"."src" has fillfactor 100: a marked row moves to another page' in plain.stdout
+    world.sql("DROP INDEX src_todo; CREATE INDEX src_todo ON src USING brin (id) WHERE NOT processed;"
+              " ALTER TABLE src SET (fillfactor = 70)")
+    tuned = cli("check", "--env-file", str(env_file))
+    assert tuned.returncode == 0 and "HOT" not in tuned.stdout and "src_todo" not in tuned.stdout, tuned.stdout
+    world.sql("CREATE INDEX src_flag ON src (processed, id)")  # the flag as a column blocks HOT as well
+    assert "note index src_flag (btree) refers to processed" in cli("check", "--env-file", str(env_file)).stdout
+
 @pytest.mark.slow
 def test_daemon_runs_on_a_seconds_schedule_and_exits_0_on_sigterm(world: World) -> None:
     world.make_source(300)
