@@ -21,7 +21,7 @@ from loguru import logger
 from etl_service import checks, logs, metrics, sink, systemd
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, TransientError
-from etl_service.pipeline import run_job
+from etl_service.pipeline import OUTCOMES, run_job
 
 
 class Daemon:
@@ -54,12 +54,8 @@ class Daemon:
             checks.preflight(self.settings)  # a wrong key, table or grant: ConfigError, exit 78
         except TransientError as exc:
             logger.warning("start-up checks skipped: {} (the runs retry and report)", exc)
-        now = datetime.now(UTC)
         for job in self.settings.jobs:
-            # First run at start: finish what a previous process left unfinished and catch up,
-            # rather than waiting for the first cron time.
-            self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name,
-                                   next_run_time=now)
+            self._add(job)
         self.scheduler.start()
         for job in self.settings.jobs:
             logger.info("job {} scheduled on '{}' ({}): first run now, then on schedule", job.name, job.schedule,
@@ -103,14 +99,20 @@ class Daemon:
                 self.scheduler.modify_job(job.name, args=[job])
                 self.scheduler.reschedule_job(job.name, trigger=job.trigger())
             else:
-                self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name,
-                                       next_run_time=datetime.now(UTC))
+                self._add(job)
         self.settings = new
         sink.close_other_folders(new)  # a moved CLICK_DSN frees the old chDB folder at once
         logs.setup(new.log_level, new.log_format)
         logger.info("configuration reloaded: {} job(s): {}", len(new.jobs),
                     ", ".join(f"{j.name} on '{j.schedule}'" for j in new.jobs))
         systemd.notify(f"READY=1\nSTATUS=configuration reloaded; {len(new.jobs)} job(s)")
+
+    def _add(self, job: JobConfig) -> None:
+        # First run now: finish what a previous process left unfinished and catch up, rather than
+        # waiting for the first cron time.
+        metrics.declare(job.name, OUTCOMES)
+        self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name,
+                               next_run_time=datetime.now(UTC))
 
     def _run(self, job: JobConfig) -> None:
         result = run_job(self.settings, job, self.stop)

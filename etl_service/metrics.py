@@ -6,7 +6,13 @@ the per-run backlog count are optional.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from etl_service.ledger import Health
 
 REGISTRY = CollectorRegistry()
 _DURATIONS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -28,6 +34,29 @@ QUARANTINED = Gauge("etl_quarantined_rows", "Rows set aside with their reason, a
                     registry=REGISTRY)
 LAST_SUCCESS = Gauge("etl_last_success_timestamp_seconds", "When a run last succeeded (Unix time)", ["job"],
                      registry=REGISTRY)
+
+
+def declare(job: str, outcomes: Iterable[str]) -> None:
+    """Start a scheduled job's run counts at 0 for every outcome.
+
+    A series that appears with its first failure already at 1 shows no increase, so an alert on
+    `increase(etl_run_duration_seconds_count{status="failed"}[...])` would miss a lone failure.
+    """
+    for outcome in outcomes:
+        RUN_SECONDS.labels(job, outcome)
+
+
+def record_health(job: str, health: Health) -> None:
+    """Set the per-job gauges from the ledger after a run.
+
+    The last success comes from the ledger too, so a restarted daemon whose runs have not
+    succeeded yet still says when one last did (the run itself sets it again when it succeeds).
+    """
+    for gauge, value in ((BACKLOG, health.backlog), (LAG, health.lag_seconds), (WAITING, health.waiting),
+                         (QUARANTINED, health.quarantined)):
+        gauge.labels(job).set(value)
+    if health.last_success is not None:
+        LAST_SUCCESS.labels(job).set(health.last_success.timestamp())
 
 
 def serve(address: str, port: int) -> None:

@@ -30,6 +30,7 @@ from etl_service.source import SourceShape, pg_errors
 # Run outcomes. `ok` and `idle` are success; the rest make `--once` exit non-zero.
 OK, IDLE, WAITING, SKIPPED, STOPPED, FAILED = "ok", "idle", "waiting", "skipped", "stopped", "failed"
 SUCCESS = (OK, IDLE)
+OUTCOMES = (OK, IDLE, WAITING, SKIPPED, STOPPED, FAILED)
 # Batches in a row that may mark nothing before a run gives up (it must progress or end).
 BARREN_LIMIT = 3
 
@@ -160,16 +161,10 @@ class Run:
                 self._quietly(self.marker.close)
                 self._close_clickhouse()
                 if self.settings.metrics_port:  # counts the backlog: only when someone reads it
-                    self._quietly(lambda: self._gauges(ledger))
+                    self._quietly(lambda: metrics.record_health(self.job.name, ledger.health()))
                 self._quietly(ledger.unlock)
         finally:
             conn.close()
-
-    def _gauges(self, ledger: Ledger) -> None:
-        health = ledger.health()
-        for gauge, value in ((metrics.BACKLOG, health.backlog), (metrics.LAG, health.lag_seconds),
-                             (metrics.WAITING, health.waiting), (metrics.QUARANTINED, health.quarantined)):
-            gauge.labels(self.job.name).set(value)
 
     def _tell_held(self, held: list[ForeignBatch], ledger: Ledger) -> None:
         """Say which keys this run leaves alone, and what to do about a renamed or removed job's batch."""
