@@ -12,10 +12,14 @@ figures as `logger.bind(summary={...})`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import struct
 import sys
+import termios
+import time
 from typing import Any
 
 from logging_journald import JournaldTransport
@@ -112,7 +116,25 @@ class _JournalSink:
         sys.stderr.flush()
 
     def stop(self) -> None:
-        self._transport.socket.close()
+        """Close the socket once journald has read what was sent (waiting a second at most).
+
+        journald learns the sender's unit (what `journalctl -u` matches) from /proc/PID when it
+        reads an entry, and an entry read after the process is gone has none (systemd issue
+        #2913). The lines just before an exit (a configuration error, "stopped") need this.
+        """
+        sock = self._transport.socket
+        deadline = time.monotonic() + 1.0
+        while _unread(sock) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        sock.close()
+
+
+def _unread(sock: Any) -> int:
+    """Bytes this datagram socket sent that the receiver has not read yet (SIOCOUTQ)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except OSError:
+        return 0
 
 
 def _json_sink(message: Any) -> None:

@@ -9,6 +9,8 @@ import os
 import socket
 import struct
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +110,21 @@ def test_an_entry_too_big_for_a_datagram_goes_through_a_memfd(journal: socket.so
     logger.bind(job="orders").info(big)
     entry = receive(journal)
     assert entry["MESSAGE"] == f"[job=orders] {big}" and entry["JOB"] == "orders"
+
+
+def test_closing_waits_until_journald_has_read_the_last_entries(journal: socket.socket) -> None:
+    # journald attributes an entry to the unit by looking the sender up when it reads the entry:
+    # a process must not be gone by then (its last line says why it exits)
+    logs.setup("INFO", "journal")
+    logger.error("configuration error: …")
+    entries: list[dict[str, str]] = []
+    reader = threading.Timer(0.3, lambda: entries.append(receive(journal)))
+    reader.start()
+    t0 = time.monotonic()
+    logger.remove()  # as at exit
+    waited = time.monotonic() - t0
+    reader.join()
+    assert waited >= 0.25 and entries[0]["MESSAGE"] == "configuration error: …"
 
 
 def test_a_record_too_big_for_journald_goes_to_stderr_whole(journal: socket.socket, monkeypatch: pytest.MonkeyPatch,
