@@ -108,9 +108,9 @@ class _JournalSink:
             self._to_stderr(record, text, f"the journal socket {self._path} refused a record: {exc}")
 
     def _to_stderr(self, record: Any, text: str, why: str) -> None:
-        if not self._said_why:  # once: after that, stderr is simply where the lines are
-            sys.stderr.write(f"<4>{why}; writing log lines to stderr (journal field matches such as"
-                             " JOB= will not find them)\n")
+        if not self._said_why:  # once: the next refused records just go the same way
+            sys.stderr.write(f"<4>{why}; such records go to stderr instead (journal field matches such as"
+                             " JOB= do not find them)\n")
             self._said_why = True
         sys.stderr.write(f"<{_priority(record)}>{text}\n")
         sys.stderr.flush()

@@ -134,7 +134,7 @@ def test_a_record_too_big_for_journald_goes_to_stderr_whole(journal: socket.sock
     logger.bind(job="orders").error("y" * 200)
     logger.bind(job="orders").info("small")
     note, line = capfd.readouterr().err.splitlines()
-    assert note.startswith("<4>a record of 213 characters is too big for one journal entry; writing log lines to")
+    assert note.startswith("<4>a record of 213 characters is too big for one journal entry; such records go to stderr")
     assert line == "<3>[job=orders] " + "y" * 200
     assert receive(journal)["MESSAGE"] == "[job=orders] small"  # the next one goes to the journal again
 
