@@ -65,6 +65,9 @@ _PERMANENT = (
     ("database \"", "PG_DATABASE", "use an existing database (PG_DATABASE, or the dbname in PG_DSN)"),
     ("no pg_hba.conf entry", "PG_USER",
      "the server does not let this user connect from this host to this database: add a pg_hba.conf entry"),
+    ("pg_hba.conf rejects connection", "PG_USER",
+     "the server's pg_hba.conf refuses this user from this host to this database; if it says \"no encryption\","
+     " the server wants TLS: sslmode=verify-full in PG_DSN"),
     ("permission denied for database", "PG_USER", "GRANT CONNECT ON DATABASE … TO the user"),
     # TLS (libpq's words): the server's certificate, or the files PG_DSN names for it
     ("certificate verify failed", "PG_DSN",

@@ -19,6 +19,8 @@ from etl_service.source import pg_errors
     ('connection to server at "db", port 5432 failed: FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "etl",'
      ' database "orders", no encryption', "PG_USER"),
     ("connection to server at \"db\", port 5432 failed: fe_sendauth: no password supplied", "PG_PASSWORD"),
+    ('connection to server at "db", port 5432 failed: FATAL:  pg_hba.conf rejects connection for host "10.0.0.9",'
+     ' user "etl", database "orders", no encryption', "PG_USER"),
 ])
 def test_postgres_refusals_at_connect_are_configuration_errors(message: str, variable: str) -> None:
     with pytest.raises(ConfigError) as err, pg_errors("connect to PostgreSQL"):
