@@ -455,12 +455,13 @@ def _secret(env: Mapping[str, str], name: str) -> str:
 
 
 def redact_pg_dsn(dsn: str) -> str:
-    """A libpq DSN or URI as `host=… port=… dbname=… user=…`, with no password."""
+    """A libpq DSN or URI as `host=… port=… dbname=… user=…` (and its TLS files), with no password."""
     try:
         parts = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
         return "<unparseable DSN>"
-    shown = [f"{k}={parts[k]}" for k in ("host", "port", "dbname", "user") if parts.get(k)]
+    shown = [f"{k}={parts[k]}" for k in ("host", "port", "dbname", "user", "sslmode", "sslrootcert", "sslcert",
+                                          "sslkey") if parts.get(k)]
     return " ".join(shown) or "<default libpq settings>"
 
 

@@ -1,24 +1,37 @@
-"""Logging: one loguru sink on stderr, shaped for a terminal, journald or a log shipper.
+"""Logging: one loguru sink, shaped for a terminal, journald or a log shipper.
 
-Under journald (JOURNAL_STREAM set) lines carry `<N>` priority prefixes and no timestamp of
-our own, so `journalctl -p err` filters by level. `json` emits one flat JSON object per line
-with stable keys: ts, level, message, job and batch when known, and on run summaries the
-figures (`logger.bind(summary={...})`): status, batches, rows_loaded, rows_marked,
-rows_quarantined, seconds. Context bound with `logger.bind(job=…, batch=…)` appears on every line.
+When stderr is journald's (JOURNAL_STREAM names it), each record is sent as one journal entry
+over journald's native protocol, with fields: MESSAGE, PRIORITY, SYSLOG_IDENTIFIER, CODE_*,
+JOB and BATCH when known, and on run summaries STATUS, BATCHES, ROWS_LOADED, ROWS_MARKED,
+ROWS_QUARANTINED, SECONDS — so `journalctl -u etl.service JOB=orders -p warning` works. If the
+journal's socket refuses a record, it goes to stderr with a `<N>` priority prefix instead.
+`json` emits one flat JSON object per line with the same fields in lower case and `ts`, `level`.
+Context bound with `logger.bind(job=…, batch=…)` is on every line; run summaries carry their
+figures as `logger.bind(summary={...})`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import struct
 import sys
+import termios
+import time
 from typing import Any
 
+from logging_journald import JournaldTransport
 from loguru import logger
 
-# syslog priorities for the `<N>` prefix journald understands.
+# syslog priorities: the journal's PRIORITY field, and the `<N>` prefix journald reads on stderr.
 _PRIORITY = {"TRACE": 7, "DEBUG": 7, "INFO": 6, "SUCCESS": 5, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+# Where journald listens for its native protocol (tests point this at a socket of their own).
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# journald drops an entry above 32 MiB from an unprivileged sender without a word; a record longer
+# than this (≤ 16 MiB of UTF-8) goes to stderr whole instead (journald splits it into lines, keeps it).
+_JOURNAL_MAX_CHARS = 4 * 1024 * 1024
 
 
 def _context(record: Any) -> str:
@@ -27,10 +40,26 @@ def _context(record: Any) -> str:
     return f"[{' '.join(parts)}] " if parts else ""
 
 
-def _journal_format(record: Any) -> str:
+def _fields(record: Any) -> dict[str, Any]:
+    """job and batch when known, and a run summary's figures: the JSON keys and the journal's fields."""
+    extra = record["extra"]
+    fields = {k: extra[k] for k in ("job", "batch") if k in extra}
+    fields.update(extra.get("summary", {}))
+    return fields
+
+
+def _priority(record: Any) -> int:
+    return _PRIORITY.get(record["level"].name, 6)
+
+
+def _plain_format(record: Any) -> str:
     record["extra"]["_ctx"] = _context(record)
+    return "{extra[_ctx]}{message}\n{exception}"
+
+
+def _journal_format(record: Any) -> str:
     # "\<" : a literal "<" for loguru, whose format strings are colour markup otherwise
-    return f"\\<{_PRIORITY.get(record['level'].name, 6)}>{{extra[_ctx]}}{{message}}\n{{exception}}"
+    return f"\\<{_priority(record)}>" + _plain_format(record)
 
 
 def _text_format(record: Any) -> str:
@@ -39,14 +68,80 @@ def _text_format(record: Any) -> str:
             "<cyan>{extra[_ctx]}</cyan>{message}\n{exception}")
 
 
+def stderr_is_journal() -> bool:
+    """True if stderr is the stream systemd connected to journald (not a redirection made since)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+class _JournalSink:
+    """Each record as one journal entry with fields (native protocol); `<N>` lines on stderr if refused.
+
+    Records too big for a datagram go through a sealed memfd (the protocol's way, done by
+    logging-journald's transport); the socket is addressed on every send, so a restarted
+    journald is picked up again.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self._path = socket_path
+        self._transport = JournaldTransport(socket_path=socket_path, connected=False)
+        self._said_why = False
+
+    def write(self, message: Any) -> None:
+        record = message.record
+        text = str(message).rstrip("\n")  # context, message and traceback: _plain_format
+        if len(text) > _JOURNAL_MAX_CHARS:
+            self._to_stderr(record, text, f"a record of {len(text)} characters is too big for one journal entry")
+            return
+        fields = [("MESSAGE", text), ("PRIORITY", _priority(record)), ("SYSLOG_IDENTIFIER", "etl-service"),
+                  ("CODE_FILE", record["file"].path), ("CODE_LINE", record["line"]),
+                  ("CODE_FUNC", record["function"])]
+        fields += [(key.upper(), value) for key, value in _fields(record).items()]
+        try:
+            self._transport.send(fields)
+        except OSError as exc:
+            self._to_stderr(record, text, f"the journal socket {self._path} refused a record: {exc}")
+
+    def _to_stderr(self, record: Any, text: str, why: str) -> None:
+        if not self._said_why:  # once: the next refused records just go the same way
+            sys.stderr.write(f"<4>{why}; such records go to stderr instead (journal field matches such as"
+                             " JOB= do not find them)\n")
+            self._said_why = True
+        sys.stderr.write(f"<{_priority(record)}>{text}\n")
+        sys.stderr.flush()
+
+    def stop(self) -> None:
+        """Close the socket once journald has read what was sent (waiting a second at most).
+
+        journald learns the sender's unit (what `journalctl -u` matches) from /proc/PID when it
+        reads an entry, and an entry read after the process is gone has none (systemd issue
+        #2913). The lines just before an exit (a configuration error, "stopped") need this.
+        """
+        sock = self._transport.socket
+        deadline = time.monotonic() + 1.0
+        while _unread(sock) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        sock.close()
+
+
+def _unread(sock: Any) -> int:
+    """Bytes this datagram socket sent that the receiver has not read yet (SIOCOUTQ)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except OSError:
+        return 0
+
+
 def _json_sink(message: Any) -> None:
     """One flat object per line: what Vector, Loki or Elastic read without parsing text."""
     record = message.record
-    extra = record["extra"]
     line: dict[str, Any] = {"ts": record["time"].isoformat(), "level": record["level"].name,
-                            "message": record["message"]}
-    line.update({k: extra[k] for k in ("job", "batch") if k in extra})
-    line.update(extra.get("summary", {}))
+                            "message": record["message"], **_fields(record)}
     if record["exception"] is not None:
         line["exception"] = "".join(logging.Formatter().formatException(
             (record["exception"].type, record["exception"].value, record["exception"].traceback)))
@@ -63,15 +158,23 @@ class _FromLogging(logging.Handler):
 
 
 def setup(level: str = "INFO", fmt: str = "auto") -> None:
-    """Replace loguru's default sink with ours; call once at start (and again on reload)."""
+    """Replace loguru's default sink with ours; call once at start (and again on reload).
+
+    `auto` is `journal` when stderr is journald's, else `text`. `journal` sends entries with
+    fields to journald when stderr is journald's, and writes `<N>`-prefixed lines otherwise.
+    """
     # APScheduler's own warnings (a skipped or missed run) are logged by the daemon in our words.
     logging.basicConfig(handlers=[_FromLogging()], level=logging.WARNING, force=True)
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logger.remove()
+    journal = stderr_is_journal()
     if fmt == "auto":
-        fmt = "journal" if os.environ.get("JOURNAL_STREAM") else "text"
+        fmt = "journal" if journal else "text"
     if fmt == "json":
         logger.add(_json_sink, level=level, format="{message}", backtrace=False, diagnose=False)
+    elif fmt == "journal" and journal:
+        logger.add(_JournalSink(JOURNAL_SOCKET), level=level, format=_plain_format, colorize=False,
+                   backtrace=False, diagnose=False)
     elif fmt == "journal":
         logger.add(sys.stderr, level=level, format=_journal_format, colorize=False, backtrace=False,
                    diagnose=False)

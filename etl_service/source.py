@@ -65,19 +65,38 @@ _PERMANENT = (
     ("database \"", "PG_DATABASE", "use an existing database (PG_DATABASE, or the dbname in PG_DSN)"),
     ("no pg_hba.conf entry", "PG_USER",
      "the server does not let this user connect from this host to this database: add a pg_hba.conf entry"),
+    ("pg_hba.conf rejects connection", "PG_USER",
+     "the server's pg_hba.conf refuses this user from this host to this database; if it says \"no encryption\","
+     " the server wants TLS: sslmode=verify-full in PG_DSN"),
     ("permission denied for database", "PG_USER", "GRANT CONNECT ON DATABASE … TO the user"),
+    # TLS (libpq's words): the server's certificate, or the files PG_DSN names for it
+    ("certificate verify failed", "PG_DSN",
+     "the server's certificate is not signed by the CA in sslrootcert=, or has expired: point sslrootcert at"
+     " the CA that issued it (README: PostgreSQL over TLS)"),
+    ("does not match host name", "PG_DSN",
+     "connect with a host name the server's certificate carries (its subjectAltName), or have it reissued"),
+    ("root certificate file", "PG_DSN",
+     "set sslrootcert= to the CA's file, readable by the service user (README: PostgreSQL over TLS)"),
+    ("private key file", "PG_DSN", "sslkey= must name the client key, owned by the service user, mode 600"),
+    ("certificate file", "PG_DSN", "sslcert= must name the client certificate, readable by the service user"),
+    ("alert unknown ca", "PG_DSN",
+     "the server does not trust the client certificate (sslcert=): have it issued by the server's ssl_ca_file"),
+    ("client certificate", "PG_DSN", "the server wants a client certificate: set sslcert= and sslkey= in PG_DSN"),
+    ("does not support SSL", "PG_DSN", "the server has TLS off: turn ssl on there, or change sslmode"),
 )
 
 
 def _permanent(action: str, exc: psycopg2.Error) -> ConfigError | None:
-    text = _first_line(exc)
     if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
-        return ConfigError("PG_USER", f"{action}: {text}",
+        return ConfigError("PG_USER", f"{action}: {_first_line(exc)}",
                            "grant the privilege to the user (`check` lists what the service needs)")
     if isinstance(exc, psycopg2.OperationalError) and exc.pgcode is None:
+        # libpq says one line per address it tried ("localhost": ::1, then 127.0.0.1): any may be the cause
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         for needle, variable, fix in _PERMANENT:
-            if needle in text and ("does not exist" in text or not needle.endswith('"')):
-                return ConfigError(variable, f"{action}: {text}", fix)
+            for text in lines:
+                if needle in text and ("does not exist" in text or not needle.endswith('"')):
+                    return ConfigError(variable, f"{action}: {text}", fix)
     return None
 
 

@@ -123,12 +123,16 @@ class Container:
 
 
 def _remove_empty_cgroups() -> None:
-    """nspawn leaves empty payload/supervisor cgroup folders behind on this kind of host."""
+    """nspawn leaves empty payload/supervisor cgroup folders behind on this kind of host.
+
+    (With the container's own empty folders inside, such as payload/init.scope: those go first.
+    A cgroup that still has a process cannot be removed, so a running container keeps its own.)
+    """
     for base in (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified")):
         if not base.exists():
             continue
         for folder in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if folder.is_dir() and folder.name in ("payload", "supervisor"):
+            if folder.is_dir() and {"payload", "supervisor"} & set(folder.relative_to(base).parts):
                 with contextlib.suppress(OSError):
                     folder.rmdir()
 

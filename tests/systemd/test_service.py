@@ -120,6 +120,61 @@ def test_journal_has_summaries_and_priorities(service: Service) -> None:
     assert "status=ok" not in errors and "status=idle" not in errors  # only errors at -p err
 
 
+def journal_entries(service: Service, *args: str, unit: str = UNIT) -> list[dict[str, str]]:
+    out = service.box.run("journalctl", "-u", unit, "--no-pager", "-o", "json", *args, check=False).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_journal_entries_carry_fields_to_filter_on(service: Service) -> None:
+    entries = journal_entries(service, "JOB=src")
+    summaries = [e for e in entries if "STATUS" in e]
+    loaded = next(e for e in summaries if e["STATUS"] == "ok" and int(e["ROWS_LOADED"]) > 0)
+    print("one journal entry (journalctl -u etl.service JOB=src -o json):")
+    print(json.dumps(loaded, indent=1, sort_keys=True))
+    assert loaded["_SYSTEMD_UNIT"] == UNIT and loaded["_TRANSPORT"] == "journal"
+    assert loaded["SYSLOG_IDENTIFIER"] == "etl-service" and loaded["JOB"] == "src"
+    assert loaded["PRIORITY"] == "6" and loaded["MESSAGE"].startswith("[job=src] run finished: job=src status=ok")
+    assert loaded["CODE_FILE"].endswith("etl_service/pipeline.py") and loaded["CODE_FUNC"] == "execute"
+    # the summaries' figures add up to what PostgreSQL shows (no rows were added since the start)
+    assert sum(int(e["ROWS_MARKED"]) for e in summaries) == service.marked() == 3000
+    assert sum(int(e["ROWS_LOADED"]) for e in summaries) == 3000
+    assert all({"BATCHES", "ROWS_QUARANTINED", "SECONDS"} <= set(e) for e in summaries)
+    batches = [e for e in entries if " done: " in e["MESSAGE"]]
+    assert batches and all(e["MESSAGE"].startswith(f"[job=src batch={e['BATCH']}] batch {e['BATCH']} done: ")
+                           for e in batches)
+    assert journal_entries(service, "JOB=no-such-job") == []
+
+
+def test_journal_filters_one_jobs_warnings(service: Service) -> None:
+    shown = service.box.run("journalctl", "-u", UNIT, "--no-pager", "JOB=src", "-p", "warning", check=False).stdout
+    print("journalctl -u etl.service JOB=src -p warning:")
+    print(shown)
+    warnings = journal_entries(service, "JOB=src", "-p", "warning")
+    assert warnings and all(int(e["PRIORITY"]) <= 4 and e["JOB"] == "src" for e in warnings)
+    failed = [e for e in warnings if e.get("STATUS") == "failed"]
+    assert failed and "does not exist in PostgreSQL" in failed[0]["MESSAGE"]
+    assert not [e for e in warnings if e.get("STATUS") in ("ok", "idle")]
+    assert len(warnings) < len(journal_entries(service, "JOB=src"))
+
+
+# The unit's settings that decide whether a record reaches journald's socket (and a memfd with it).
+SANDBOX = ("User", "Group", "NoNewPrivileges", "ProtectSystem", "PrivateTmp", "PrivateDevices", "PrivateUsers",
+           "ProtectProc", "ProcSubset", "RestrictAddressFamilies", "SystemCallFilter", "SystemCallArchitectures")
+
+
+def test_an_entry_too_big_for_a_datagram_reaches_the_journal_from_the_sandbox(service: Service) -> None:
+    unit = service.box.run("cat", f"/etc/systemd/system/{UNIT}").stdout
+    properties = [line for line in unit.splitlines() if line.split("=")[0] in SANDBOX]
+    code = ("from loguru import logger\nfrom etl_service import logs\nlogs.setup()\n"
+            "logger.bind(job='bigline').warning('x' * 1000000)\n")
+    service.box.run("systemd-run", "--unit=etl-bigline", "--wait", "--quiet",
+                    *[arg for p in properties for arg in ("-p", p)], "/opt/etl-service/venv/bin/python", "-c", code)
+    wait_for(lambda: bool(journal_entries(service, "JOB=bigline", "--all", unit="etl-bigline.service")), 20,
+             "the big entry")
+    (entry,) = journal_entries(service, "JOB=bigline", "--all", unit="etl-bigline.service")
+    assert entry["MESSAGE"] == "[job=bigline] " + "x" * 1000000 and entry["PRIORITY"] == "4"
+
+
 def test_edit_env_and_restart_picks_up_the_change(service: Service) -> None:
     service.write_env(ETL_TARGET_TABLE="dst2")
     service.box.run("systemctl", "restart", UNIT)

@@ -45,6 +45,8 @@ def test_pg_parts_build_a_dsn_and_the_password_never_shows() -> None:
 def test_redact_handles_uris_and_garbage() -> None:
     assert redact_pg_dsn("postgresql://u:pw@h:1/d") == "host=h port=1 dbname=d user=u"
     assert redact_pg_dsn("not a dsn ===") == "<unparseable DSN>"
+    tls = "postgresql://u:pw@h/d?sslmode=verify-full&sslrootcert=/etc/etl-service/pg-ca.pem&sslpassword=kp"
+    assert redact_pg_dsn(tls) == "host=h dbname=d user=u sslmode=verify-full sslrootcert=/etc/etl-service/pg-ca.pem"
 
 
 @pytest.mark.parametrize(("changes", "variable", "words"), [

@@ -19,6 +19,8 @@ from etl_service.source import pg_errors
     ('connection to server at "db", port 5432 failed: FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "etl",'
      ' database "orders", no encryption', "PG_USER"),
     ("connection to server at \"db\", port 5432 failed: fe_sendauth: no password supplied", "PG_PASSWORD"),
+    ('connection to server at "db", port 5432 failed: FATAL:  pg_hba.conf rejects connection for host "10.0.0.9",'
+     ' user "etl", database "orders", no encryption', "PG_USER"),
 ])
 def test_postgres_refusals_at_connect_are_configuration_errors(message: str, variable: str) -> None:
     with pytest.raises(ConfigError) as err, pg_errors("connect to PostgreSQL"):
@@ -26,8 +28,43 @@ def test_postgres_refusals_at_connect_are_configuration_errors(message: str, var
     assert err.value.variable == variable
 
 
+# libpq's words for TLS settings that no retry cures (PG_DSN's sslmode, sslrootcert, sslcert, sslkey)
+@pytest.mark.parametrize(("message", "fix"), [
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: SSL error: certificate verify failed', "sslrootcert"),
+    ('connection to server at "10.0.0.5", port 5432 failed: server certificate for "db" does not match host name'
+     ' "10.0.0.5"', "subjectAltName"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: root certificate file "/root/.postgresql/root.crt"'
+     " does not exist\nEither provide the file, use the system's trusted roots with sslrootcert=system, or change"
+     " sslmode to disable server certificate verification.", "sslrootcert"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: could not read root certificate file'
+     ' "/etc/etl-service/pg-ca.pem": Permission denied', "readable by the service user"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: private key file "/etc/etl-service/pg.key" has'
+     " group or world access; file must have permissions u=rw (0600) or less", "sslkey"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: certificate present, but not private key file'
+     ' "/etc/etl-service/pg.key"', "sslkey"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: could not open certificate file'
+     ' "/etc/etl-service/pg.crt": No such file or directory', "sslcert"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: SSL error: tlsv1 alert unknown ca', "ssl_ca_file"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: FATAL:  connection requires a valid client'
+     " certificate", "sslcert"),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: server does not support SSL, but SSL was required',
+     "sslmode"),
+    # "localhost": the first address refused, the second one is where the certificate failed
+    ('connection to server at "localhost" (::1), port 5432 failed: Connection refused\n\tIs the server running on'
+     ' that host and accepting TCP/IP connections?\nconnection to server at "localhost" (127.0.0.1), port 5432'
+     " failed: SSL error: certificate verify failed", "sslrootcert"),
+])
+def test_postgres_tls_refusals_are_configuration_errors_naming_pg_dsn(message: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as err, pg_errors("connect to PostgreSQL (host=db)"):
+        raise psycopg2.OperationalError(message)
+    assert err.value.variable == "PG_DSN" and fix in err.value.fix
+    assert str(err.value).startswith("PG_DSN: connect to PostgreSQL (host=db): connection to server at")
+    assert "Connection refused" not in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("message", [
     'connection to server at "db" (10.0.0.5), port 5432 failed: Connection refused',
+    'connection to server at "db" (10.0.0.5), port 5432 failed: SSL SYSCALL error: EOF detected',
     "server closed the connection unexpectedly",
     'connection to server at "db", port 5432 failed: FATAL:  the database system is starting up',
 ])
