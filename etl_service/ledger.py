@@ -509,8 +509,9 @@ class Ledger:
         """Backlog, lag, waiting batches, quarantine and last success, in one statement.
 
         Lag is the age of the oldest unprocessed row: exact with ETL_LAG_COLUMN; otherwise the age
-        of the oldest unfinished batch, else the time since a run last found the backlog empty
-        (every row waiting now arrived after it), else since the job's first run.
+        of the oldest unfinished batch, else the time since a run last ended with nothing left to
+        claim (idle, or ok without a message: not stopped by its time budget; every row waiting
+        now arrived after it), else since the job's first run.
         """
         src, flag = qualified(self.job), sql.Identifier(self.job.processed_column)
         if self.job.lag_column:
@@ -519,7 +520,8 @@ class Ledger:
         else:
             oldest = sql.SQL(
                 "coalesce((SELECT min(claimed_at) FROM {s}.batches WHERE job = %(job)s AND state <> 'done'),"
-                " (SELECT max(finished_at) FROM {s}.runs WHERE job = %(job)s AND status = 'idle'),"
+                " (SELECT max(finished_at) FROM {s}.runs WHERE job = %(job)s AND status IN ('idle', 'ok')"
+                " AND coalesce(message, '') = ''),"
                 " (SELECT min(started_at) FROM {s}.runs WHERE job = %(job)s))").format(s=self.schema)
         rows = self._run("read the job's health", sql.SQL(
             "WITH b AS (SELECT count(*) AS n FROM {src} WHERE {flag} = false)"

@@ -255,3 +255,29 @@ def test_several_jobs_from_a_jobs_file_each_move_their_own_table(world: World) -
     assert world.ch_rows(f"SELECT count(), uniqExact(payment_id), sum(amount) FROM {world.target('payments_t')}") \
         == [(250, 250, 250 * 251 // 2)]
     assert world.sql("SELECT count(*) FROM payments WHERE done") == [(250,)]
+
+
+def test_lag_without_a_lag_column_counts_from_the_last_run_that_left_nothing_to_claim(world: World) -> None:
+    world.make_source(100)
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).status == OK  # took everything: not an idle run
+    # that run ended 10 minutes ago; an idle run 2 hours ago, a run stopped by its time budget 1 minute ago
+    world.sql("UPDATE etl.runs SET started_at = now() - interval '11 minutes', finished_at = now() - interval '10 minutes';"
+              " INSERT INTO etl.runs (job, started_at, finished_at, status, batches, rows_loaded, rows_marked, seconds,"
+              " message) VALUES ('src', now() - interval '2 hours', now() - interval '2 hours', 'idle', 0, 0, 0, 0, NULL),"
+              " ('src', now() - interval '2 minutes', now() - interval '1 minute', 'ok', 1, 10, 10, 60,"
+              " 'time budget of 60s spent; backlog remains')")
+    world.add_rows(101, 110)
+    conn = source.connect(settings)
+    try:
+        health = Ledger(conn, settings.ledger_schema, settings.jobs[0]).health()
+    finally:
+        conn.close()
+    assert health.backlog == 10
+    assert 595 <= health.lag_seconds <= 660, health  # since the drained run: the new rows came after it
+    with_column = world.settings(lag_column="ts")  # add_rows stamps ts with now()
+    conn = source.connect(with_column)
+    try:
+        assert Ledger(conn, settings.ledger_schema, with_column.jobs[0]).health().lag_seconds < 60
+    finally:
+        conn.close()
