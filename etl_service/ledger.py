@@ -399,17 +399,30 @@ class Ledger:
 
     def mark_done(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> int:
         """In one transaction: flag exactly the claimed, unchanged, unquarantined rows; close the batch."""
+        key = shape.key
+        # With an index of the unprocessed rows on the key, the batch's key range is one ordered
+        # pass over it, joined with the claimed keys (a third less work than a probe per key).
+        span = sql.SQL(" AND s.{flag} = false AND {lo} AND {hi}").format(
+            flag=sql.Identifier(self.job.processed_column),
+            lo=key.compare("s", ">=", sql.SQL("(SELECT keys[1] FROM {}.batches WHERE batch_id = %(batch)s)")
+                           .format(self.schema)),
+            hi=key.compare("s", "<=", sql.SQL("(SELECT keys[cardinality(keys)] FROM {}.batches"
+                                              " WHERE batch_id = %(batch)s)").format(self.schema)),
+        ) if shape.range_join else sql.SQL("")
         mark = sql.SQL(
             "UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
             " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
-            " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x"
+            " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x{span}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = k.key)")
         close = sql.SQL(
             "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
         with pg_errors(f"mark batch {batch.batch_id} done", self.conn), self.conn.cursor() as cur:
+            if shape.range_join:
+                cur.execute("SET LOCAL enable_nestloop = off")
             cur.execute(mark.format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
-                                    s=self.schema, matches=shape.key.matches("s", sql.SQL("k.key"))),
+                                    s=self.schema, matches=key.matches("s", sql.SQL("k.key")),
+                                    span=span),
                         {"batch": batch.batch_id, "job": self.job.name})
             marked = cur.rowcount
             cur.execute(close, (marked, batch.batch_id))
