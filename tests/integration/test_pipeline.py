@@ -262,9 +262,11 @@ def test_lag_without_a_lag_column_counts_from_the_last_run_that_left_nothing_to_
     settings = world.settings()
     assert run_job(settings, settings.jobs[0]).status == OK  # took everything: not an idle run
     # that run ended 10 minutes ago; an idle run 2 hours ago, a run stopped by its time budget 1 minute ago
-    world.sql("UPDATE etl.runs SET started_at = now() - interval '11 minutes', finished_at = now() - interval '10 minutes';"
+    world.sql("UPDATE etl.runs SET started_at = now() - interval '11 minutes',"
+              " finished_at = now() - interval '10 minutes';"
               " INSERT INTO etl.runs (job, started_at, finished_at, status, batches, rows_loaded, rows_marked, seconds,"
-              " message) VALUES ('src', now() - interval '2 hours', now() - interval '2 hours', 'idle', 0, 0, 0, 0, NULL),"
+              " message) VALUES ('src', now() - interval '2 hours', now() - interval '2 hours', 'idle', 0, 0, 0, 0,"
+              " NULL),"
               " ('src', now() - interval '2 minutes', now() - interval '1 minute', 'ok', 1, 10, 10, 60,"
               " 'time budget of 60s spent; backlog remains')")
     world.add_rows(101, 110)
