@@ -112,7 +112,7 @@ def _once(settings: Settings, jobs: list[JobConfig], stop: threading.Event) -> i
         checks.preflight(settings)  # a wrong key, table or grant exits 78 before anything is loaded
     except TransientError:
         pass  # an outage: the runs retry it with backoff and report it
-    results = [run_job(settings, job, stop) for job in jobs]
+    results = [run_job(settings, job, stop, terminal=logs.terminal()) for job in jobs]
     if any(r.permanent for r in results):
         return EX_CONFIG
     if any(r.status == FAILED for r in results):

@@ -114,6 +114,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "auto"
     quarantine_limit: int = 1000
+    progress_seconds: float = 30.0  # a progress line this often in a long run (no bar); 0: none
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_address: str = "127.0.0.1"
     crash_at: tuple[str, int] | None = None  # test hooks, see faults.py
@@ -193,6 +194,7 @@ def load(env_file: str | None = None, environ: Mapping[str, str] | None = None,
         log_level=get.choice("ETL_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         log_format=get.choice("ETL_LOG_FORMAT", "auto", ("auto", "text", "json", "journal")),
         quarantine_limit=int(get.number("ETL_QUARANTINE_LIMIT", "1000", whole=True)),
+        progress_seconds=get.number("ETL_PROGRESS_SECONDS", "30", allow_zero=True),
         metrics_port=int(get.number("ETL_METRICS_PORT", "0", whole=True, allow_zero=True)),
         metrics_address=get.raw("ETL_METRICS_ADDRESS", "127.0.0.1"),
         crash_at=_fault(env, "ETL_CRASH_AT"),

@@ -554,6 +554,15 @@ class Ledger:
             src=qualified(self.job), flag=sql.Identifier(self.job.processed_column)))
         return int(rows[0][0])
 
+    def to_move(self, key: Key) -> int:
+        """Unprocessed rows a run can take: the backlog less quarantined rows and rows with a NULL key."""
+        rows = self._run("count the rows to move", sql.SQL(
+            "SELECT (SELECT count(*) FROM {src} s WHERE s.{flag} = false AND {not_null})"
+            " - (SELECT count(*) FROM {s}.quarantine WHERE job = %s)").format(
+            src=qualified(self.job), flag=sql.Identifier(self.job.processed_column), not_null=key.not_null("s"),
+            s=self.schema), (self.job.name,))
+        return max(0, int(rows[0][0]))
+
     def recent_runs(self, limit: int = 5) -> list[tuple[Any, ...]]:
         return self._run("read runs", sql.SQL(
             "SELECT started_at, status, batches, rows_loaded, rows_marked, seconds, message"

@@ -2,12 +2,16 @@
 
 When stderr is journald's (JOURNAL_STREAM names it), each record is sent as one journal entry
 over journald's native protocol, with fields: MESSAGE, PRIORITY, SYSLOG_IDENTIFIER, CODE_*,
-JOB and BATCH when known, and on run summaries STATUS, BATCHES, ROWS_LOADED, ROWS_MARKED,
-ROWS_QUARANTINED, SECONDS — so `journalctl -u etl.service JOB=orders -p warning` works. If the
-journal's socket refuses a record, it goes to stderr with a `<N>` priority prefix instead.
+JOB and BATCH when known, on run summaries STATUS, BATCHES, ROWS_LOADED, ROWS_MARKED,
+ROWS_QUARANTINED, SECONDS, and on progress lines ROWS_DONE, ROWS_TOTAL, ROWS_PER_SECOND,
+ETA_SECONDS (a field whose value is None is left out) — so
+`journalctl -u etl.service JOB=orders -p warning` works. If the journal's socket refuses a
+record, it goes to stderr with a `<N>` priority prefix instead.
 `json` emits one flat JSON object per line with the same fields in lower case and `ts`, `level`.
 Context bound with `logger.bind(job=…, batch=…)` is on every line; run summaries carry their
-figures as `logger.bind(summary={...})`.
+figures as `logger.bind(summary={...})`, progress lines as `logger.bind(progress={...})`. While
+`--once` draws a progress bar on the terminal, text lines are written through the bar
+(`route_terminal`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import struct
 import sys
 import termios
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from logging_journald import JournaldTransport
 from loguru import logger
@@ -41,10 +46,11 @@ def _context(record: Any) -> str:
 
 
 def _fields(record: Any) -> dict[str, Any]:
-    """job and batch when known, and a run summary's figures: the JSON keys and the journal's fields."""
+    """job and batch when known, and a summary's or progress line's figures: the JSON keys and journal fields."""
     extra = record["extra"]
     fields = {k: extra[k] for k in ("job", "batch") if k in extra}
     fields.update(extra.get("summary", {}))
+    fields.update(extra.get("progress", {}))
     return fields
 
 
@@ -101,7 +107,7 @@ class _JournalSink:
         fields = [("MESSAGE", text), ("PRIORITY", _priority(record)), ("SYSLOG_IDENTIFIER", "etl-service"),
                   ("CODE_FILE", record["file"].path), ("CODE_LINE", record["line"]),
                   ("CODE_FUNC", record["function"])]
-        fields += [(key.upper(), value) for key, value in _fields(record).items()]
+        fields += [(key.upper(), value) for key, value in _fields(record).items() if value is not None]
         try:
             self._transport.send(fields)
         except OSError as exc:
@@ -149,6 +155,40 @@ def _json_sink(message: Any) -> None:
     sys.stderr.flush()
 
 
+class _Terminal:
+    """The text sink's stream: stderr, or while a progress bar is drawn there, the bar's writer.
+
+    The writer clears the bar, writes the line and draws the bar again below it. stderr is looked
+    up at each write, so a replaced `sys.stderr` (tests) is followed.
+    """
+
+    def __init__(self) -> None:
+        self.through: Callable[[str], Any] | None = None
+        self.text = False  # the text format is the one configured
+
+    def write(self, text: str) -> None:
+        (self.through or sys.stderr.write)(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:  # loguru colours the lines when this says so
+        return sys.stderr.isatty()
+
+
+_TERMINAL = _Terminal()
+
+
+def terminal() -> TextIO | None:
+    """stderr when text lines go to it and it is a terminal (where `--once` draws a progress bar), else None."""
+    return sys.stderr if _TERMINAL.text and sys.stderr.isatty() else None
+
+
+def route_terminal(write: Callable[[str], Any] | None) -> None:
+    """Write text lines through `write` (a progress bar's) from now on; None: straight to stderr again."""
+    _TERMINAL.through = write
+
+
 class _FromLogging(logging.Handler):
     """Routes the standard library's log records (APScheduler, drivers) into our one sink."""
 
@@ -170,6 +210,7 @@ def setup(level: str = "INFO", fmt: str = "auto") -> None:
     journal = stderr_is_journal()
     if fmt == "auto":
         fmt = "journal" if journal else "text"
+    _TERMINAL.text = fmt == "text"
     if fmt == "json":
         logger.add(_json_sink, level=level, format="{message}", backtrace=False, diagnose=False)
     elif fmt == "journal" and journal:
@@ -179,4 +220,4 @@ def setup(level: str = "INFO", fmt: str = "auto") -> None:
         logger.add(sys.stderr, level=level, format=_journal_format, colorize=False, backtrace=False,
                    diagnose=False)
     else:
-        logger.add(sys.stderr, level=level, format=_text_format, backtrace=False, diagnose=False)
+        logger.add(_TERMINAL, level=level, format=_text_format, backtrace=False, diagnose=False)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from loguru import logger
 from psycopg2 import sql
@@ -25,6 +25,7 @@ from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError, T
 from etl_service.faults import Faults
 from etl_service.ledger import Batch, ForeignBatch, Ledger
 from etl_service.marker import Marker
+from etl_service.progress import Progress
 from etl_service.source import SourceShape, pg_errors
 
 # Run outcomes. `ok` and `idle` are success; the rest make `--once` exit non-zero.
@@ -70,12 +71,13 @@ class Run:
     """One run of one job. Use `run_job()`; tests may drive it directly."""
 
     def __init__(self, settings: Settings, job: JobConfig, stop: threading.Event,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, progress: Progress | None = None) -> None:
         self.settings = settings
         self.job = job
         self.stop = stop
         self.clock = clock
         self.log = logger.bind(job=job.name)
+        self.progress = progress or Progress(self.log, settings.progress_seconds, clock)
         self.result = RunResult(job.name, OK)
         self.faults = Faults(settings.crash_at, settings.fail_at)
         self.marker = Marker(settings, job, lambda: self.faults.reached("inside_mark"))
@@ -120,6 +122,7 @@ class Run:
                 self.log.opt(exception=exc).error("unexpected error in run")
                 self._fail(f"unexpected {type(exc).__name__}: {exc}")
                 break
+        self.progress.finish()  # the bar goes before the summary line
         self.result.seconds = self.clock() - t0
         metrics.RUN_SECONDS.labels(self.job.name, self.result.status).observe(self.result.seconds)
         if self.result.status in SUCCESS:
@@ -181,6 +184,7 @@ class Run:
 
     def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
         shape = source.describe(conn, self.job)
+        self.progress.begin(ledger.to_move(shape.key))  # one count; unfinished batches' rows are in it
         held = ledger.held_elsewhere(shape.key)
         self._tell_held(held, ledger)
         for batch in ledger.unfinished():
@@ -267,6 +271,7 @@ class Run:
         self._barren = self._barren + 1 if batch.row_count and not marked and not quarantined else 0
         self.result.batches += 1
         self.result.rows_marked += marked
+        self.progress.done(marked + quarantined)
         metrics.ROWS.labels(self.job.name, "marked").inc(marked)
         metrics.BATCH_SECONDS.labels(self.job.name).observe(self.clock() - bt0)
         unmarked = batch.row_count - marked - quarantined
@@ -332,6 +337,7 @@ class Run:
             if not last_chunk:
                 self.faults.reached("between_chunks")
             self.result.rows_loaded += sent
+            self.progress.loaded(sent)
             total += sent
             self.log.bind(batch=batch.batch_id).debug("chunk {}/{}: {} rows loaded", index + 1,
                                                       batch.chunk_count, sent)
@@ -489,6 +495,10 @@ def _warn_once(log: Any, line: str) -> None:
 
 
 def run_job(settings: Settings, job: JobConfig, stop: threading.Event | None = None,
-            clock: Callable[[], float] = time.monotonic) -> RunResult:
-    """Run one job now and drain its backlog (within its time budget)."""
-    return Run(settings, job, stop or threading.Event(), clock).execute()
+            clock: Callable[[], float] = time.monotonic, terminal: TextIO | None = None) -> RunResult:
+    """Run one job now and drain its backlog (within its time budget).
+
+    `terminal`: draw a progress bar there (`--once` on a terminal) instead of logging progress lines.
+    """
+    progress = Progress(logger.bind(job=job.name), settings.progress_seconds, clock, terminal, job.name)
+    return Run(settings, job, stop or threading.Event(), clock, progress).execute()

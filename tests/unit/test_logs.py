@@ -92,6 +92,17 @@ def test_journal_entries_carry_fields(journal: socket.socket, capfd: pytest.Capt
     assert capfd.readouterr().err == ""  # nothing twice
 
 
+def test_progress_lines_carry_their_figures_as_journal_fields(journal: socket.socket) -> None:
+    logs.setup("INFO", "journal")
+    figures = {"rows_done": 0, "rows_total": 500, "rows_per_second": 0.0, "eta_seconds": None}
+    logger.bind(job="orders", progress=figures).info("progress: 0 of 500 rows (0%), 0 rows/s, time left unknown")
+    entry = receive(journal)
+    assert entry["MESSAGE"] == "[job=orders] progress: 0 of 500 rows (0%), 0 rows/s, time left unknown"
+    assert {k: entry[k] for k in ("JOB", "ROWS_DONE", "ROWS_TOTAL", "ROWS_PER_SECOND")} == {
+        "JOB": "orders", "ROWS_DONE": "0", "ROWS_TOTAL": "500", "ROWS_PER_SECOND": "0.0"}
+    assert "ETA_SECONDS" not in entry  # not known yet: no field rather than "None"
+
+
 def test_a_traceback_stays_in_one_entry(journal: socket.socket) -> None:
     logs.setup("INFO", "journal")
     try:
