@@ -38,7 +38,7 @@ JOB_KEYS: dict[str, tuple[str, Any]] = {
     "schedule": ("ETL_SCHEDULE", "*/5 * * * *"),
     "timezone": ("ETL_TIMEZONE", "UTC"),
     "batch_size": ("ETL_BATCH_SIZE", "100000"),
-    "chunk_bytes": ("ETL_CHUNK_BYTES", "16MiB"),
+    "chunk_bytes": ("ETL_CHUNK_BYTES", "8MiB"),
     "chunk_size": ("ETL_CHUNK_SIZE", "50000"),
     "ready_query": ("ETL_READY_QUERY", ""),
     "ready_timeout": ("ETL_READY_TIMEOUT", "300"),

@@ -372,7 +372,8 @@ def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
               for index, am, _ in blocking]
     if fillfactor == 100:
         advice.append(f"{name} has fillfactor 100: a marked row moves to another page (no HOT update);"
-                      f" ALTER TABLE {name} SET (fillfactor = 90) leaves room for it (README, Tuning)")
+                      f" a batch marks whole pages at once, so ALTER TABLE {name} SET (fillfactor = 50) leaves"
+                      " room for it (README, Tuning)")
     return advice
 
 

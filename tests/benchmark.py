@@ -1,6 +1,7 @@
 """Benchmark: etl-service against ClickHouse's own PostgreSQL reader and the naive tutorial path.
 
     .venv/bin/python tests/benchmark.py [--rows 1000000] [--big 5000000] [--wide-mb 800] [--runs 3]
+    .venv/bin/python tests/benchmark.py --tuning [--rows 1000000]
 
 On an embedded PostgreSQL (listening on 127.0.0.1 so ClickHouse's postgresql() can read it)
 and chDB, for each path in its own process (so peak RSS is its own): recreate the source table
@@ -220,6 +221,54 @@ def measure_wide(pg_uri: str, megabytes: int, folder: Path) -> dict[str, float |
     return {"wall": wall, "rss": rss, "cpu": result["cpu"], "mb": size / 1e6, "check": check}
 
 
+TUNINGS = {
+    "`... (id) WHERE NOT processed` btree index, fillfactor 100": "",
+    "no index on the flag, fillfactor 100": "DROP INDEX src_unprocessed",
+    "`USING brin (id) WHERE NOT processed`, fillfactor 90":
+        "DROP INDEX src_unprocessed; CREATE INDEX src_unprocessed ON src USING brin (id) WHERE NOT processed;"
+        " ALTER TABLE src SET (fillfactor = 90)",
+    "the same, fillfactor 70": "ALTER TABLE src SET (fillfactor = 70)",
+    "the same, fillfactor 50": "ALTER TABLE src SET (fillfactor = 50)",
+}
+MARK_BATCH_SQL = (  # the service's marking statement, on a batch of claimed keys and xmins
+    "UPDATE src s SET processed = true FROM b CROSS JOIN LATERAL unnest(b.k, b.x) u(k, x)"
+    " WHERE s.id = u.k::bigint AND s.xmin = u.x")
+
+
+def tuning(pg_uri: str, rows: int) -> None:
+    """README, Tuning: marking `rows` rows in batches of 100k under each index and fillfactor setup."""
+    conn = psycopg2.connect(pg_uri)
+    conn.autocommit = True
+    setup = ""
+    with conn.cursor() as cur:
+        for label, change in TUNINGS.items():
+            setup = change if change.startswith("DROP") or not setup else f"{setup}; {change}"
+            cur.execute(SOURCE_SQL, (rows,))
+            if setup:
+                cur.execute(setup)
+            cur.execute("VACUUM FULL src")
+            cur.execute("VACUUM ANALYZE src")
+            cur.execute("CHECKPOINT")
+            cur.execute("SELECT pg_current_wal_lsn()")
+            lsn = cur.fetchone()[0]  # type: ignore[index]
+            seconds = 0.0
+            for _ in range(-(-rows // 100_000)):
+                cur.execute("DROP TABLE IF EXISTS b; CREATE TABLE b AS SELECT array_agg(id::text ORDER BY id) k,"
+                            " array_agg(xmin ORDER BY id) x FROM (SELECT id, xmin FROM src WHERE NOT processed"
+                            " ORDER BY id LIMIT 100000) s")
+                t0 = time.perf_counter()
+                cur.execute(MARK_BATCH_SQL)
+                seconds += time.perf_counter() - t0
+            cur.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn,))
+            wal = float(cur.fetchone()[0])  # type: ignore[index]
+            time.sleep(1)  # the statistics of this backend reach the views
+            cur.execute("SELECT round(100.0 * n_tup_hot_upd / nullif(n_tup_upd, 0))"
+                        " FROM pg_stat_user_tables WHERE relname = 'src'")
+            hot = cur.fetchone()[0]  # type: ignore[index]
+            print(f"{label:58} marking {rows:,} rows {seconds:5.2f}s  WAL {wal / 1e6:4.0f} MB  HOT {hot}%", flush=True)
+    conn.close()
+
+
 def idle_cost(pg_uri: str, folder: Path) -> float:
     """Seconds of work (the run's own summary) when there is nothing to do."""
     env = etl_env(pg_uri, folder / "chdb-idle", folder)
@@ -243,6 +292,7 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=5_000_000, help="rows for the memory check (0: skip)")
     parser.add_argument("--wide-mb", type=int, default=800, help="MB of text in the 1,500-row table (0: skip)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tuning", action="store_true", help="only the README's Tuning table (marking, HOT)")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -259,7 +309,10 @@ def main() -> None:
         with postgres(folder / "pgdata") as pg:
             port = free_port()
             uri = pg.listen_tcp(port)
-            report(uri, args, folder, port)
+            if args.tuning:
+                tuning(uri, args.rows)
+            else:
+                report(uri, args, folder, port)
 
 
 def report(uri: str, args: argparse.Namespace, folder: Path, port: int) -> None:
