@@ -265,7 +265,8 @@ class Run:
                               f" ({', '.join(claimed)}) but the key is now {shape.key.label}: its stored keys"
                               " cannot be matched",
                               "set ETL_SOURCE_KEY back until the batch is done (`status` shows it), then change it")
-        return dataclasses.replace(shape, key=shape.key.ordered(claimed))
+        # the index of unprocessed rows follows the key's new order, not the batch's: no range join
+        return dataclasses.replace(shape, key=shape.key.ordered(claimed), range_join=False)
 
     def _marked(self, batch: Batch, marked: int, quarantined: int, bt0: float) -> None:
         self._barren = self._barren + 1 if batch.row_count and not marked and not quarantined else 0
