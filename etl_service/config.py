@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import math
 import os
 import re
 import tomllib
@@ -232,6 +233,8 @@ class _Getter:
         except ValueError:
             kind = "a whole number" if whole else "a number"
             raise ConfigError(self.label + key, f"must be {kind}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(self.label + key, f"must be a finite number, got {text!r}")
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(self.label + key, f"must be greater than 0, got {text!r}")
         return value
@@ -242,7 +245,10 @@ class _Getter:
         match = re.fullmatch(r"(\d+)\s*(?:([KMG])i?B)?", text, re.IGNORECASE)
         if not match or int(match[1]) == 0:
             raise ConfigError(self.label + key, f"must be a size greater than 0 such as 16MiB or 1048576, got {text!r}")
-        return int(match[1]) << {None: 0, "K": 10, "M": 20, "G": 30}[match[2] and match[2].upper()]
+        size = int(match[1]) << {None: 0, "K": 10, "M": 20, "G": 30}[match[2] and match[2].upper()]
+        if size > 64 << 30:
+            raise ConfigError(self.label + key, f"must be at most 64GiB (a chunk is held in memory), got {text!r}")
+        return size
 
     def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.raw(key, default)

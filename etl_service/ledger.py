@@ -306,7 +306,7 @@ class Ledger:
             # resumed batch sends the same chunks with the same tokens.
             " FROM (SELECT c.k, c.x, c.pos, c.r IS DISTINCT FROM lead(c.r) OVER w"
             " OR c.b IS DISTINCT FROM lead(c.b) OVER w AS ends"
-            " FROM (SELECT n.k, n.x, n.pos, (n.pos - 1) / %(chunk)s AS r, (n.total - 1) / %(chunk_bytes)s AS b"
+            " FROM (SELECT n.k, n.x, n.pos, (n.pos - 1) / %(chunk)s AS r, (n.total - 1) / %(chunk_bytes)s::bigint AS b"
             " FROM (SELECT o.k, o.x, row_number() OVER w AS pos, sum(o.size) OVER w AS total"
             " FROM (SELECT {encoded} AS k, s.xmin AS x, {size} AS size, {ordered} FROM {src} s"
             " WHERE s.{flag} = false AND {not_null}{above}{held}"
@@ -527,15 +527,15 @@ class Ledger:
         now arrived after it), else since the job's first run.
         """
         src, flag = qualified(self.job), sql.Identifier(self.job.processed_column)
-        if self.job.lag_column:
-            oldest = sql.SQL("(SELECT min(s.{col})::timestamptz FROM {src} s WHERE s.{flag} = false)").format(
-                col=sql.Identifier(self.job.lag_column), src=src, flag=flag)
-        else:
-            oldest = sql.SQL(
-                "coalesce((SELECT min(claimed_at) FROM {s}.batches WHERE job = %(job)s AND state <> 'done'),"
-                " (SELECT max(finished_at) FROM {s}.runs WHERE job = %(job)s AND status IN ('idle', 'ok')"
-                " AND coalesce(message, '') = ''),"
-                " (SELECT min(started_at) FROM {s}.runs WHERE job = %(job)s))").format(s=self.schema)
+        oldest = sql.SQL(
+            "coalesce((SELECT min(claimed_at) FROM {s}.batches WHERE job = %(job)s AND state <> 'done'),"
+            " (SELECT max(finished_at) FROM {s}.runs WHERE job = %(job)s AND status IN ('idle', 'ok')"
+            " AND coalesce(message, '') = ''),"
+            " (SELECT min(started_at) FROM {s}.runs WHERE job = %(job)s))").format(s=self.schema)
+        if self.job.lag_column:  # rows whose lag column is NULL: the estimate above, not a lag of 0
+            oldest = sql.SQL("coalesce((SELECT min(s.{col})::timestamptz FROM {src} s WHERE s.{flag} = false),"
+                             " {estimate})").format(col=sql.Identifier(self.job.lag_column), src=src, flag=flag,
+                                                    estimate=oldest)
         rows = self._run("read the job's health", sql.SQL(
             "WITH b AS (SELECT count(*) AS n FROM {src} WHERE {flag} = false)"
             " SELECT b.n, CASE WHEN b.n = 0 THEN 0 ELSE"

@@ -184,10 +184,11 @@ def _pending_index(cur: psycopg2.extensions.cursor, name: str, flag: str, key: K
     rows still to do: joining the claimed keys against it is one ordered pass (see `range_join`).
     """
     cur.execute(_PARTIAL_INDEXES, (name,))
-    todo = {f"not{flag}", f"{flag}=false", f"{flag}isfalse"}
+    bare = re.sub(r'[()"\s]', "", flag).lower()
+    todo = {f"not{bare}", f"{bare}=false", f"{bare}isfalse"}
     for predicate, columns in cur.fetchall():
         normal = re.sub(r'[()"\s]', "", predicate).lower()
-        if normal in {t.lower() for t in todo} and tuple(columns[:len(key.names)]) == key.names:
+        if normal in todo and tuple(columns[:len(key.names)]) == key.names:
             return True
     return False
 
@@ -320,11 +321,13 @@ _RAW_LENGTH_PREFIX = ("character varying", "character(", "character")
 
 
 def row_bytes(shape: SourceShape, alias: str = "s") -> sql.Composable:
-    """About how many bytes a row takes on its way out (COPY text, then Arrow), cheap to compute.
+    """About how many bytes a row takes on its way out (COPY text, then Arrow).
 
-    Texts and byteas count their full length (what makes a row large: a value of several MB);
-    other variable-length types their stored size, which may be compressed; fixed-size types
-    their size. Used at claim time to end chunks by bytes as well as by rows.
+    Texts and byteas count their full length, read from the value's header without fetching
+    it (what makes a row large: a value of several MB). Other types count their stored size,
+    unless PostgreSQL compressed the value: a compressed jsonb or array can be a hundred times
+    its stored size, so such a value (2 kB or more before compression) is measured as text.
+    Used at claim time to end chunks by bytes as well as by rows (PostgreSQL 14 or later).
     """
     parts: list[sql.Composable] = []
     for column in shape.columns:
@@ -334,19 +337,28 @@ def row_bytes(shape: SourceShape, alias: str = "s") -> sql.Composable:
             cast = sql.SQL("::text") if column.pg_type in ("json", "xml") else sql.SQL("")
             parts.append(sql.SQL("coalesce(octet_length({}{}), 0) * {}").format(ident, cast, sql.Literal(factor)))
         else:
-            parts.append(sql.SQL("coalesce(pg_column_size({}), 0)").format(ident))
+            parts.append(sql.SQL("coalesce(CASE WHEN pg_column_compression({0}) IS NULL THEN pg_column_size({0})"
+                                 " ELSE octet_length({0}::text) END, 0)").format(ident))
     parts.append(sql.Literal(len(shape.columns)))  # separators
     return sql.SQL(" + ").join(parts)
 
 
+# The source's tables that hold rows (its partitions, if partitioned), their fillfactor, and the
+# indexes on them other than BRIN ones, with what those index and filter.
 _HOT = """
-SELECT c.relname, am.amname, pg_get_indexdef(i.indexrelid)
-FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
-WHERE i.indrelid = to_regclass(%(table)s) AND am.amname <> 'brin'
-  AND (%(attnum)s = ANY(i.indkey::int2[])
-       OR pg_get_expr(i.indpred, i.indrelid) ~ ('\\m' || %(flag)s || '\\M')
-       OR pg_get_expr(i.indexprs, i.indrelid) ~ ('\\m' || %(flag)s || '\\M'))
-ORDER BY 1
+SELECT t.relid::regclass::text, coalesce((SELECT option_value::int FROM pg_options_to_table(c.reloptions)
+                                          WHERE option_name = 'fillfactor'), 100),
+       x.relname, x.amname, x.definition
+FROM (SELECT relid FROM pg_partition_tree(to_regclass(%(table)s)) WHERE isleaf
+      UNION SELECT oid FROM pg_class WHERE oid = to_regclass(%(table)s) AND relkind = 'r') t
+JOIN pg_class c ON c.oid = t.relid
+LEFT JOIN LATERAL (
+    SELECT ic.relname, am.amname, pg_get_indexdef(i.indexrelid) AS definition
+    FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+    WHERE i.indrelid = t.relid AND am.amname <> 'brin'
+      AND (%(attnum)s = ANY(i.indkey::int2[]) OR i.indpred IS NOT NULL OR i.indexprs IS NOT NULL)
+) x ON true
+ORDER BY 1, 3
 """
 
 
@@ -354,26 +366,36 @@ def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
     """Why marking rows processed cannot be a HOT update here (README, "Tuning"), if it cannot.
 
     An UPDATE is HOT (no index entry written, about half the work and WAL) when no index but a
-    BRIN one refers to the changed column and the row's page has room for the new version.
+    BRIN one refers to the changed column and the row's page has room for the new version. A
+    partitioned source is looked at partition by partition (their storage is what counts).
     """
     name = qualified(job).as_string(conn)
+    flag = job.processed_column
     with pg_errors("read the source's indexes", conn), conn.cursor() as cur:
-        cur.execute("SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
-                    (name, job.processed_column))
-        attnum = cur.fetchone()
-        cur.execute(_HOT, {"table": name, "attnum": attnum[0] if attnum else 0, "flag": job.processed_column})
-        blocking = cur.fetchall()
-        cur.execute("SELECT coalesce((SELECT option_value::int FROM pg_options_to_table(c.reloptions)"
-                    " WHERE option_name = 'fillfactor'), 100) FROM pg_class c WHERE c.oid = to_regclass(%s)", (name,))
-        fillfactor = cur.fetchone()[0]  # type: ignore[index]
+        cur.execute("SELECT attnum, quote_ident(attname) FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+                    " AND attname = %s", (name, flag))
+        found = cur.fetchone()
+        cur.execute(_HOT, {"table": name, "attnum": found[0] if found else 0})
+        tables = cur.fetchall()
     conn.commit()
-    advice = [f"index {index} ({am}) refers to {job.processed_column}, so marking a row writes index entries"
-              " (no HOT update): a partial BRIN index serves `WHERE NOT processed` without that (README, Tuning)"
-              for index, am, _ in blocking]
-    if fillfactor == 100:
-        advice.append(f"{name} has fillfactor 100: a marked row moves to another page (no HOT update);"
-                      f" a batch marks whole pages at once, so ALTER TABLE {name} SET (fillfactor = 50) leaves"
-                      " room for it (README, Tuning)")
+    # the flag as pg_get_indexdef prints it (quoted when it must be), not followed by "(" (a function)
+    mention = re.compile(r"(?<![\w\"])" + re.escape(found[1] if found else flag) + r"(?![\w\"])(?!\s*\()")
+    advice: list[str] = []
+    crowded: dict[str, None] = {}  # tables in order, once each
+    for table, fillfactor, index_name, am, definition in tables:
+        if index_name and mention.search(definition[definition.find(" USING "):]):
+            advice.append(f"index {index_name} ({am}) on {table} refers to {flag}, so marking a row writes"
+                          f" index entries (no HOT update): a partial BRIN index WHERE NOT {flag} serves a"
+                          " backlog without that (README, Tuning)")
+        if fillfactor == 100:
+            crowded[table] = None
+    if crowded:
+        crowded_list = list(crowded)
+        more = f" and {len(crowded_list) - 3} more" if len(crowded_list) > 3 else ""
+        advice.append(f"{', '.join(crowded_list[:3])}{more} {'has' if len(crowded_list) == 1 else 'have'}"
+                      " fillfactor 100: a marked row moves to another page (no HOT update); a batch marks whole"
+                      f" pages at once, so ALTER TABLE {crowded_list[0]} SET (fillfactor = 50) leaves room for it"
+                      " (README, Tuning)")
     return advice
 
 

@@ -294,6 +294,22 @@ def test_chunks_end_by_bytes_and_a_resumed_batch_sends_the_same_chunks(world: Wo
     assert world.ch_rows(f"SELECT length(blob) FROM {world.target()} WHERE id = 1500") == [(3 * 1024 * 1024,)]
 
 
+def test_compressed_jsonb_and_arrays_count_their_full_size_in_chunks(world: World) -> None:
+    # 40 jsonb values and 40 arrays of about 200 kB each that PostgreSQL compresses to a few kB
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc jsonb, tags text[], processed boolean NOT NULL"
+              " DEFAULT false);"
+              " INSERT INTO src SELECT g, jsonb_build_object('k', repeat('z', 200000)), NULL, false"
+              " FROM generate_series(1, 40) g;"
+              " INSERT INTO src SELECT g, NULL, array_fill('abcdefghij'::text, ARRAY[20000]), false"
+              " FROM generate_series(41, 80) g")
+    assert world.sql("SELECT max(pg_column_size(doc)) < 20000 FROM src")[0][0]  # compressed indeed
+    settings = world.settings(chunk_bytes="1MiB")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 80)
+    ends = world.sql("SELECT chunk_ends FROM etl.batches")[0][0]
+    assert len(ends) >= 14, ends  # 16 MB of text in about 1 MiB chunks (counted compressed: one chunk)
+    assert ch_summary(world) == (80, 80, 3240)
+
 def test_chunk_bytes_must_be_a_size(world: World) -> None:
     for bad in ("0", "16 MBs", "-1", "lots"):
         with pytest.raises(ConfigError, match="ETL_CHUNK_BYTES: must be a size"):

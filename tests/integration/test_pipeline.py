@@ -281,6 +281,8 @@ def test_lag_without_a_lag_column_counts_from_the_last_run_that_left_nothing_to_
     conn = source.connect(with_column)
     try:
         assert Ledger(conn, settings.ledger_schema, with_column.jobs[0]).health().lag_seconds < 60
+        world.sql("UPDATE src SET ts = NULL WHERE NOT processed")  # no timestamps: the estimate, not 0
+        assert 595 <= Ledger(conn, settings.ledger_schema, with_column.jobs[0]).health().lag_seconds <= 660
     finally:
         conn.close()
 
@@ -300,6 +302,14 @@ def test_an_index_of_the_unprocessed_rows_on_the_key_is_recognised(world: World)
         for ddl, expected in cases:
             world.sql(f"DROP INDEX IF EXISTS todo; {ddl}")
             assert source.describe(conn, settings.jobs[0]).range_join is expected, ddl
+    finally:
+        conn.close()
+    world.sql('CREATE TABLE odd (id int PRIMARY KEY, "Done Flag" boolean NOT NULL DEFAULT false);'
+              ' CREATE INDEX odd_todo ON odd (id) WHERE "Done Flag" = false')
+    odd = world.settings(source_table="public.odd", processed_column="Done Flag")
+    conn = source.connect(odd)
+    try:
+        assert source.describe(conn, odd.jobs[0]).range_join  # a flag name with a space and capitals
     finally:
         conn.close()
     # a run through it with a composite key is exact (the shared fixture's tables have one on id)

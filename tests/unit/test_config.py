@@ -70,6 +70,11 @@ def test_redact_handles_uris_and_garbage() -> None:
     ({"ETL_LOG_LEVEL": "LOUD"}, "ETL_LOG_LEVEL", "use one of"),
     ({"ETL_SOURCE_KEY": "x" * 64}, "ETL_SOURCE_KEY", "not a usable identifier"),
     ({"ETL_JOBS_FILE": "/nonexistent/jobs.toml"}, "ETL_JOBS_FILE", "cannot read"),
+    ({"PG_STATEMENT_TIMEOUT": "nan"}, "PG_STATEMENT_TIMEOUT", "must be a finite number"),
+    ({"ETL_MAX_RUN_SECONDS": "inf"}, "ETL_MAX_RUN_SECONDS", "must be a finite number"),
+    ({"ETL_PROGRESS_SECONDS": "NaN"}, "ETL_PROGRESS_SECONDS", "must be a finite number"),
+    ({"ETL_CHUNK_BYTES": "99999999999999999999999"}, "ETL_CHUNK_BYTES", "at most 64GiB"),
+    ({"ETL_CHUNK_BYTES": "8 MBs"}, "ETL_CHUNK_BYTES", "must be a size"),
 ])
 def test_each_bad_value_names_its_variable(changes: dict[str, str], variable: str, words: str) -> None:
     err = bad(**changes)
