@@ -180,8 +180,18 @@ _TERMINAL = _Terminal()
 
 
 def terminal() -> TextIO | None:
-    """stderr when text lines go to it and it is a terminal (where `--once` draws a progress bar), else None."""
-    return sys.stderr if _TERMINAL.text and sys.stderr.isatty() else None
+    """stderr when text lines go to it and it is a terminal (where `--once` draws a progress bar), else None.
+
+    A terminal that reports no width (a pty nobody sized) gets the periodic lines instead: a bar
+    would have no room to draw in.
+    """
+    if not (_TERMINAL.text and sys.stderr.isatty()):
+        return None
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return None
+    return sys.stderr if columns >= 40 else None
 
 
 def route_terminal(write: Callable[[str], Any] | None) -> None:

@@ -87,10 +87,11 @@ def test_once_logs_progress_lines_out_of_the_backlog_and_draws_no_bar(world: Wor
     assert "\r" not in text.stderr
 
 
-def run_on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 120) -> tuple[int, str]:
+def run_on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 120,
+                      columns: int = 120) -> tuple[int, str]:
     """Run the program with a pseudo-terminal (120 columns) as its stdin, stdout and stderr; all it wrote."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30 if columns else 0, columns, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "etl_service", *args], stdin=slave, stdout=slave, stderr=slave,
                             cwd=REPO, env=env, close_fds=True)
     os.close(slave)
@@ -133,3 +134,14 @@ def test_once_on_a_terminal_draws_a_bar_that_log_lines_do_not_garble(world: Worl
     assert all(STAMP.match(line) for line in screen[:-1]), screen  # every line whole, from its first column
     assert re.search(r"INFO    \[job=src\] run finished: job=src status=ok batches=3 rows_loaded=3000"
                      r" rows_marked=3000", screen[-2]), screen[-2]
+
+
+def test_a_terminal_without_a_width_gets_progress_lines(world: World) -> None:
+    world.make_source(2000)
+    env_file = write_env(world, world.tmp / "chdb", ETL_TRANSFORM=slow_transform(world, 0.1),
+                         ETL_PROGRESS_SECONDS="0.2", ETL_BATCH_SIZE="500")
+    env = {**clean_env(), "PYTHONPATH": str(world.tmp)}
+    code, out = run_on_a_terminal(["--once", "--env-file", str(env_file)], env, columns=0)
+    plain = ANSI.sub("", out)
+    assert code == 0, plain
+    assert "progress: " in plain and "/2,000 rows [" not in plain, plain  # lines, no bar with no room
