@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,9 @@ class World:
         return f"`{self.ch_database}`.`{table}`"
 
 
-@pytest.fixture
-def world(backend: Backend, tmp_path: Path) -> Iterator[World]:
+@contextmanager
+def fresh_world(backend: Backend, tmp_path: Path, drop_clickhouse: bool = True) -> Iterator[World]:
+    """A PostgreSQL database of its own on `backend`'s server (and a ClickHouse database of that name)."""
     name = "t_" + uuid.uuid4().hex[:12]
     admin = psycopg2.connect(backend.pg_uri)
     admin.autocommit = True
@@ -153,7 +155,14 @@ def world(backend: Backend, tmp_path: Path) -> Iterator[World]:
         cur.execute(f"CREATE DATABASE {name}")
     dsn = psycopg2.extensions.make_dsn(backend.pg_uri, dbname=name)
     yield World(backend, dsn, name, tmp_path)
-    backend.ch().command(f"DROP DATABASE IF EXISTS `{name}`")
+    if drop_clickhouse:
+        backend.ch().command(f"DROP DATABASE IF EXISTS `{name}`")
     with admin.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     admin.close()
+
+
+@pytest.fixture
+def world(backend: Backend, tmp_path: Path) -> Iterator[World]:
+    with fresh_world(backend, tmp_path) as made:
+        yield made

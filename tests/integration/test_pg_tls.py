@@ -15,7 +15,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from .conftest import Backend, World
+from .conftest import Backend, World, fresh_world
 from .helpers import assert_exact, cli, write_env
 
 pytestmark = pytest.mark.slow
@@ -130,17 +129,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
 
 @pytest.fixture
 def world(server: TlsServer, tmp_path: Path) -> Iterator[World]:
-    """A database of its own on the TLS server (and a ClickHouse database of that name)."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = psycopg2.connect(server.admin)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    dsn = psycopg2.extensions.make_dsn(server.admin, dbname=name)
-    yield World(Backend("pg-tls", server.admin, {}, {}, subprocess_ok=True), dsn, name, tmp_path)
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    """A database of its own on the TLS server (the ClickHouse side is a chDB folder in tmp_path)."""
+    with fresh_world(Backend("pg-tls", server.admin, {}, {}, subprocess_ok=True), tmp_path,
+                     drop_clickhouse=False) as made:
+        yield made
 
 
 def tls_dsn(server: TlsServer, world: World, ca: Path) -> str:
