@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -199,6 +199,17 @@ def test_reload_applies_a_change_without_losing_a_batch(service: Service) -> Non
     service.box.run("systemctl", "reload", UNIT)
 
 
+def wait_told(service: Service, condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """wait_for, and on a time-out the service's last journal lines and its ledger in the message."""
+    try:
+        wait_for(condition, timeout, what)
+    except AssertionError as exc:
+        ledger = service.sql("SELECT batch_id, job, state, row_count, chunks_loaded, rows_loaded FROM etl.batches"
+                             " WHERE state <> 'done'")
+        raise AssertionError(f"{exc}; {service.marked()} marked; unfinished batches {ledger};"
+                             f" journal:\n{service.journal('-n', '60')}") from None
+
+
 def test_kill_9_restarts_and_the_ledger_resumes(service: Service) -> None:
     service.sql("INSERT INTO src SELECT g, g, 'r', false FROM generate_series(6001, 20000) g")
     restarts = int(service.box.show(UNIT, "NRestarts"))
@@ -208,7 +219,7 @@ def test_kill_9_restarts_and_the_ledger_resumes(service: Service) -> None:
     wait_for(lambda: int(service.box.show(UNIT, "NRestarts")) == restarts + 1
              and service.box.show(UNIT, "ActiveState") == "active", 60, "systemd to restart it")
     assert service.box.show(UNIT, "MainPID") != pid
-    wait_for(lambda: service.marked() == 20000, 120, "the drain after the restart")
+    wait_told(service, lambda: service.marked() == 20000, 120, "the drain after the restart")
 
 
 def test_bad_env_exits_78_without_a_restart_loop(service: Service) -> None:
@@ -240,7 +251,7 @@ def test_stop_is_a_clean_sigterm_exit_and_every_row_is_there_once(service: Servi
     service.box.run("systemctl", "reset-failed", UNIT)
     service.box.run("systemctl", "start", UNIT)
     service.sql("INSERT INTO src SELECT g, g, 'r', false FROM generate_series(20001, 21000) g")
-    wait_for(lambda: service.marked() == 21000, 60, "the last rows")
+    wait_told(service, lambda: service.marked() == 21000, 60, "the last rows")
     service.box.run("systemctl", "stop", UNIT)
     assert service.box.show(UNIT, "ExecMainStatus") == "0"
     assert service.box.show(UNIT, "Result") == "success"
