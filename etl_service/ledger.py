@@ -19,7 +19,7 @@ from psycopg2.extras import Json
 from etl_service.config import JobConfig
 from etl_service.errors import ConfigError, SourceError
 from etl_service.keys import Key
-from etl_service.source import Connection, SourceShape, generation, pg_errors, qualified, row_bytes
+from etl_service.source import RANGE_JOIN, Connection, SourceShape, generation, pg_errors, qualified, row_bytes
 
 # Unfinished batches of other job names on this job's source and flag (or of unknown source:
 # recorded before batches named it): a renamed or removed job's, to adopt or release.
@@ -298,21 +298,24 @@ class Ledger:
             "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + _HELD + ")"
             " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size,"
             " generation, key_columns, source_oid, chunk_ends)"
-            " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(p.k ORDER BY p.pos),"
-            " array_agg(p.x ORDER BY p.pos), count(*), %(chunk)s, {generation}, %(key_columns)s,"
-            " to_regclass(%(quoted)s)::oid, array_agg(p.pos ORDER BY p.pos) FILTER (WHERE p.ends)"
+            " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(n.k ORDER BY {order}),"
+            " array_agg(n.x ORDER BY {order}), count(*), %(chunk)s, {generation}, %(key_columns)s,"
+            " to_regclass(%(quoted)s)::oid, array_append(array_agg(n.pos - 1 ORDER BY {order}) FILTER (WHERE n.pos > 1"
             # A chunk ends after ETL_CHUNK_SIZE rows or where the running byte count crosses a
-            # multiple of ETL_CHUNK_BYTES: at most that many bytes plus one row. Recorded now, so a
-            # resumed batch sends the same chunks with the same tokens.
-            " FROM (SELECT c.k, c.x, c.pos, c.r IS DISTINCT FROM lead(c.r) OVER w"
-            " OR c.b IS DISTINCT FROM lead(c.b) OVER w AS ends"
-            " FROM (SELECT n.k, n.x, n.pos, (n.pos - 1) / %(chunk)s AS r, (n.total - 1) / %(chunk_bytes)s::bigint AS b"
-            " FROM (SELECT o.k, o.x, row_number() OVER w AS pos, sum(o.size) OVER w AS total"
+            # multiple of ETL_CHUNK_BYTES: at most that many bytes plus one row. A row starts a
+            # chunk when its position or its bytes so far (without it, then with it) cross such a
+            # line; the chunk before ends one position earlier, the last at the batch's end. One
+            # pass in key order, no second window. Recorded now, so a resumed batch sends the same
+            # chunks with the same tokens.
+            " AND ((n.pos - 1) %% %(chunk)s = 0"
+            " OR (n.total - n.size - 1) / %(chunk_bytes)s::bigint <> (n.total - 1) / %(chunk_bytes)s::bigint)),"
+            " count(*))"
+            " FROM (SELECT o.*, row_number() OVER w AS pos, sum(o.size) OVER w AS total"
             " FROM (SELECT {encoded} AS k, s.xmin AS x, {size} AS size, {ordered} FROM {src} s"
             " WHERE s.{flag} = false AND {not_null}{above}{held}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = {encoded})"
-            " ORDER BY {row} LIMIT %(limit)s) o WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) n) c"
-            " WINDOW w AS (ORDER BY c.pos)) p HAVING count(*) > 0"
+            " ORDER BY {row} LIMIT %(limit)s) o WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) n"
+            " HAVING count(*) > 0"
             " RETURNING " + _BATCH_COLUMNS
         ).format(s=self.schema, src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
                  encoded=key.encode("s"), row=key.row("s"), order=order, not_null=key.not_null("s"),
@@ -419,7 +422,7 @@ class Ledger:
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
         with pg_errors(f"mark batch {batch.batch_id} done", self.conn), self.conn.cursor() as cur:
             if shape.range_join:
-                cur.execute("SET LOCAL enable_nestloop = off")
+                cur.execute(RANGE_JOIN)
             cur.execute(mark.format(src=qualified(self.job), flag=sql.Identifier(self.job.processed_column),
                                     s=self.schema, matches=key.matches("s", sql.SQL("k.key")),
                                     span=span),

@@ -323,15 +323,21 @@ _RAW_LENGTH_PREFIX = ("character varying", "character(", "character")
 def row_bytes(shape: SourceShape, alias: str = "s") -> sql.Composable:
     """About how many bytes a row takes on its way out (COPY text, then Arrow).
 
-    Texts and byteas count their full length, read from the value's header without fetching
-    it (what makes a row large: a value of several MB). Other types count their stored size,
+    Fixed-width types (integers, floats, dates, timestamps, uuid, boolean) count their width, a
+    constant. Texts and byteas count their full length, read from the value's header without
+    fetching it (what makes a row large: a value of several MB). Other types count their stored size,
     unless PostgreSQL compressed the value: a compressed jsonb or array can be a hundred times
     its stored size, so such a value (2 kB or more before compression) is measured as text.
     Used at claim time to end chunks by bytes as well as by rows (PostgreSQL 14 or later).
     """
     parts: list[sql.Composable] = []
+    fixed = len(shape.columns)  # separators
     for column in shape.columns:
         ident = sql.Identifier(alias, column.name)
+        width = _fixed_width(column)
+        if width:  # a constant: nothing to compute per row (a NULL counts its width too)
+            fixed += width
+            continue
         factor = _RAW_LENGTH.get(column.pg_type) or (1 if column.pg_type.startswith(_RAW_LENGTH_PREFIX) else 0)
         if factor:
             cast = sql.SQL("::text") if column.pg_type in ("json", "xml") else sql.SQL("")
@@ -339,8 +345,22 @@ def row_bytes(shape: SourceShape, alias: str = "s") -> sql.Composable:
         else:
             parts.append(sql.SQL("coalesce(CASE WHEN pg_column_compression({0}) IS NULL THEN pg_column_size({0})"
                                  " ELSE octet_length({0}::text) END, 0)").format(ident))
-    parts.append(sql.Literal(len(shape.columns)))  # separators
+    parts.append(sql.Literal(fixed))
     return sql.SQL(" + ").join(parts)
+
+
+def _fixed_width(column: Column) -> int | None:
+    """Bytes of a fixed-width column in Arrow (bool: 1), or None when its values vary in size."""
+    if column.pg_type == "uuid":
+        return 16
+    if pa.types.is_boolean(column.arrow_type):
+        return 1
+    if pa.types.is_decimal(column.arrow_type):  # numeric's stored size follows its digits
+        return None
+    try:
+        return int(column.arrow_type.byte_width) or None
+    except ValueError:  # strings, lists, binaries
+        return None
 
 
 # The source's tables that hold rows (its partitions, if partitioned), their fillfactor, and the
@@ -399,6 +419,11 @@ def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
     return advice
 
 
+# For a range join (see SourceShape.range_join): no probe per key, and the claimed keys sorted in
+# memory (a batch's keys spill PostgreSQL's default 4MB work_mem: a sort on disk costs a third more).
+RANGE_JOIN = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'"
+
+
 def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: str,
                   batch_id: int, first: int, last: int) -> pa.Table:
     """Stream keys [first, last] (1-based positions in the batch) out with COPY, parse into Arrow.
@@ -416,7 +441,7 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
         if _columns_changed(cur, job, shape, name):
             raise SourceChanged(f"{name} changed its columns during the run: starting over with the new ones")
         if shape.range_join:  # the planner takes the claimed keys for 10 rows: one probe each, else
-            cur.execute("SET LOCAL enable_nestloop = off")
+            cur.execute(RANGE_JOIN)
         cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last), buf)
     conn.commit()
     return parse_csv(buf.getbuffer(), shape)  # a view: the chunk's text is not copied again

@@ -294,6 +294,27 @@ def test_chunks_end_by_bytes_and_a_resumed_batch_sends_the_same_chunks(world: Wo
     assert world.ch_rows(f"SELECT length(blob) FROM {world.target()} WHERE id = 1500") == [(3 * 1024 * 1024,)]
 
 
+def test_chunks_end_exactly_where_rows_or_bytes_cross_a_limit(world: World) -> None:
+    # 300 rows of 1 to 40,000 bytes in an irregular pattern; chunks of at most 7 rows or 64 KiB
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc text, n integer, processed boolean NOT NULL"
+              " DEFAULT false); INSERT INTO src SELECT g, repeat('x', (g * 7919) % 40000 + 1), g, false"
+              " FROM generate_series(1, 300) g")
+    settings = world.settings(batch_size="300", chunk_size="7", chunk_bytes="64KiB")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 300)
+    ends = world.sql("SELECT chunk_ends FROM etl.batches")[0][0]
+    # The definition: row p ends a chunk when it is the last, when it is the 7th, 14th, ... row, or
+    # when the bytes up to it and up to the next row lie on two sides of a multiple of 64 KiB.
+    # Bytes: the key's 8, the text's length, the integer's 4 and a separator per column.
+    sizes = [8 + (g * 7919) % 40000 + 1 + 4 + 3 for g in range(1, 301)]
+    totals = [sum(sizes[:p]) for p in range(1, 301)]
+    limit = 64 * 1024
+    expected = [p for p in range(1, 301) if p == 300 or p % 7 == 0
+                or (totals[p - 1] - 1) // limit != (totals[p] - 1) // limit]
+    assert ends == expected
+    assert ch_summary(world) == (300, 300, 45150)
+
+
 def test_compressed_jsonb_and_arrays_count_their_full_size_in_chunks(world: World) -> None:
     # 40 jsonb values and 40 arrays of about 200 kB each that PostgreSQL compresses to a few kB
     world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc jsonb, tags text[], processed boolean NOT NULL"
