@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,3 +93,17 @@ def test_a_reload_that_moves_the_chdb_folder_takes_effect_and_frees_the_old_one(
         assert daemon.poll() is None
         assert stop(daemon) == 0
     assert chdb_query(new, f"SELECT count(), min(id) FROM `{world.ch_database}`.dst") == [[200, 301]]
+
+
+def test_the_engines_start_up_pages_are_handed_back_and_it_still_answers(tmp_path: Path) -> None:
+    # In a process of its own: the library must be mapped by this process for there to be pages to hand back.
+    code = ("import sys; from etl_service import sink\n"
+            f"client = sink._open_chdb('chdb://{tmp_path / 'chdb'}')\n"  # opening hands the pages back once
+            "released = sink.release_start_pages()\n"
+            "print(released, client.query('SELECT sum(number) FROM numbers(1000)').result_rows[0][0])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    released, total = (int(v) for v in proc.stdout.split())
+    assert released > 100 * 1024 * 1024  # the library's read-only and code mappings (about 550 MB in all)
+    assert total == 499500
