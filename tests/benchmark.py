@@ -4,7 +4,8 @@
     .venv/bin/python tests/benchmark.py --tuning [--rows 1000000]
 
 On an embedded PostgreSQL (listening on 127.0.0.1 so ClickHouse's postgresql() can read it)
-and chDB, for each path in its own process (so peak RSS is its own): recreate the source table
+and chDB, for each path in its own process (so peak RSS and "own CPU" are its own; the whole-machine
+CPU includes PostgreSQL's): recreate the source table
 with generate_series (not timed), CHECKPOINT, run the path, check that the target holds exactly
 the source rows, and record wall seconds, whole-machine CPU-seconds (from /proc/stat, so
 PostgreSQL's work counts too) and peak RSS. Prints medians, ratios, the peak RSS of etl-service
@@ -130,7 +131,8 @@ def machine_cpu() -> float:
 def run_phase(args: list[str]) -> tuple[dict[str, float], float, float, str]:
     """Run a child process; returns (its JSON result, wall seconds, its own peak RSS in MB, stderr).
 
-    The result gets "cpu": whole-machine CPU-seconds while the child ran.
+    The result gets "cpu": whole-machine CPU-seconds while the child ran, and "own_cpu": the
+    child's own (the rest is mostly PostgreSQL's).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         cpu0 = machine_cpu()
@@ -147,6 +149,7 @@ def run_phase(args: list[str]) -> tuple[dict[str, float], float, float, str]:
         raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
     result["cpu"] = cpu
+    result["own_cpu"] = usage.ru_utime + usage.ru_stime
     return result, wall, usage.ru_maxrss / 1024, stderr
 
 
@@ -190,7 +193,8 @@ def measure(name: str, pg_uri: str, rows: int, folder: Path, port: int) -> dict[
         env = etl_env(pg_uri, chdb, folder)
         result, wall, rss, err = run_phase(["-m", "etl_service", "--once", "--env-file", str(env)])
         match = re.search(r"seconds=([\d.]+)", err)
-        result = {"seconds": float(match[1]) if match else float("nan"), "cpu": result["cpu"]}
+        result = {"seconds": float(match[1]) if match else float("nan"), "cpu": result["cpu"],
+                  "own_cpu": result["own_cpu"]}
     else:
         extra = [f"127.0.0.1:{port}"] if name == "native" else []
         result, wall, rss, _ = run_phase([__file__, "--phase", name, pg_uri, str(chdb), *extra])
@@ -323,16 +327,18 @@ def report(uri: str, args: argparse.Namespace, folder: Path, port: int) -> None:
             r = measure(name, uri, args.rows, folder, port)
             results[name].append(r)
             print(f"run {run + 1} {name:12} wall {r['wall']:6.2f}s  work {r['seconds']:6.2f}s"
-                  f"  CPU {r['cpu']:6.2f}s  peak RSS {r['rss']:5.0f} MB  {r['check']}", flush=True)
+                  f"  CPU {r['cpu']:6.2f}s (own {r['own_cpu']:5.2f}s)  peak RSS {r['rss']:5.0f} MB  {r['check']}",
+                  flush=True)
 
     def med(name: str, key: str) -> float:
         return statistics.median(float(r[key]) for r in results[name])
 
     print(f"\n{args.rows:,} rows x 11 columns, medians of {args.runs} (wall = whole process incl. start-up)")
-    print(f"{'path':14}{'wall s':>8}{'CPU s':>8}{'rows/s':>10}{'peak RSS MB':>13}")
+    print(f"{'path':14}{'wall s':>8}{'CPU s':>8}{'own CPU s':>11}{'rows/s':>10}{'peak RSS MB':>13}")
     for name in paths:
         wall = med(name, "wall")
-        print(f"{name:14}{wall:8.2f}{med(name, 'cpu'):8.2f}{args.rows / wall:10,.0f}{med(name, 'rss'):13.0f}")
+        print(f"{name:14}{wall:8.2f}{med(name, 'cpu'):8.2f}{med(name, 'own_cpu'):11.2f}{args.rows / wall:10,.0f}"
+              f"{med(name, 'rss'):13.0f}")
     native = med("native", "wall")
     print(f"native detail: pull {med('native', 'load'):.2f}s + marking UPDATE {med('native', 'mark'):.2f}s")
     print(f"a/b (etl-service / native pull + UPDATE): wall {med('etl-service', 'wall') / native:.2f} (target <= 0.8),"
