@@ -226,7 +226,9 @@ class _Getter:
             return str(default)
         return str(value).strip()
 
-    def number(self, key: str, default: Any, whole: bool = False, allow_zero: bool = False) -> float:
+    def number(self, key: str, default: Any, whole: bool = False, allow_zero: bool = False,
+               most: tuple[float, str] | None = None) -> float:
+        """A finite number > 0 (or >= 0); `most`: (the largest allowed, why)."""
         text = self.raw(key, default)
         try:
             value = float(int(text)) if whole else float(text)
@@ -237,6 +239,8 @@ class _Getter:
             raise ConfigError(self.label + key, f"must be a finite number, got {text!r}")
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(self.label + key, f"must be greater than 0, got {text!r}")
+        if most and value > most[0]:
+            raise ConfigError(self.label + key, f"must be at most {most[0]:.0f} ({most[1]}), got {text!r}")
         return value
 
     def size(self, key: str, default: Any) -> int:
@@ -304,6 +308,10 @@ def _env_view(env: Mapping[str, str]) -> dict[str, Any]:
     return {key: env[var] for key, (var, _) in JOB_KEYS.items() if env.get(var, "").strip()}
 
 
+# A batch's keys and xmins are stored in one ledger row (PostgreSQL holds at most 1 GB in a value).
+_MOST_ROWS = (10_000_000, "a batch's keys are stored in one ledger row")
+
+
 def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], label: str) -> JobConfig:
     # Error names: the .env variable for the single-job form, the file key otherwise.
     keyed = {(JOB_KEYS[k][0] if not label else k): v for k, v in values.items()}
@@ -330,7 +338,7 @@ def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], labe
         from etl_service.transform import load_user_function
 
         load_user_function(transform, variable=label + key("transform"))
-    batch_size = int(get.number(key("batch_size"), default("batch_size"), whole=True))
+    batch_size = int(get.number(key("batch_size"), default("batch_size"), whole=True, most=_MOST_ROWS))
     return JobConfig(
         name=name.strip() or str(env.get("ETL_JOB_NAME", "")).strip() or table,
         source_table=(schema, table),
@@ -341,7 +349,8 @@ def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], labe
         schedule=schedule,
         timezone=timezone,
         batch_size=batch_size,
-        chunk_size=min(batch_size, int(get.number(key("chunk_size"), default("chunk_size"), whole=True))),
+        chunk_size=min(batch_size, int(get.number(key("chunk_size"), default("chunk_size"), whole=True,
+                                                  most=_MOST_ROWS))),
         chunk_bytes=get.size(key("chunk_bytes"), default("chunk_bytes")),
         ready_query=get.raw(key("ready_query"), ""),
         ready_timeout=get.number(key("ready_timeout"), default("ready_timeout")),

@@ -56,6 +56,8 @@ def test_redact_handles_uris_and_garbage() -> None:
     ({"ETL_TIMEZONE": "Mars/Olympus"}, "ETL_TIMEZONE", "unknown time zone"),
     ({"ETL_BATCH_SIZE": "lots"}, "ETL_BATCH_SIZE", "must be a whole number"),
     ({"ETL_BATCH_SIZE": "0"}, "ETL_BATCH_SIZE", "greater than 0"),
+    ({"ETL_BATCH_SIZE": "2147483648"}, "ETL_BATCH_SIZE", "must be at most 10000000"),
+    ({"ETL_CHUNK_SIZE": "10000001"}, "ETL_CHUNK_SIZE", "must be at most 10000000"),
     ({"ETL_READY_TIMEOUT": "soon"}, "ETL_READY_TIMEOUT", "must be a number"),
     ({"ETL_TRANSFORM": "no_such_module_here:f"}, "ETL_TRANSFORM", "cannot import module"),
     ({"ETL_TRANSFORM": "json"}, "ETL_TRANSFORM", "module:function"),
