@@ -451,12 +451,18 @@ class Ledger:
             {"job": self.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
         return str(rows[0][0]) if rows else None
 
-    def release_range(self, batch: Batch, first: int, last: int) -> None:
-        """Undo the quarantine of key positions [first, last] of a batch (a failure that was not the rows')."""
+    def release_range(self, batch: Batch, first: int, last: int, chunks_loaded: int) -> None:
+        """Undo the quarantine of key positions [first, last] of a batch (a failure that was not the rows').
+
+        Chunks of that range already recorded as loaded (none of their rows went) are loaded again:
+        the batch goes back to `chunks_loaded`, in the same transaction.
+        """
         self._run("release quarantined range", sql.SQL(
             "DELETE FROM {s}.quarantine q USING {s}.batches b WHERE b.batch_id = %(batch)s"
-            " AND q.job = %(job)s AND q.key = ANY(b.keys[%(first)s:%(last)s])").format(s=self.schema),
-            {"batch": batch.batch_id, "job": self.job.name, "first": first, "last": last})
+            " AND q.job = %(job)s AND q.key = ANY(b.keys[%(first)s:%(last)s]);"
+            " UPDATE {s}.batches SET chunks_loaded = least(chunks_loaded, %(chunks)s) WHERE batch_id = %(batch)s"
+        ).format(s=self.schema), {"batch": batch.batch_id, "job": self.job.name, "first": first, "last": last,
+                                  "chunks": chunks_loaded})
 
     def requeue(self, key: Key, keys: list[str] | None = None) -> tuple[list[str], list[str]]:
         """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again.

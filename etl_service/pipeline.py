@@ -317,20 +317,28 @@ class Run:
         """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""
         split = set(batch.split)
         total = 0
+        # Chunks in a row whose every row failed, from (chunk index, first position, quarantined
+        # count before it): ten such rows are a broken transform or target, not bad rows, even
+        # when chunks ended by bytes hold fewer than ten rows each.
+        streak: tuple[int, int, int] | None = None
         for index in range(batch.chunks_loaded, batch.chunk_count):
             if self.stop.is_set():
                 raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
             first, last = batch.chunk_bounds(index)
             quarantined = self.result.rows_quarantined
             sent = self._load_range(conn, ledger, shape, batch, first, last, split)
-            if sent == 0 and last - first >= 9 and self.result.rows_quarantined - quarantined == last - first + 1:
-                ledger.release_range(batch, first, last)
-                self.result.rows_quarantined = quarantined
-                self._quarantine_lines.clear()
-                raise EtlError(f"every row of positions {first}-{last} in batch {batch.batch_id} failed (last"
-                               f" reason: {self._last_reason}): a broken transform or target, not bad rows;"
-                               " nothing was quarantined — fix it and the next run retries")
-            self._flush_quarantine_lines(batch)
+            if sent == 0 and self.result.rows_quarantined - quarantined == last - first + 1:
+                streak = streak or (index, first, quarantined)
+                if last - streak[1] >= 9:
+                    ledger.release_range(batch, streak[1], last, streak[0])
+                    self.result.rows_quarantined = streak[2]
+                    self._quarantine_lines.clear()
+                    raise EtlError(f"every row of positions {streak[1]}-{last} in batch {batch.batch_id} failed"
+                                   f" (last reason: {self._last_reason}): a broken transform or target, not bad"
+                                   " rows; nothing was quarantined — fix it and the next run retries")
+            else:
+                streak = None
+                self._flush_quarantine_lines(batch)  # held while a streak might still prove them not bad
             last_chunk = index + 1 == batch.chunk_count
             if last_chunk:
                 self.faults.reached("after_last_insert")
@@ -342,6 +350,7 @@ class Run:
             total += sent
             self.log.bind(batch=batch.batch_id).debug("chunk {}/{}: {} rows loaded", index + 1,
                                                       batch.chunk_count, sent)
+        self._flush_quarantine_lines(batch)
         ledger.set_loaded(batch)
         return total
 

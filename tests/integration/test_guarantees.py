@@ -461,6 +461,31 @@ def test_a_transform_that_fails_every_row_logs_no_quarantine_lines(world: World)
     assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
 
 
+def test_a_broken_transform_quarantines_nothing_when_chunks_hold_fewer_than_ten_rows(world: World) -> None:
+    # rows of about 1 kB, chunks of 4 KiB: 3 rows each; the transform reads a column that does not exist
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc text, processed boolean NOT NULL DEFAULT false);"
+              " INSERT INTO src SELECT g, repeat('d', 1000), false FROM generate_series(1, 60) g")
+    typo = "def run(df):\n    df['total'] = df['amount'] * 2\n    return df\n"
+    result = run_with_transform(world, "typo", typo, chunk_bytes="4KiB", quarantine_limit="20")
+    assert result.status == FAILED and "nothing was quarantined" in result.message, result.message
+    assert result.rows_quarantined == 0
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
+    assert world.sql("SELECT chunks_loaded, array_length(chunk_ends, 1) > 10 FROM etl.batches") == [(0, True)]
+    settings = world.settings(chunk_bytes="4KiB")  # fixed: the same batch goes, every row of it
+    assert (run_job(settings, settings.jobs[0]).rows_marked, processed(world)) == (60, 60)
+    assert ch_summary(world) == (60, 60, 1830)
+
+
+def test_bad_rows_among_small_chunks_are_still_quarantined_alone(world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc text, processed boolean NOT NULL DEFAULT false);"
+              " INSERT INTO src SELECT g, repeat('d', 1000), false FROM generate_series(1, 60) g")
+    # 9 bad rows in a row (three whole chunks), then good ones: bad rows, not a broken transform
+    picky = "def run(df):\n    if (df['id'].between(4, 12)).any():\n        raise ValueError('bad')\n    return df\n"
+    result = run_with_transform(world, "picky9", picky, chunk_bytes="4KiB")
+    assert (result.status, result.rows_quarantined, result.rows_marked) == (OK, 9, 51)
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(9,)]
+
+
 def test_check_and_status_while_the_daemon_holds_the_chdb_folder(world: World) -> None:
     world.make_source(20)
     chdb = world.tmp / "chdb"
