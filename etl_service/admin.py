@@ -29,9 +29,12 @@ def requeue(settings: Settings, jobs: list[JobConfig], keys: list[str] | None, o
         ok = True
         for job in jobs:
             key = source.describe(conn, job).key
-            released, unknown = Ledger(conn, settings.ledger_schema, job).requeue(key, keys)
-            shown = ", ".join(released[:20]) + (f" and {len(released) - 20} more" if len(released) > 20 else "")
-            out(f"job {job.name}: {len(released)} row(s) released" + (f" ({shown})" if released else ""))
+            released, unknown, held = Ledger(conn, settings.ledger_schema, job).requeue(key, keys)
+            out(f"job {job.name}: {len(released)} row(s) released" + (f" ({_few(released)})" if released else ""))
+            if held:
+                out(f"job {job.name}: {len(held)} row(s) stay quarantined until their batch is done (it is marked"
+                    f" without them; run `requeue` again then, `status` shows the batch): {_few(held)}")
+                ok = False
             if unknown and len(jobs) == 1:
                 out(f"job {job.name}: not quarantined, nothing done: {key.label} = {', '.join(unknown)}")
                 ok = False
@@ -41,6 +44,10 @@ def requeue(settings: Settings, jobs: list[JobConfig], keys: list[str] | None, o
         return False
     finally:
         conn.close()
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:20]) + (f" and {len(items) - 20} more" if len(items) > 20 else "")
 
 
 def adopt(settings: Settings, job: JobConfig, batch_id: int, out: Print = print) -> bool:

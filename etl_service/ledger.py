@@ -400,8 +400,11 @@ class Ledger:
             "UPDATE {s}.batches SET state = 'loaded', loaded_at = now() WHERE batch_id = %s"
             " AND state = 'claimed'").format(s=self.schema), (batch.batch_id,))
 
-    def mark_done(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> int:
-        """In one transaction: flag exactly the claimed, unchanged, unquarantined rows; close the batch."""
+    def mark_done(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> tuple[int, int]:
+        """In one transaction: flag exactly the claimed, unchanged, unquarantined rows; close the batch.
+
+        Returns (rows marked, rows of the batch in quarantine: by this run or an earlier attempt).
+        """
         key = shape.key
         # With an index of the unprocessed rows on the key, the batch's key range is one ordered
         # pass over it, joined with the claimed keys (a third less work than a probe per key).
@@ -429,9 +432,12 @@ class Ledger:
                         {"batch": batch.batch_id, "job": self.job.name})
             marked = cur.rowcount
             cur.execute(close, (marked, batch.batch_id))
+            cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE job = %s AND batch_id = %s")
+                        .format(s=self.schema), (self.job.name, batch.batch_id))
+            quarantined = cur.fetchone()[0]  # type: ignore[index]
             before_commit()
             self.conn.commit()
-        return int(marked)
+        return int(marked), int(quarantined)
 
     def record_split(self, batch: Batch, first: int, last: int) -> None:
         """Remember that key positions [first, last] are loaded as two halves from now on."""
@@ -439,17 +445,21 @@ class Ledger:
             "UPDATE {s}.batches SET split = array_append(split, %(r)s) WHERE batch_id = %(b)s"
             " AND NOT %(r)s = ANY(split)").format(s=self.schema), {"r": f"{first}-{last}", "b": batch.batch_id})
 
-    def quarantine(self, batch: Batch, shape: SourceShape, position: int, reason: str) -> str | None:
-        """Set aside the row at `position` of the batch with its reason; returns its key (None if gone)."""
+    def quarantine(self, batch: Batch, shape: SourceShape, position: int, reason: str) -> tuple[str, bool] | None:
+        """Set aside the row at `position` of the batch with its reason.
+
+        Returns (its key, whether it is newly quarantined: not by an earlier attempt), or None if
+        the row is gone.
+        """
         rows = self._run("quarantine row", sql.SQL(
             "INSERT INTO {s}.quarantine (job, key, batch_id, reason, row)"
             " SELECT %(job)s, b.keys[%(pos)s], b.batch_id, %(reason)s, to_jsonb(s) FROM {s}.batches b"
             " JOIN {src} s ON {matches} WHERE b.batch_id = %(batch)s"
             " ON CONFLICT (job, key) DO UPDATE SET batch_id = EXCLUDED.batch_id, reason = EXCLUDED.reason,"
-            " row = EXCLUDED.row, quarantined_at = now() RETURNING key"
+            " row = EXCLUDED.row, quarantined_at = now() RETURNING key, xmax = 0"
         ).format(s=self.schema, src=qualified(self.job), matches=shape.key.matches("s", sql.SQL("b.keys[%(pos)s]"))),
             {"job": self.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
-        return str(rows[0][0]) if rows else None
+        return (str(rows[0][0]), bool(rows[0][1])) if rows else None
 
     def release_range(self, batch: Batch, first: int, last: int, chunks_loaded: int) -> None:
         """Undo the quarantine of key positions [first, last] of a batch (a failure that was not the rows').
@@ -464,20 +474,29 @@ class Ledger:
         ).format(s=self.schema), {"batch": batch.batch_id, "job": self.job.name, "first": first, "last": last,
                                   "chunks": chunks_loaded})
 
-    def requeue(self, key: Key, keys: list[str] | None = None) -> tuple[list[str], list[str]]:
+    def requeue(self, key: Key, keys: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
         """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again.
 
-        Returns (released keys, asked-for keys that were not quarantined).
+        A row whose batch is unfinished stays quarantined: that batch is marked without it, and
+        releasing it first would let the mark flag a row that never reached ClickHouse.
+        Returns (released keys, asked-for keys that were not quarantined, keys held by an
+        unfinished batch, each as "key (batch N, state)").
         """
         wanted = [self._canonical(key, k) for k in keys] if keys else None
-        where = sql.SQL(" AND key = ANY(%(keys)s)") if wanted is not None else sql.SQL("")
+        where = sql.SQL(" AND q.key = ANY(%(keys)s)") if wanted is not None else sql.SQL("")
+        params = {"job": self.job.name, "keys": wanted}
         rows = self._run("requeue quarantined rows", sql.SQL(
-            "DELETE FROM {s}.quarantine WHERE job = %(job)s{where} RETURNING key").format(s=self.schema,
-                                                                                         where=where),
-            {"job": self.job.name, "keys": wanted})
+            "DELETE FROM {s}.quarantine q WHERE q.job = %(job)s{where} AND NOT EXISTS (SELECT 1 FROM {s}.batches b"
+            " WHERE b.batch_id = q.batch_id AND b.state <> 'done') RETURNING q.key").format(s=self.schema,
+                                                                                           where=where), params)
+        held = self._run("look for quarantined rows of unfinished batches", sql.SQL(
+            "SELECT q.key, b.batch_id, b.state FROM {s}.quarantine q JOIN {s}.batches b ON b.batch_id = q.batch_id"
+            " WHERE q.job = %(job)s{where} AND b.state <> 'done' ORDER BY b.batch_id, q.key").format(
+                s=self.schema, where=where), params)
         released = sorted(str(r[0]) for r in rows)
-        unknown = [k for k, c in zip(keys or [], wanted or [], strict=True) if c not in released]
-        return released, unknown
+        waiting = {str(r[0]) for r in held}
+        unknown = [k for k, c in zip(keys or [], wanted or [], strict=True) if c not in released and c not in waiting]
+        return released, unknown, [f"{r[0]} (batch {r[1]}, {r[2]})" for r in held]
 
     def _canonical(self, key: Key, text: str) -> str:
         """`text` as the ledger stores this key (`007` -> `7`); SourceError if it is not one."""

@@ -16,7 +16,7 @@ from etl_service.config import JobConfig, Settings
 from etl_service.ledger import Batch, Ledger
 from etl_service.source import SourceShape
 
-Done = Callable[[Batch, int], None]
+Done = Callable[[Batch, tuple[int, int]], None]  # (rows marked, rows quarantined)
 
 
 class Marker:
@@ -28,10 +28,10 @@ class Marker:
         self.before_commit = before_commit
         self._pool: ThreadPoolExecutor | None = None
         self._ledger: Ledger | None = None
-        self._pending: tuple[Future[int], Batch, Done] | None = None
+        self._pending: tuple[Future[tuple[int, int]], Batch, Done] | None = None
 
     def submit(self, batch: Batch, shape: SourceShape, done: Done) -> None:
-        """Start marking `batch` once the previous mark has finished; `done(batch, marked)` reports it."""
+        """Start marking `batch` once the previous mark has finished; `done(batch, counts)` reports it."""
         self.settle()
         if self._ledger is None:
             conn = source.connect(self.settings, f"{self.job.name}-mark")

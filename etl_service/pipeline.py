@@ -88,6 +88,7 @@ class Run:
         self._ledger: Ledger | None = None  # the run's ledger, once the job's lock is held
         self._target_created = False  # this run made the target (a loaded batch must go again)
         self._barren = 0  # batches in a row that marked nothing: a run must progress or end
+        self._failed = 0  # rows that failed alone in this run (quarantined now or by an earlier attempt)
 
     def execute(self) -> RunResult:
         """Run with bounded retries of transient errors; never raises for a run failure."""
@@ -225,7 +226,7 @@ class Run:
         """One batch through every step; raises _Outcome when it must stop short."""
         shape = self._shape_of(batch, shape)
         bt0 = self.clock()
-        quarantined_before = self.result.rows_quarantined
+        failed_before = self._failed
         sent = 0
         if batch.state == "loaded" or batch.chunks_loaded:
             self._clickhouse(shape)  # the target is checked (and made again if it was dropped) first
@@ -252,8 +253,8 @@ class Run:
                 "{} was rewritten by ALTER … TYPE while batch {} was in flight: every row has a new xmin, so its"
                 " {} rows look changed and load again (an update made before the rewrite cannot be told apart)",
                 ".".join(self.job.source_table), batch.batch_id, batch.row_count)
-        quarantined = self.result.rows_quarantined - quarantined_before
-        self.marker.submit(batch, shape, lambda done, marked: self._marked(done, marked, quarantined, bt0))
+        failed = self._failed - failed_before
+        self.marker.submit(batch, shape, lambda done, counts: self._marked(done, *counts, failed, bt0))
 
     def _shape_of(self, batch: Batch, shape: SourceShape) -> SourceShape:
         """The shape whose key reads `batch`'s stored keys: their column order is the one at claim time."""
@@ -268,11 +269,12 @@ class Run:
         # the index of unprocessed rows follows the key's new order, not the batch's: no range join
         return dataclasses.replace(shape, key=shape.key.ordered(claimed), range_join=False)
 
-    def _marked(self, batch: Batch, marked: int, quarantined: int, bt0: float) -> None:
-        self._barren = self._barren + 1 if batch.row_count and not marked and not quarantined else 0
+    def _marked(self, batch: Batch, marked: int, quarantined: int, failed: int, bt0: float) -> None:
+        """Report a marked batch: `quarantined` rows of it are in quarantine, `failed` of them failed in this run."""
+        self._barren = self._barren + 1 if batch.row_count and not marked and not failed else 0
         self.result.batches += 1
         self.result.rows_marked += marked
-        self.progress.done(marked + quarantined)
+        self.progress.done(marked + failed)
         metrics.ROWS.labels(self.job.name, "marked").inc(marked)
         metrics.BATCH_SECONDS.labels(self.job.name).observe(self.clock() - bt0)
         unmarked = batch.row_count - marked - quarantined
@@ -317,21 +319,21 @@ class Run:
         """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""
         split = set(batch.split)
         total = 0
-        # Chunks in a row whose every row failed, from (chunk index, first position, quarantined
-        # count before it): ten such rows are a broken transform or target, not bad rows, even
+        # Chunks in a row whose every row failed, from (chunk index, first position, failed and
+        # quarantined counts before it): ten such rows are a broken transform or target, not bad rows, even
         # when chunks ended by bytes hold fewer than ten rows each.
-        streak: tuple[int, int, int] | None = None
+        streak: tuple[int, int, int, int] | None = None
         for index in range(batch.chunks_loaded, batch.chunk_count):
             if self.stop.is_set():
                 raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
             first, last = batch.chunk_bounds(index)
-            quarantined = self.result.rows_quarantined
+            counts = (self._failed, self.result.rows_quarantined)
             sent = self._load_range(conn, ledger, shape, batch, first, last, split)
-            if sent == 0 and self.result.rows_quarantined - quarantined == last - first + 1:
-                streak = streak or (index, first, quarantined)
+            if sent == 0 and self._failed - counts[0] == last - first + 1:
+                streak = streak or (index, first, *counts)
                 if last - streak[1] >= 9:
                     ledger.release_range(batch, streak[1], last, streak[0])
-                    self.result.rows_quarantined = streak[2]
+                    self._failed, self.result.rows_quarantined = streak[2], streak[3]
                     self._quarantine_lines.clear()
                     raise EtlError(f"every row of positions {streak[1]}-{last} in batch {batch.batch_id} failed"
                                    f" (last reason: {self._last_reason}): a broken transform or target, not bad"
@@ -396,9 +398,13 @@ class Run:
 
     def _quarantine(self, ledger: Ledger, shape: SourceShape, batch: Batch, position: int, exc: EtlError) -> None:
         self._last_reason = str(exc)
-        key = ledger.quarantine(batch, shape, position, str(exc))
-        if key is None:
+        found = ledger.quarantine(batch, shape, position, str(exc))
+        if found is None:
             return  # the row was deleted meanwhile: nothing to set aside
+        key, new = found
+        self._failed += 1
+        if not new:  # a resumed batch meets a row an earlier attempt quarantined: counted then
+            return
         self.result.rows_quarantined += 1
         metrics.ROWS.labels(self.job.name, "quarantined").inc()
         self._quarantine_lines.append(f"row {shape.key.label}={key} quarantined: {exc}")

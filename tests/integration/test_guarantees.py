@@ -438,6 +438,49 @@ def test_status_into_a_closed_pipe_and_requeue_of_an_unknown_key(world: World) -
     assert bad_key.returncode == 1 and "'five' is not a key of public.src (id; e.g. 42)" in bad_key.stdout
 
 
+def test_requeue_leaves_a_row_of_an_unfinished_batch_quarantined_until_the_batch_is_marked(world: World) -> None:
+    # Row 5 fails the transform and is quarantined; its batch is loaded and waits for readiness.
+    # Released now, the mark would flag it although it never reached ClickHouse.
+    world.make_source(20)
+    fives = "def run(df):\n    if (df['id'] == 5).any():\n        raise ValueError('five')\n    return df\n"
+    waiting = run_with_transform(world, "fives", fives, ready_query="SELECT 0", ready_timeout="0.2",
+                                 ready_poll_interval="0.05")
+    assert (waiting.status, waiting.rows_quarantined) == (WAITING, 1)
+    settings = world.settings()
+    out: list[str] = []
+    assert not admin.requeue(settings, list(settings.jobs), ["5"], out.append)
+    assert out[-1].startswith("job src: 1 row(s) stay quarantined until their batch is done") and \
+        out[-1].endswith(": 5 (batch 1, loaded)"), out
+    assert not admin.requeue(settings, list(settings.jobs), None, out.append)  # all rows: the same
+    assert world.sql("SELECT key FROM etl.quarantine") == [("5",)]
+    done = run_job(settings, settings.jobs[0])  # the batch is marked without row 5
+    assert (done.status, done.rows_marked) == (OK, 19)
+    assert world.sql("SELECT processed FROM src WHERE id = 5") == [(False,)]
+    assert admin.requeue(settings, list(settings.jobs), ["5"], out.append)  # now it goes
+    assert run_job(settings, settings.jobs[0]).rows_marked == 1
+    assert ch_summary(world) == (20, 20, 210) and processed(world) == 20
+
+
+def test_a_batch_resumed_after_a_quarantine_counts_its_quarantined_rows_once(world: World) -> None:
+    # Rows 3 (chunk 1) and 33 (chunk 4, the last) fail the transform. A failure after the last
+    # insert, before chunk 4 is recorded, makes the run retry: the retry resumes at chunk 4 and
+    # meets row 33 again; row 3 it does not meet at all.
+    world.make_source(40)
+    code = "def run(df):\n    if df['id'].isin([3, 33]).any():\n        raise ValueError('bad')\n    return df\n"
+    lines: list[str] = []
+    sink_id = logger.add(lambda m: lines.append(str(m).strip()), level="INFO", format="{message}")
+    try:
+        result = run_with_transform(world, "three33", code, chunk_size="10", fail_at="after_last_insert:1")
+    finally:
+        logger.remove(sink_id)
+    assert (result.status, result.rows_quarantined, result.rows_marked) == (OK, 2, 38)
+    done = [line for line in lines if line.startswith("batch 1 done")]
+    assert len(done) == 1 and done[0].startswith("batch 1 done: 40 rows claimed, 38 marked processed,"
+                                                 " 2 quarantined in "), done  # not "1 changed since claim"
+    assert sum(1 for line in lines if line.startswith("row id=33 quarantined")) == 1
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(2,)]
+
+
 def test_status_shows_a_subset_of_the_quarantine_with_how_many_more(world: World) -> None:
     world.make_source(80)
     sevens = "def run(df):\n    if (df['id'] % 10 == 7).any():\n        raise ValueError('no sevens')\n    return df\n"
