@@ -363,8 +363,14 @@ class Ledger:
         self._run("adopt batch", sql.SQL(
             "UPDATE {s}.batches SET job = %(job)s, origin = coalesce(origin, job), source = %(source)s,"
             " flag = %(flag)s WHERE batch_id = %(batch)s AND state <> 'done';"
+            # A key this job has quarantined already (from an older batch) takes the adopted
+            # batch's entry: the row's latest failure, in the batch that holds it now.
+            " UPDATE {s}.quarantine o SET batch_id = q.batch_id, reason = q.reason, row = q.row,"
+            " quarantined_at = q.quarantined_at FROM {s}.quarantine q WHERE q.job = %(old)s"
+            " AND q.batch_id = %(batch)s AND o.job = %(job)s AND o.key = q.key;"
+            " DELETE FROM {s}.quarantine q WHERE q.job = %(old)s AND q.batch_id = %(batch)s"
+            " AND EXISTS (SELECT 1 FROM {s}.quarantine o WHERE o.job = %(job)s AND o.key = q.key);"
             " UPDATE {s}.quarantine q SET job = %(job)s WHERE q.job = %(old)s AND q.batch_id = %(batch)s"
-            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine o WHERE o.job = %(job)s AND o.key = q.key)"
         ).format(s=self.schema), params)
         return batch
 
@@ -419,7 +425,8 @@ class Ledger:
             "UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
             " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
             " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x{span}"
-            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = k.key)")
+            # rows quarantined in this batch, under whichever job name: never loaded, never marked
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)")
         close = sql.SQL(
             "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
             " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.schema)
@@ -432,8 +439,8 @@ class Ledger:
                         {"batch": batch.batch_id, "job": self.job.name})
             marked = cur.rowcount
             cur.execute(close, (marked, batch.batch_id))
-            cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE job = %s AND batch_id = %s")
-                        .format(s=self.schema), (self.job.name, batch.batch_id))
+            cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE batch_id = %s").format(s=self.schema),
+                        (batch.batch_id,))
             quarantined = cur.fetchone()[0]  # type: ignore[index]
             before_commit()
             self.conn.commit()
@@ -460,6 +467,23 @@ class Ledger:
         ).format(s=self.schema, src=qualified(self.job), matches=shape.key.matches("s", sql.SQL("b.keys[%(pos)s]"))),
             {"job": self.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
         return (str(rows[0][0]), bool(rows[0][1])) if rows else None
+
+    def has_quarantine(self, batch: Batch) -> bool:
+        """Whether rows of `batch` are quarantined (by an earlier attempt at it)."""
+        return bool(self._run("look for the batch's quarantined rows", sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {s}.quarantine WHERE batch_id = %s)").format(s=self.schema),
+            (batch.batch_id,))[0][0])
+
+    def unquarantine(self, batch: Batch, first: int, last: int) -> None:
+        """Forget the quarantine of key positions [first, last] of `batch`: they have just been loaded.
+
+        An earlier attempt quarantined them (the transform then raised, say); loaded now, they
+        must be marked with the batch, not left quarantined for a `requeue` to load them twice.
+        """
+        self._run("clear the quarantine of loaded rows", sql.SQL(
+            "DELETE FROM {s}.quarantine q USING {s}.batches b WHERE b.batch_id = %(batch)s"
+            " AND q.batch_id = b.batch_id AND q.key = ANY(b.keys[%(first)s:%(last)s])").format(s=self.schema),
+            {"batch": batch.batch_id, "first": first, "last": last})
 
     def release_range(self, batch: Batch, first: int, last: int, chunks_loaded: int) -> None:
         """Undo the quarantine of key positions [first, last] of a batch (a failure that was not the rows').

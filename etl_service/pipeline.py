@@ -89,6 +89,7 @@ class Run:
         self._target_created = False  # this run made the target (a loaded batch must go again)
         self._barren = 0  # batches in a row that marked nothing: a run must progress or end
         self._failed = 0  # rows that failed alone in this run (quarantined now or by an earlier attempt)
+        self._requarantined = False  # the batch being loaded has rows an earlier attempt quarantined
 
     def execute(self) -> RunResult:
         """Run with bounded retries of transient errors; never raises for a run failure."""
@@ -319,6 +320,7 @@ class Run:
         """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""
         split = set(batch.split)
         total = 0
+        self._requarantined = ledger.has_quarantine(batch)  # an earlier attempt set rows of it aside
         # Chunks in a row whose every row failed, from (chunk index, first position, failed and
         # quarantined counts before it): ten such rows are a broken transform or target, not bad rows, even
         # when chunks ended by bytes hold fewer than ten rows each.
@@ -365,7 +367,10 @@ class Run:
         """
         if f"{first}-{last}" not in split:
             try:
-                return self._insert_range(conn, shape, batch, first, last)
+                sent = self._insert_range(conn, shape, batch, first, last)
+                if self._requarantined:  # rows an earlier attempt quarantined went this time
+                    ledger.unquarantine(batch, first, last)
+                return sent
             except RowError as exc:
                 if first == last:
                     self._quarantine(ledger, shape, batch, first, exc)
