@@ -34,6 +34,8 @@ SUCCESS = (OK, IDLE)
 OUTCOMES = (OK, IDLE, WAITING, SKIPPED, STOPPED, FAILED)
 # Batches in a row that may mark nothing before a run gives up (it must progress or end).
 BARREN_LIMIT = 3
+# Rows in a row that all fail alone before a run takes the transform or target as broken.
+BROKEN_ROWS = 10
 
 
 @dataclass
@@ -56,6 +58,35 @@ class RunResult:
                 f" rows_marked={self.rows_marked} rows_quarantined={self.rows_quarantined}"
                 f" seconds={self.seconds:.2f}{rate}")
         return f"{text}: {self.message}" if self.message else text
+
+
+@dataclass
+class _Streak:
+    """Rows in a row of a run that all failed alone: their ranges, and the run's counts before them."""
+
+    failed: int
+    quarantined: int
+    keys: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # batch -> its quarantined keys
+    chunks: dict[int, int] = dataclasses.field(default_factory=dict)  # batch -> its first chunk in the streak
+    sent: dict[int, int] = dataclasses.field(default_factory=dict)  # batch -> rows that chunk loaded (recorded)
+    rows: int = 0
+    start: tuple[int, int] = (0, 0)  # (batch, position) of its first row
+    end: tuple[int, int] = (0, 0)  # and of its last
+
+    def add(self, batch: Batch, chunk: int, keys: list[str], first: int, last: int, sent: int = 0) -> None:
+        if not self.keys:
+            self.start = (batch.batch_id, first)
+        self.keys.setdefault(batch.batch_id, []).extend(keys)
+        if batch.batch_id not in self.chunks:
+            self.chunks[batch.batch_id], self.sent[batch.batch_id] = chunk, sent
+        self.rows += len(keys)
+        self.end = (batch.batch_id, last)
+
+    def where(self) -> str:
+        (b1, p1), (b2, p2) = self.start, self.end
+        if b1 == b2:
+            return f"every row of positions {p1}-{p2} in batch {b1} failed"
+        return f"{self.rows} rows in a row failed, from position {p1} of batch {b1} to position {p2} of batch {b2}"
 
 
 class _Outcome(Exception):
@@ -84,7 +115,9 @@ class Run:
         self._ch: Any = None
         self._target_types: dict[str, str] = {}
         self._last_reason = ""
-        self._quarantine_lines: list[str] = []  # logged once the chunk is known not to be all bad
+        self._quarantine_lines: list[tuple[int, str]] = []  # (batch, line): logged once known not all bad
+        self._streak: _Streak | None = None  # rows in a row that all failed, across chunks and batches
+        self._chunk_fails: list[tuple[int, str, bool]] = []  # the chunk's failed rows: position, key, new
         self._ledger: Ledger | None = None  # the run's ledger, once the job's lock is held
         self._target_created = False  # this run made the target (a loaded batch must go again)
         self._barren = 0  # batches in a row that marked nothing: a run must progress or end
@@ -124,6 +157,7 @@ class Run:
                 self.log.opt(exception=exc).error("unexpected error in run")
                 self._fail(f"unexpected {type(exc).__name__}: {exc}")
                 break
+        self._flush_quarantine_lines()  # a streak of failed rows shorter than BROKEN_ROWS: real bad rows
         self.progress.finish()  # the bar goes before the summary line
         self.result.seconds = self.clock() - t0
         metrics.RUN_SECONDS.labels(self.job.name, self.result.status).observe(self.result.seconds)
@@ -140,6 +174,8 @@ class Run:
         self.result.status, self.result.message = FAILED, message
 
     def _attempt(self, t0: float) -> None:
+        self._flush_quarantine_lines()  # a retried attempt meets the same rows again: no streak carries over
+        self._streak = None
         conn = source.connect(self.settings, self.job.name)
         try:
             ledger = Ledger(conn, self.settings.ledger_schema, self.job)
@@ -321,28 +357,13 @@ class Run:
         split = set(batch.split)
         total = 0
         self._requarantined = ledger.has_quarantine(batch)  # an earlier attempt set rows of it aside
-        # Chunks in a row whose every row failed, from (chunk index, first position, failed and
-        # quarantined counts before it): ten such rows are a broken transform or target, not bad rows, even
-        # when chunks ended by bytes hold fewer than ten rows each.
-        streak: tuple[int, int, int, int] | None = None
         for index in range(batch.chunks_loaded, batch.chunk_count):
             if self.stop.is_set():
                 raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
             first, last = batch.chunk_bounds(index)
-            counts = (self._failed, self.result.rows_quarantined)
+            self._chunk_fails = []
             sent = self._load_range(conn, ledger, shape, batch, first, last, split)
-            if sent == 0 and self._failed - counts[0] == last - first + 1:
-                streak = streak or (index, first, *counts)
-                if last - streak[1] >= 9:
-                    ledger.release_range(batch, streak[1], last, streak[0])
-                    self._failed, self.result.rows_quarantined = streak[2], streak[3]
-                    self._quarantine_lines.clear()
-                    raise EtlError(f"every row of positions {streak[1]}-{last} in batch {batch.batch_id} failed"
-                                   f" (last reason: {self._last_reason}): a broken transform or target, not bad"
-                                   " rows; nothing was quarantined — fix it and the next run retries")
-            else:
-                streak = None
-                self._flush_quarantine_lines(batch)  # held while a streak might still prove them not bad
+            self._follow_streak(ledger, batch, index, first, last, sent)
             last_chunk = index + 1 == batch.chunk_count
             if last_chunk:
                 self.faults.reached("after_last_insert")
@@ -354,7 +375,6 @@ class Run:
             total += sent
             self.log.bind(batch=batch.batch_id).debug("chunk {}/{}: {} rows loaded", index + 1,
                                                       batch.chunk_count, sent)
-        self._flush_quarantine_lines(batch)
         ledger.set_loaded(batch)
         return total
 
@@ -408,21 +428,72 @@ class Run:
             return  # the row was deleted meanwhile: nothing to set aside
         key, new = found
         self._failed += 1
+        self._chunk_fails.append((position, key, new))
         if not new:  # a resumed batch meets a row an earlier attempt quarantined: counted then
             return
         self.result.rows_quarantined += 1
         metrics.ROWS.labels(self.job.name, "quarantined").inc()
-        self._quarantine_lines.append(f"row {shape.key.label}={key} quarantined: {exc}")
+        self._quarantine_lines.append((batch.batch_id, f"row {shape.key.label}={key} quarantined: {exc}"))
         if self.result.rows_quarantined > self.settings.quarantine_limit:
-            self._flush_quarantine_lines(batch)
+            self._flush_quarantine_lines()
             raise EtlError(f"more than ETL_QUARANTINE_LIMIT={self.settings.quarantine_limit} rows quarantined in"
                            " this run: is the transform or the target table broken? See `status`; release"
                            " rows with `requeue` after the fix")
 
-    def _flush_quarantine_lines(self, batch: Batch) -> None:
-        for line in self._quarantine_lines:
-            self.log.bind(batch=batch.batch_id).warning(line)
+    def _flush_quarantine_lines(self, keep: int = 0) -> None:
+        """Log the quarantine lines held, but the last `keep` (rows a streak may still prove not bad)."""
+        flushed = len(self._quarantine_lines) - keep
+        for batch_id, line in self._quarantine_lines[:flushed]:
+            self.log.bind(batch=batch_id).warning(line)
+        del self._quarantine_lines[:flushed]
+
+    def _follow_streak(self, ledger: Ledger, batch: Batch, chunk: int, first: int, last: int, sent: int) -> None:
+        """Count the chunk's failed rows into the run's streak of failed rows in a row (see `_broken`).
+
+        Its leading failed rows extend the streak; a row that went ends it; its trailing failed
+        rows start the next one.
+        """
+        fails = sorted(self._chunk_fails)
+        positions = [f[0] for f in fails]
+        lead = next((i for i, p in enumerate(positions) if p != first + i), len(fails))
+        whole = lead == last - first + 1
+        if self._streak is not None and lead:
+            self._streak.add(batch, chunk, [f[1] for f in fails[:lead]], first, first + lead - 1)
+            if self._streak.rows >= BROKEN_ROWS:
+                self._broken(ledger)
+        if whole and self._streak is None:  # the whole chunk failed: a streak starts with it
+            self._streak = _Streak(self._failed - len(fails), self.result.rows_quarantined - sum(f[2] for f in fails))
+            self._streak.add(batch, chunk, [f[1] for f in fails], first, last)
+            if self._streak.rows >= BROKEN_ROWS:
+                self._broken(ledger)
+        if whole:
+            return
+        trail = next((i for i, p in enumerate(reversed(positions)) if p != last - i), len(fails))
+        trailing = fails[len(fails) - trail:]
+        self._streak = None
+        self._flush_quarantine_lines(keep=sum(f[2] for f in trailing))
+        if trailing:
+            self._streak = _Streak(self._failed - trail, self.result.rows_quarantined - sum(f[2] for f in trailing))
+            # rewound, this chunk goes again: its rows that went now are sent again (dropped as repeats)
+            self._streak.add(batch, chunk, [f[1] for f in trailing], last - trail + 1, last, sent)
+
+    def _broken(self, ledger: Ledger) -> None:
+        """Ten rows in a row failed: a broken transform or target. Undo their quarantine and fail the run.
+
+        Batches of the streak before this one were marked without those rows (waited for here):
+        released, the rows are simply unprocessed again. This batch goes back to the streak's
+        first chunk in it, so its next attempt sends those chunks again.
+        """
+        streak = self._streak
+        assert streak is not None
+        self.marker.settle()  # an earlier batch's mark must not run after its rows leave the quarantine
+        for batch_id, keys in streak.keys.items():
+            ledger.release_keys(batch_id, keys, streak.chunks[batch_id], streak.sent[batch_id])
+        self._failed, self.result.rows_quarantined = streak.failed, streak.quarantined
         self._quarantine_lines.clear()
+        self._streak = None
+        raise EtlError(f"{streak.where()} (last reason: {self._last_reason}): a broken transform or target, not"
+                       " bad rows; nothing was quarantined — fix it and the next run retries")
 
     def _clickhouse(self, shape: SourceShape) -> Any:
         """Connect to ClickHouse on first need (an idle run never does) and prepare the target."""

@@ -519,6 +519,28 @@ def test_a_broken_transform_quarantines_nothing_when_chunks_hold_fewer_than_ten_
     assert ch_summary(world) == (60, 60, 1830)
 
 
+@pytest.mark.parametrize(("code", "job", "marked"), [
+    # every row fails, in batches of 8 rows: the ten rows in a row span two batches
+    ("def run(df):\n    raise ValueError('broken')\n", {"batch_size": "8", "chunk_size": "4"}, 0),
+    # rows fail from id 15 on: 6 at the end of the first batch of 20, the rest in the second
+    ("def run(df):\n    if (df['id'] >= 15).any():\n        raise ValueError('broken from 15')\n    return df\n",
+     {"batch_size": "20", "chunk_size": "5"}, 14),
+    # ids 4-13 fail: the end of chunk 1, all of chunk 2, the start of chunk 3 (then rows go again)
+    ("def run(df):\n    if df['id'].between(4, 13).any():\n        raise ValueError('4 to 13')\n    return df\n",
+     {"batch_size": "20", "chunk_size": "5"}, 0),
+], ids=["small-batches", "across-a-batch-end", "across-chunk-ends"])
+def test_a_broken_transform_is_caught_across_batches(world: World, code: str, job: dict[str, str],
+                                                     marked: int) -> None:
+    world.make_source(60)
+    result = run_with_transform(world, f"brk{marked}", code, **job)
+    assert result.status == FAILED and "nothing was quarantined" in result.message, result.line()
+    assert (result.rows_quarantined, processed(world)) == (0, marked)
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]  # the earlier batch's rows too
+    fixed = world.settings(**job)
+    assert run_job(fixed, fixed.jobs[0]).status == OK
+    assert processed(world) == 60 and ch_summary(world) == (60, 60, 1830)
+
+
 def test_bad_rows_among_small_chunks_are_still_quarantined_alone(world: World) -> None:
     world.sql("CREATE TABLE src (id bigint PRIMARY KEY, doc text, processed boolean NOT NULL DEFAULT false);"
               " INSERT INTO src SELECT g, repeat('d', 1000), false FROM generate_series(1, 60) g")
