@@ -485,19 +485,18 @@ class Ledger:
             " AND q.batch_id = b.batch_id AND q.key = ANY(b.keys[%(first)s:%(last)s])").format(s=self.schema),
             {"batch": batch.batch_id, "first": first, "last": last})
 
-    def release_keys(self, batch_id: int, keys: list[str], chunks_loaded: int, unsent: int) -> None:
+    def release_keys(self, batch_id: int, keys: list[str], chunks_loaded: int) -> None:
         """Undo the quarantine of `keys` of a batch (a failure that was not the rows').
 
         An unfinished batch goes back to `chunks_loaded` in the same transaction, so those chunks
-        are loaded again, and takes back `unsent` rows recorded by them (sent again then; the
-        target drops the repeat by its token). A done batch was marked without these rows:
+        (which inserted nothing) are loaded again. A done batch was marked without these rows:
         released, they are unprocessed rows like any other.
         """
         self._run("release quarantined rows", sql.SQL(
             "DELETE FROM {s}.quarantine WHERE batch_id = %(batch)s AND key = ANY(%(keys)s);"
-            " UPDATE {s}.batches SET chunks_loaded = %(chunks)s, rows_loaded = rows_loaded - %(unsent)s"
+            " UPDATE {s}.batches SET chunks_loaded = %(chunks)s"
             " WHERE batch_id = %(batch)s AND state <> 'done' AND chunks_loaded > %(chunks)s"
-        ).format(s=self.schema), {"batch": batch_id, "keys": keys, "chunks": chunks_loaded, "unsent": unsent})
+        ).format(s=self.schema), {"batch": batch_id, "keys": keys, "chunks": chunks_loaded})
 
     def requeue(self, key: Key, keys: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
         """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again.

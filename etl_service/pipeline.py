@@ -62,23 +62,25 @@ class RunResult:
 
 @dataclass
 class _Streak:
-    """Rows in a row of a run that all failed alone: their ranges, and the run's counts before them."""
+    """Chunks in a row of a run whose every row failed alone (nothing of them reached the target).
+
+    With the run's counts before them, their quarantined keys per batch and the first such chunk
+    of each batch: the batch in hand can go back to it, since none of those chunks inserted a row.
+    """
 
     failed: int
     quarantined: int
     keys: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # batch -> its quarantined keys
     chunks: dict[int, int] = dataclasses.field(default_factory=dict)  # batch -> its first chunk in the streak
-    sent: dict[int, int] = dataclasses.field(default_factory=dict)  # batch -> rows that chunk loaded (recorded)
     rows: int = 0
     start: tuple[int, int] = (0, 0)  # (batch, position) of its first row
     end: tuple[int, int] = (0, 0)  # and of its last
 
-    def add(self, batch: Batch, chunk: int, keys: list[str], first: int, last: int, sent: int = 0) -> None:
+    def add(self, batch: Batch, chunk: int, keys: list[str], first: int, last: int) -> None:
         if not self.keys:
             self.start = (batch.batch_id, first)
         self.keys.setdefault(batch.batch_id, []).extend(keys)
-        if batch.batch_id not in self.chunks:
-            self.chunks[batch.batch_id], self.sent[batch.batch_id] = chunk, sent
+        self.chunks.setdefault(batch.batch_id, chunk)
         self.rows += len(keys)
         self.end = (batch.batch_id, last)
 
@@ -448,52 +450,45 @@ class Run:
         del self._quarantine_lines[:flushed]
 
     def _follow_streak(self, ledger: Ledger, batch: Batch, chunk: int, first: int, last: int, sent: int) -> None:
-        """Count the chunk's failed rows into the run's streak of failed rows in a row (see `_broken`).
+        """Count a chunk whose every row failed into the run's streak of such chunks (see `_broken`).
 
-        Its leading failed rows extend the streak; a row that went ends it; its trailing failed
-        rows start the next one.
+        Only whole chunks count: a chunk that inserted a row must never be sent again under a
+        transform that may have changed (the target would keep the first copy, or the row would
+        be quarantined although it is there). A row that goes ends the streak.
         """
-        fails = sorted(self._chunk_fails)
-        positions = [f[0] for f in fails]
-        lead = next((i for i, p in enumerate(positions) if p != first + i), len(fails))
-        whole = lead == last - first + 1
-        if self._streak is not None and lead:
-            self._streak.add(batch, chunk, [f[1] for f in fails[:lead]], first, first + lead - 1)
-            if self._streak.rows >= BROKEN_ROWS:
-                self._broken(ledger)
-        if whole and self._streak is None:  # the whole chunk failed: a streak starts with it
-            self._streak = _Streak(self._failed - len(fails), self.result.rows_quarantined - sum(f[2] for f in fails))
-            self._streak.add(batch, chunk, [f[1] for f in fails], first, last)
-            if self._streak.rows >= BROKEN_ROWS:
-                self._broken(ledger)
-        if whole:
+        fails = self._chunk_fails
+        if sent or len(fails) != last - first + 1:
+            self._streak = None
+            self._flush_quarantine_lines()  # held while a streak might still prove them not bad
             return
-        trail = next((i for i, p in enumerate(reversed(positions)) if p != last - i), len(fails))
-        trailing = fails[len(fails) - trail:]
-        self._streak = None
-        self._flush_quarantine_lines(keep=sum(f[2] for f in trailing))
-        if trailing:
-            self._streak = _Streak(self._failed - trail, self.result.rows_quarantined - sum(f[2] for f in trailing))
-            # rewound, this chunk goes again: its rows that went now are sent again (dropped as repeats)
-            self._streak.add(batch, chunk, [f[1] for f in trailing], last - trail + 1, last, sent)
+        if self._streak is None:
+            self._streak = _Streak(self._failed - len(fails), self.result.rows_quarantined - sum(f[2] for f in fails))
+        self._streak.add(batch, chunk, [f[1] for f in fails], first, last)
+        if self._streak.rows >= BROKEN_ROWS:
+            self._broken(ledger)
 
     def _broken(self, ledger: Ledger) -> None:
-        """Ten rows in a row failed: a broken transform or target. Undo their quarantine and fail the run.
+        """Ten rows in a row failed, in whole chunks: a broken transform or target. Undo their
+        quarantine and fail the run.
 
         Batches of the streak before this one were marked without those rows (waited for here):
         released, the rows are simply unprocessed again. This batch goes back to the streak's
-        first chunk in it, so its next attempt sends those chunks again.
+        first chunk in it; none of those chunks inserted a row, so sending them again under a
+        fixed transform is safe.
         """
         streak = self._streak
         assert streak is not None
         self.marker.settle()  # an earlier batch's mark must not run after its rows leave the quarantine
         for batch_id, keys in streak.keys.items():
-            ledger.release_keys(batch_id, keys, streak.chunks[batch_id], streak.sent[batch_id])
+            ledger.release_keys(batch_id, keys, streak.chunks[batch_id])
         self._failed, self.result.rows_quarantined = streak.failed, streak.quarantined
         self._quarantine_lines.clear()
         self._streak = None
+        others = self.result.rows_quarantined
+        kept = (f"they were not quarantined ({others} other row(s) of this run were: `status` lists them)" if others
+                else "nothing was quarantined")
         raise EtlError(f"{streak.where()} (last reason: {self._last_reason}): a broken transform or target, not"
-                       " bad rows; nothing was quarantined — fix it and the next run retries")
+                       f" bad rows; {kept} — fix it and the next run retries")
 
     def _clickhouse(self, shape: SourceShape) -> Any:
         """Connect to ClickHouse on first need (an idle run never does) and prepare the target."""

@@ -4,8 +4,10 @@ Column selection and renaming happen at extraction (ETL_COLUMNS). The optional u
 named `module:function` receives each chunk as a pandas DataFrame with nullable dtypes
 (Int64, boolean, string; decimals stay exact as Arrow decimals; timestamptz is
 datetime64[us, UTC]) and returns a DataFrame. It should treat rows independently: when it
-raises, the chunk is split and it runs again on the halves, to find the rows it rejects. Without a user
-function chunks stay in Arrow and never pay for a pandas round trip.
+raises, the chunk is split and it runs again on the halves, to find the rows it rejects. It
+must be deterministic: a chunk sent again after a crash keeps its insert token, and the target
+keeps the first copy. Without a user function chunks stay in Arrow and never pay for a pandas
+round trip.
 
 The contract on keys: every row the function returns carries the key columns, each row's key
 is a key of the chunk it was given, and no key comes back twice. It may drop rows (a dropped

@@ -519,25 +519,32 @@ def test_a_broken_transform_quarantines_nothing_when_chunks_hold_fewer_than_ten_
     assert ch_summary(world) == (60, 60, 1830)
 
 
-@pytest.mark.parametrize(("code", "job", "marked"), [
-    # every row fails, in batches of 8 rows: the ten rows in a row span two batches
-    ("def run(df):\n    raise ValueError('broken')\n", {"batch_size": "8", "chunk_size": "4"}, 0),
-    # rows fail from id 15 on: 6 at the end of the first batch of 20, the rest in the second
+@pytest.mark.parametrize(("code", "job", "status", "marked", "left"), [
+    # every row fails, in batches of 8 rows: ten rows in a row of whole chunks span two batches
+    ("def run(df):\n    raise ValueError('broken')\n", {"batch_size": "8", "chunk_size": "4"}, FAILED, 0, 0),
+    # rows fail from id 15 on: row 15 ends a chunk whose other rows went (it stays quarantined);
+    # 16-20 end the first batch of 20, 21-25 start the second: ten in whole chunks
     ("def run(df):\n    if (df['id'] >= 15).any():\n        raise ValueError('broken from 15')\n    return df\n",
-     {"batch_size": "20", "chunk_size": "5"}, 14),
-    # ids 4-13 fail: the end of chunk 1, all of chunk 2, the start of chunk 3 (then rows go again)
+     {"batch_size": "20", "chunk_size": "5"}, FAILED, 14, 1),
+    # ids 4-13 fail but only 6-10 is a whole chunk: taken for bad rows (a chunk that inserted a row
+    # is never sent again), quarantined, and loaded after the fix with `requeue`
     ("def run(df):\n    if df['id'].between(4, 13).any():\n        raise ValueError('4 to 13')\n    return df\n",
-     {"batch_size": "20", "chunk_size": "5"}, 0),
-], ids=["small-batches", "across-a-batch-end", "across-chunk-ends"])
-def test_a_broken_transform_is_caught_across_batches(world: World, code: str, job: dict[str, str],
-                                                     marked: int) -> None:
+     {"batch_size": "20", "chunk_size": "5"}, OK, 50, 10),
+], ids=["small-batches", "across-a-batch-end", "not-whole-chunks"])
+def test_a_broken_transform_is_caught_across_chunks_and_batches(world: World, code: str, job: dict[str, str],
+                                                                status: str, marked: int, left: int) -> None:
     world.make_source(60)
     result = run_with_transform(world, f"brk{marked}", code, **job)
-    assert result.status == FAILED and "nothing was quarantined" in result.message, result.line()
-    assert (result.rows_quarantined, processed(world)) == (0, marked)
-    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]  # the earlier batch's rows too
+    assert result.status == status, result.line()
+    if status == FAILED:
+        assert "nothing was quarantined" in result.message if not left else \
+            f"they were not quarantined ({left} other row(s) of this run were" in result.message, result.message
+    assert (result.rows_quarantined, processed(world)) == (left, marked)
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(left,)]  # an earlier batch's rows released too
     fixed = world.settings(**job)
-    assert run_job(fixed, fixed.jobs[0]).status == OK
+    assert run_job(fixed, fixed.jobs[0]).status in (OK, IDLE)  # idle: only quarantined rows were left
+    assert admin.requeue(fixed, list(fixed.jobs), None, [].append)
+    assert run_job(fixed, fixed.jobs[0]).status in (OK, IDLE)
     assert processed(world) == 60 and ch_summary(world) == (60, 60, 1830)
 
 
