@@ -90,6 +90,8 @@ ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS key_columns text[];
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source_oid oid;
 -- Where each chunk ends (positions), fixed at claim time: chunks end by rows and by bytes.
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS chunk_ends integer[];
+-- A batch's quarantined rows, whichever job name set them aside: its mark leaves them alone.
+CREATE INDEX IF NOT EXISTS quarantine_batch ON {schema}.quarantine (batch_id);
 -- The source column types each job's target was last brought in step with: a type that differs
 -- from it is a change at the source (one that matches is the operator's choice, left alone).
 CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
@@ -210,10 +212,11 @@ class Ledger:
             " OR (attrelid = to_regclass(%(b)s) AND attname = 'source_oid')"
             " OR (attrelid = to_regclass(%(b)s) AND attname = 'chunk_ends')"
             " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
+            " OR (attrelid = to_regclass(%(qb)s) AND attname = 'batch_id')"
             " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
             {"b": f"{self._quoted()}.batches", "q": f"{self._quoted()}.quarantine", "r": f"{self._quoted()}.runs",
-             "t": f"{self._quoted()}.target_shapes"})
-        if present[0][0] < 6:
+             "t": f"{self._quoted()}.target_shapes", "qb": f"{self._quoted()}.quarantine_batch"})
+        if present[0][0] < 7:
             self._run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=self.schema))
             # Batches recorded before batches named their source: this job's own are on its source.
             self._run("record the source of older batches", sql.SQL(
