@@ -29,7 +29,7 @@ def requeue(settings: Settings, jobs: list[JobConfig], keys: list[str] | None, o
         ok = True
         for job in jobs:
             key = source.describe(conn, job).key
-            released, unknown, held = Ledger(conn, settings.ledger_schema, job).requeue(key, keys)
+            released, unknown, held = Ledger(conn, settings.ledger_schema, job).quarantine.requeue(key, keys)
             out(f"job {job.name}: {len(released)} row(s) released" + (f" ({_few(released)})" if released else ""))
             if held:
                 out(f"job {job.name}: {len(held)} row(s) stay quarantined until their batch is done (it is marked"
@@ -69,18 +69,18 @@ def _change(settings: Settings, job: JobConfig, batch_id: int, action: str, out:
     try:
         ledger = Ledger(conn, settings.ledger_schema, job)
         ledger.ensure_schema()
-        ledger.lock(LOCK_WAIT)
+        ledger.lock.wait(LOCK_WAIT)
         try:
             key = source.describe(conn, job).key
             if action == "release" and not force:
-                batch = next((b for b in ledger.held_elsewhere(key) if b.batch_id == batch_id), None)
+                batch = next((b for b in ledger.others.held_elsewhere(key) if b.batch_id == batch_id), None)
                 refusal = _release_refusal(settings, job, batch) if batch else None
                 if refusal:
                     out(f"not released: {refusal}")
                     return False
-            done = ledger.adopt(batch_id) if action == "adopt" else ledger.release(batch_id, key)
+            done = ledger.others.adopt(batch_id) if action == "adopt" else ledger.others.release(batch_id, key)
         finally:
-            ledger.unlock()
+            ledger.lock.release()
     except (EtlError, LookupError) as exc:
         out(f"cannot {action} batch {batch_id}: {exc}")
         return False

@@ -128,12 +128,12 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
         lines.extend(_pg_privileges(conn, settings, job))
         lines.extend(f"note: {advice}" for advice in source.hot_advice(conn, job))
         ledger = Ledger(conn, settings.ledger_schema, job)
-        lines.append(f"{ledger.backlog()} unprocessed row(s)")
-        nulls = ledger.null_keys(key)
+        lines.append(f"{ledger.runs.backlog()} unprocessed row(s)")
+        nulls = ledger.runs.null_keys(key)
         if nulls:
             lines.append(f"note: {nulls} unprocessed row(s) cannot move: their key has a NULL")
         if ledger_exists(conn, settings.ledger_schema):
-            for other in ledger.held_elsewhere(key):  # ConfigError if another consumer uses another key
+            for other in ledger.others.held_elsewhere(key):  # ConfigError if another consumer uses another key
                 lines.append(f"note: batch {other.batch_id} of job {other.job!r} (flag {other.flag}) holds keys of"
                              " this source, which this job skips until it is done (see `status`)")
     finally:

@@ -10,6 +10,7 @@
     │   └── BadSourceValues      (RowError) a value could not be converted to its column type
     ├── TransformError       (RowError) the user transform failed or returned something unusable
     ├── TransformContractError  the transform changed, dropped or repeated keys: the run fails
+    ├── UnknownBatch         (LookupError) `adopt` / `release` named a batch that is not another job's
     ├── SinkError            ClickHouse refused a statement or an insert
     │   └── BadSinkValues        (RowError) a value does not fit the target column
     └── RowError             marker: some rows' data is the problem — the chunk is split until
@@ -37,6 +38,10 @@ class ConfigError(EtlError, ValueError):
         if fix:
             text += f" — {fix}"
         super().__init__(text)
+
+
+class UnknownBatch(EtlError, LookupError):
+    """An operator command named a batch the ledger does not hold in the state the command needs."""
 
 
 class RowError(EtlError):

@@ -38,7 +38,7 @@ class Marker:
             self._ledger = Ledger(conn, self.settings.ledger_schema, self.job)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mark-{self.job.name}")
         assert self._pool is not None
-        future = self._pool.submit(self._ledger.mark_done, batch, shape, self.before_commit)
+        future = self._pool.submit(self._ledger.batches.mark_done, batch, shape, self.before_commit)
         self._pending = (future, batch, done)
 
     def settle(self) -> None:

@@ -182,8 +182,8 @@ class Run:
         try:
             ledger = Ledger(conn, self.settings.ledger_schema, self.job)
             ledger.ensure_schema()
-            if not ledger.try_lock():
-                raise _Outcome(SKIPPED, f"skipped: {ledger.lock_holder()} is running this job")
+            if not ledger.lock.take():
+                raise _Outcome(SKIPPED, f"skipped: {ledger.lock.holder()} is running this job")
             started = datetime.now(UTC)  # on record from the lock on: runs of one source never overlap
             self._ledger = ledger
             try:
@@ -204,8 +204,8 @@ class Run:
                 self._quietly(self.marker.close)
                 self._close_clickhouse()
                 if self.settings.metrics_port:  # counts the backlog: only when someone reads it
-                    self._quietly(lambda: metrics.record_health(self.job.name, ledger.health()))
-                self._quietly(ledger.unlock)
+                    self._quietly(lambda: metrics.record_health(self.job.name, ledger.runs.health()))
+                self._quietly(ledger.lock.release)
         finally:
             conn.close()
 
@@ -224,10 +224,10 @@ class Run:
 
     def _drain(self, conn: source.Connection, ledger: Ledger, t0: float) -> None:
         shape = source.describe(conn, self.job)
-        self.progress.begin(ledger.to_move(shape.key))  # one count; unfinished batches' rows are in it
-        held = ledger.held_elsewhere(shape.key)
+        self.progress.begin(ledger.runs.to_move(shape.key))  # one count; unfinished batches' rows are in it
+        held = ledger.others.held_elsewhere(shape.key)
         self._tell_held(held, ledger)
-        for batch in ledger.unfinished():
+        for batch in ledger.batches.unfinished():
             self.log.info("resuming batch {} ({} rows, state {}, {}/{} chunks loaded)", batch.batch_id,
                           batch.row_count, batch.state, batch.chunks_loaded, batch.chunk_count)
             self._process(conn, ledger, shape, batch)
@@ -245,7 +245,7 @@ class Run:
                                " marked: every claimed row changed or vanished between claim and mark. Is"
                                f" something updating {'.'.join(self.job.source_table)} all the time? See"
                                " `status`; the rows stay unprocessed")
-            claimed = ledger.claim(shape, after, skip_foreign=bool(held))
+            claimed = ledger.batches.claim(shape, after, skip_foreign=bool(held))
             if claimed is None:
                 if after is None:
                     break
@@ -350,7 +350,7 @@ class Run:
         """Send a loaded batch again, with the same tokens (a target that still knows them drops them)."""
         self.log.bind(batch=batch.batch_id).warning("batch {}: {} (was the target dropped or emptied?): loading it"
                                                     " again", batch.batch_id, why)
-        ledger.reload(batch)
+        ledger.batches.reload(batch)
         return self._load(conn, ledger, shape, dataclasses.replace(batch, state="claimed", chunks_loaded=0,
                                                                    rows_loaded=0))
 
@@ -358,7 +358,7 @@ class Run:
         """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""
         split = set(batch.split)
         total = 0
-        self._requarantined = ledger.has_quarantine(batch)  # an earlier attempt set rows of it aside
+        self._requarantined = ledger.quarantine.in_batch(batch)  # an earlier attempt set rows of it aside
         for index in range(batch.chunks_loaded, batch.chunk_count):
             if self.stop.is_set():
                 raise _Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
@@ -369,7 +369,7 @@ class Run:
             last_chunk = index + 1 == batch.chunk_count
             if last_chunk:
                 self.faults.reached("after_last_insert")
-            ledger.record_chunk(batch, index + 1, sent)
+            ledger.batches.record_chunk(batch, index + 1, sent)
             if not last_chunk:
                 self.faults.reached("between_chunks")
             self.result.rows_loaded += sent
@@ -377,7 +377,7 @@ class Run:
             total += sent
             self.log.bind(batch=batch.batch_id).debug("chunk {}/{}: {} rows loaded", index + 1,
                                                       batch.chunk_count, sent)
-        ledger.set_loaded(batch)
+        ledger.batches.set_loaded(batch)
         return total
 
     def _load_range(self, conn: source.Connection, ledger: Ledger, shape: SourceShape, batch: Batch,
@@ -391,7 +391,7 @@ class Run:
             try:
                 sent = self._insert_range(conn, shape, batch, first, last)
                 if self._requarantined:  # rows an earlier attempt quarantined went this time
-                    ledger.unquarantine(batch, first, last)
+                    ledger.quarantine.forget_loaded(batch, first, last)
                 return sent
             except RowError as exc:
                 if first == last:
@@ -399,7 +399,7 @@ class Run:
                     return 0
                 self.log.bind(batch=batch.batch_id).warning(
                     "rows {}-{} of batch {}: {} — splitting to find the bad rows", first, last, batch.batch_id, exc)
-                ledger.record_split(batch, first, last)
+                ledger.batches.record_split(batch, first, last)
                 split.add(f"{first}-{last}")
         middle = (first + last) // 2
         return (self._load_range(conn, ledger, shape, batch, first, middle, split)
@@ -425,7 +425,7 @@ class Run:
 
     def _quarantine(self, ledger: Ledger, shape: SourceShape, batch: Batch, position: int, exc: EtlError) -> None:
         self._last_reason = str(exc)
-        found = ledger.quarantine(batch, shape, position, str(exc))
+        found = ledger.quarantine.add(batch, shape, position, str(exc))
         if found is None:
             return  # the row was deleted meanwhile: nothing to set aside
         key, new = found
@@ -480,7 +480,7 @@ class Run:
         assert streak is not None
         self.marker.settle()  # an earlier batch's mark must not run after its rows leave the quarantine
         for batch_id, keys in streak.keys.items():
-            ledger.release_keys(batch_id, keys, streak.chunks[batch_id])
+            ledger.quarantine.release_keys(batch_id, keys, streak.chunks[batch_id])
         self._failed, self.result.rows_quarantined = streak.failed, streak.quarantined
         self._quarantine_lines.clear()
         self._streak = None
@@ -529,7 +529,7 @@ class Run:
                 table: str) -> target.TargetInfo:
         cluster = self.settings.clickhouse.cluster
         on_cluster = f" ON CLUSTER {sink.quote_identifier(cluster)}" if cluster else ""
-        aligned = self._ledger.aligned_shape(table) if self._ledger else None
+        aligned = self._ledger.shapes.aligned(table) if self._ledger else None
         plan = target.evolve(info, shape, sink.table_name(database, table), on_cluster,
                              self.job.schema_changes == "auto", aligned)
         for statement, change in zip(plan.statements, plan.changes, strict=True):
@@ -538,7 +538,7 @@ class Run:
         for line in plan.warnings:
             _warn_once(self.log, line)
         if self._ledger and aligned != target.source_types(shape):
-            self._ledger.record_shape(table, target.source_types(shape))
+            self._ledger.shapes.record(table, target.source_types(shape))
         if plan.statements:
             described = sink.describe_target(client, database, table)
             if described:
@@ -561,7 +561,7 @@ class Run:
 
     def _record(self, ledger: Ledger, started: datetime, t0: float, status: str, message: str) -> None:
         r = self.result
-        self._quietly(lambda: ledger.record_run(started, status, r.batches, r.rows_loaded, r.rows_marked,
+        self._quietly(lambda: ledger.runs.record(started, status, r.batches, r.rows_loaded, r.rows_marked,
                                                 self.clock() - t0, message))
 
     def _quietly(self, action: Callable[[], Any]) -> None:

@@ -43,16 +43,16 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
     try:
         shape = source.describe(conn, job)
         ledger = Ledger(conn, settings.ledger_schema, job)
-        data.update(key=shape.key.label, null_keys=ledger.null_keys(shape.key),
+        data.update(key=shape.key.label, null_keys=ledger.runs.null_keys(shape.key),
                     ledger=ledger_exists(conn, settings.ledger_schema))
         if data["ledger"]:
-            health = ledger.health()
+            health = ledger.runs.health()
             since = (datetime.now(UTC) - health.last_success).total_seconds() if health.last_success else None
             data.update(backlog=health.backlog, lag_seconds=round(health.lag_seconds, 1), waiting=health.waiting,
                         seconds_since_success=None if since is None else round(since, 1))
             _ledger_part(ledger, shape.key, data)
         else:
-            data["backlog"] = ledger.backlog()
+            data["backlog"] = ledger.runs.backlog()
     except EtlError as exc:
         data["error"] = str(exc)
     data["needs_attention"] = bool(data.get("error") or data.get("foreign") or data.get("quarantined")
@@ -61,19 +61,20 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
 
 
 def _ledger_part(ledger: Ledger, key: Key, data: dict[str, Any]) -> None:
-    data["unfinished"] = [{"batch": b.batch_id, "state": b.state, "rows": b.row_count} for b in ledger.unfinished()]
+    data["unfinished"] = [{"batch": b.batch_id, "state": b.state, "rows": b.row_count}
+                          for b in ledger.batches.unfinished()]
     data["foreign"] = [{"batch": f.batch_id, "job": f.job, "state": f.state, "rows": f.row_count,
                         "chunks_loaded": f.chunks_loaded, "claimed_at": f.claimed_at, "source": f.source}
-                       for f in ledger.foreign()]
+                       for f in ledger.others.foreign()]
     data["held_by_other_consumers"] = [
         {"batch": h.batch_id, "job": h.job, "flag": h.flag, "state": h.state, "rows": h.row_count}
-        for h in ledger.held_elsewhere(key) if h.flag not in (None, ledger.job.processed_column)]
-    count, recent = ledger.quarantined(QUARANTINE_SHOWN)
+        for h in ledger.others.held_elsewhere(key) if h.flag not in (None, ledger.job.processed_column)]
+    count, recent = ledger.quarantine.summary(QUARANTINE_SHOWN)
     data["quarantined"] = count
     data["quarantine"] = [{"key": key, "reason": reason, "at": when} for key, reason, when in recent]
     data["runs"] = [{"started_at": started, "status": st, "batches": batches, "rows_loaded": loaded,
                      "rows_marked": marked, "seconds": round(seconds, 3), "message": message}
-                    for started, st, batches, loaded, marked, seconds, message in ledger.recent_runs()]
+                    for started, st, batches, loaded, marked, seconds, message in ledger.runs.recent()]
 
 
 def _render(job: dict[str, Any], out: Print) -> None:

@@ -138,12 +138,12 @@ def test_second_runner_is_refused_by_the_lock(world: World) -> None:
     try:
         other = Ledger(holder, settings.ledger_schema, job)
         other.ensure_schema()
-        assert other.try_lock()
+        assert other.lock.take()
         refused = run_job(settings, job)
         assert refused.status == SKIPPED
         assert "other-runner" in refused.message
         assert marked(world) == (0, 100)
-        other.unlock()
+        other.lock.release()
     finally:
         holder.close()
     ran = run_job(settings, job)
@@ -272,7 +272,7 @@ def test_lag_without_a_lag_column_counts_from_the_last_run_that_left_nothing_to_
     world.add_rows(101, 110)
     conn = source.connect(settings)
     try:
-        health = Ledger(conn, settings.ledger_schema, settings.jobs[0]).health()
+        health = Ledger(conn, settings.ledger_schema, settings.jobs[0]).runs.health()
     finally:
         conn.close()
     assert health.backlog == 10
@@ -280,9 +280,9 @@ def test_lag_without_a_lag_column_counts_from_the_last_run_that_left_nothing_to_
     with_column = world.settings(lag_column="ts")  # add_rows stamps ts with now()
     conn = source.connect(with_column)
     try:
-        assert Ledger(conn, settings.ledger_schema, with_column.jobs[0]).health().lag_seconds < 60
+        assert Ledger(conn, settings.ledger_schema, with_column.jobs[0]).runs.health().lag_seconds < 60
         world.sql("UPDATE src SET ts = NULL WHERE NOT processed")  # no timestamps: the estimate, not 0
-        assert 595 <= Ledger(conn, settings.ledger_schema, with_column.jobs[0]).health().lag_seconds <= 660
+        assert 595 <= Ledger(conn, settings.ledger_schema, with_column.jobs[0]).runs.health().lag_seconds <= 660
     finally:
         conn.close()
 

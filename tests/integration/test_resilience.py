@@ -271,7 +271,7 @@ def test_lock_holder_is_named_when_a_run_skips(world: World) -> None:
         conn = source.connect(settings, "holder")
         ledger = Ledger(conn, settings.ledger_schema, settings.jobs[0])
         ledger.ensure_schema()
-        ledger.try_lock()
+        ledger.lock.take()
         started.set()
         release.wait(10)
         conn.close()

@@ -1,0 +1,117 @@
+"""The quarantine: rows set aside with their reason, so the rest of their batch goes on.
+
+A quarantined row stays unprocessed and is never marked with its batch (the mark leaves out every
+row quarantined in that batch, under whichever job name). Only the ledger's own rules live here;
+when a row is set aside, and when a streak of failures is a broken transform instead, is the
+bad-row policy's (`etl_service.badrows`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg2 import sql
+
+from etl_service.errors import SourceError
+from etl_service.keys import Key
+from etl_service.ledger.batches import Batch
+from etl_service.ledger.store import Store
+from etl_service.source import SourceShape, qualified
+
+
+class Quarantine:
+    """The job's quarantined rows."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, batch: Batch, shape: SourceShape, position: int, reason: str) -> tuple[str, bool] | None:
+        """Set aside the row at `position` of the batch with its reason.
+
+        Returns (its key, whether it is newly quarantined: not by an earlier attempt), or None if
+        the row is gone.
+        """
+        rows = self.store.run("quarantine row", sql.SQL(
+            "INSERT INTO {s}.quarantine (job, key, batch_id, reason, row)"
+            " SELECT %(job)s, b.keys[%(pos)s], b.batch_id, %(reason)s, to_jsonb(s) FROM {s}.batches b"
+            " JOIN {src} s ON {matches} WHERE b.batch_id = %(batch)s"
+            " ON CONFLICT (job, key) DO UPDATE SET batch_id = EXCLUDED.batch_id, reason = EXCLUDED.reason,"
+            " row = EXCLUDED.row, quarantined_at = now() RETURNING key, xmax = 0"
+        ).format(s=self.store.schema, src=qualified(self.store.job),
+                 matches=shape.key.matches("s", sql.SQL("b.keys[%(pos)s]"))),
+            {"job": self.store.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
+        return (str(rows[0][0]), bool(rows[0][1])) if rows else None
+
+    def in_batch(self, batch: Batch) -> bool:
+        """Whether rows of `batch` are quarantined (by an earlier attempt at it)."""
+        return bool(self.store.run("look for the batch's quarantined rows", sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {s}.quarantine WHERE batch_id = %s)").format(s=self.store.schema),
+            (batch.batch_id,))[0][0])
+
+    def forget_loaded(self, batch: Batch, first: int, last: int) -> None:
+        """Forget the quarantine of key positions [first, last] of `batch`: they have just been loaded.
+
+        An earlier attempt quarantined them (the transform then raised, say); loaded now, they
+        must be marked with the batch, not left quarantined for a `requeue` to load them twice.
+        """
+        self.store.run("clear the quarantine of loaded rows", sql.SQL(
+            "DELETE FROM {s}.quarantine q USING {s}.batches b WHERE b.batch_id = %(batch)s"
+            " AND q.batch_id = b.batch_id AND q.key = ANY(b.keys[%(first)s:%(last)s])").format(s=self.store.schema),
+            {"batch": batch.batch_id, "first": first, "last": last})
+
+    def release_keys(self, batch_id: int, keys: list[str], chunks_loaded: int) -> None:
+        """Undo the quarantine of `keys` of a batch (a failure that was not the rows').
+
+        An unfinished batch goes back to `chunks_loaded` in the same transaction, so those chunks
+        (which inserted nothing) are loaded again. A done batch was marked without these rows:
+        released, they are unprocessed rows like any other.
+        """
+        self.store.run("release quarantined rows", sql.SQL(
+            "DELETE FROM {s}.quarantine WHERE batch_id = %(batch)s AND key = ANY(%(keys)s);"
+            " UPDATE {s}.batches SET chunks_loaded = %(chunks)s"
+            " WHERE batch_id = %(batch)s AND state <> 'done' AND chunks_loaded > %(chunks)s"
+        ).format(s=self.store.schema), {"batch": batch_id, "keys": keys, "chunks": chunks_loaded})
+
+    def requeue(self, key: Key, keys: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
+        """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again.
+
+        A row whose batch is unfinished stays quarantined: that batch is marked without it, and
+        releasing it first would let the mark flag a row that never reached ClickHouse.
+        Returns (released keys, asked-for keys that were not quarantined, keys held by an
+        unfinished batch, each as "key (batch N, state)").
+        """
+        wanted = [self._canonical(key, k) for k in keys] if keys else None
+        where = sql.SQL(" AND q.key = ANY(%(keys)s)") if wanted is not None else sql.SQL("")
+        params = {"job": self.store.job.name, "keys": wanted}
+        rows = self.store.run("requeue quarantined rows", sql.SQL(
+            "DELETE FROM {s}.quarantine q WHERE q.job = %(job)s{where} AND NOT EXISTS (SELECT 1 FROM {s}.batches b"
+            " WHERE b.batch_id = q.batch_id AND b.state <> 'done') RETURNING q.key").format(s=self.store.schema,
+                                                                                           where=where), params)
+        held = self.store.run("look for quarantined rows of unfinished batches", sql.SQL(
+            "SELECT q.key, b.batch_id, b.state FROM {s}.quarantine q JOIN {s}.batches b ON b.batch_id = q.batch_id"
+            " WHERE q.job = %(job)s{where} AND b.state <> 'done' ORDER BY b.batch_id, q.key").format(
+                s=self.store.schema, where=where), params)
+        released = sorted(str(r[0]) for r in rows)
+        waiting = {str(r[0]) for r in held}
+        unknown = [k for k, c in zip(keys or [], wanted or [], strict=True) if c not in released and c not in waiting]
+        return released, unknown, [f"{r[0]} (batch {r[1]}, {r[2]})" for r in held]
+
+    def _canonical(self, key: Key, text: str) -> str:
+        """`text` as the ledger stores this key (`007` -> `7`); SourceError if it is not one."""
+        try:
+            query = sql.SQL("SELECT {}").format(key.canonical(sql.SQL("%(k)s")))
+            rows = self.store.run(f"read key {text!r}", query, {"k": text})
+        except SourceError as exc:
+            example = "42" if len(key.columns) == 1 else "[7, 42]"
+            raise SourceError(f"{text!r} is not a key of {self.store.source} ({key.label}; e.g. {example}):"
+                              f" {exc}") from None
+        return str(rows[0][0])
+
+    def summary(self, limit: int = 5) -> tuple[int, list[tuple[Any, ...]]]:
+        """How many rows of this job are quarantined, and the most recent few (key, reason, when)."""
+        count = self.store.run("count quarantine", sql.SQL(
+            "SELECT count(*) FROM {s}.quarantine WHERE job = %s").format(s=self.store.schema), (self.store.job.name,))
+        recent = self.store.run("read quarantine", sql.SQL(
+            "SELECT key, reason, quarantined_at FROM {s}.quarantine WHERE job = %s"
+            " ORDER BY quarantined_at DESC LIMIT %s").format(s=self.store.schema), (self.store.job.name, limit))
+        return int(count[0][0]), recent

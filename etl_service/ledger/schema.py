@@ -1,0 +1,108 @@
+"""The ledger's tables: created when absent, and brought forward when an older version made them.
+
+Every change is idempotent (`IF NOT EXISTS`), taken under one transaction-level advisory lock so
+two processes starting at once do not race, and skipped altogether when one catalog query finds
+the newest version in place.
+"""
+
+from __future__ import annotations
+
+from psycopg2 import sql
+
+from etl_service.ledger.store import Store
+
+SCHEMA_SQL = """
+SELECT pg_advisory_xact_lock(hashtextextended('etl-service:ledger-schema', 0));
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.batches (
+    batch_id      bigserial PRIMARY KEY,
+    job           text        NOT NULL,
+    state         text        NOT NULL CHECK (state IN ('claimed', 'loaded', 'done')),
+    keys          text[]      NOT NULL,
+    xmins         xid[]       NOT NULL,
+    row_count     integer     NOT NULL,
+    chunk_size    integer     NOT NULL,
+    chunks_loaded integer     NOT NULL DEFAULT 0,
+    rows_loaded   bigint      NOT NULL DEFAULT 0,
+    rows_marked   bigint,
+    claimed_at    timestamptz NOT NULL DEFAULT now(),
+    loaded_at     timestamptz,
+    done_at       timestamptz
+);
+CREATE INDEX IF NOT EXISTS batches_open ON {schema}.batches (job, batch_id) WHERE state <> 'done';
+-- Key ranges ('first-last' positions) whose insert failed for bad rows and that were split in
+-- two: a resumed batch walks the same halves, so every insert keeps its token.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS split text[] NOT NULL DEFAULT '{{}}';
+CREATE TABLE IF NOT EXISTS {schema}.quarantine (
+    job            text        NOT NULL,
+    key            text        NOT NULL,
+    batch_id       bigint      NOT NULL,
+    reason         text        NOT NULL,
+    row            jsonb,
+    quarantined_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, key)
+);
+CREATE TABLE IF NOT EXISTS {schema}.runs (
+    run_id      bigserial PRIMARY KEY,
+    job         text        NOT NULL,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    status      text        NOT NULL,
+    batches     integer     NOT NULL,
+    rows_loaded bigint      NOT NULL,
+    rows_marked bigint      NOT NULL,
+    seconds     double precision NOT NULL,
+    message     text
+);
+CREATE INDEX IF NOT EXISTS runs_job ON {schema}.runs (job, run_id);
+-- Which source table and flag a batch consumes, and the job name that claimed it (its insert
+-- tokens keep that name when another job adopts the batch).
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source text,
+    ADD COLUMN IF NOT EXISTS flag text, ADD COLUMN IF NOT EXISTS origin text;
+CREATE INDEX IF NOT EXISTS batches_open_source ON {schema}.batches (source, flag) WHERE state <> 'done';
+-- The source's storage at claim time: when a rewrite changed it, xmins no longer tell changes.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS generation text;
+-- The key's columns, in the order its stored keys list them.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS key_columns text[];
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source_oid oid;
+-- Where each chunk ends (positions), fixed at claim time: chunks end by rows and by bytes.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS chunk_ends integer[];
+-- A batch's quarantined rows, whichever job name set them aside: its mark leaves them alone.
+CREATE INDEX IF NOT EXISTS quarantine_batch ON {schema}.quarantine (batch_id);
+-- The source column types each job's target was last brought in step with: a type that differs
+-- from it is a change at the source (one that matches is the operator's choice, left alone).
+CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
+    job        text        NOT NULL,
+    target     text        NOT NULL,
+    columns    jsonb       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, target)
+);
+"""
+
+
+def ensure(store: Store) -> None:
+    """Create the ledger schema and tables if absent (idempotent).
+
+    Checked with one catalog query first: the DDL takes locks that a run with nothing to do
+    should not take, and a run usually finds everything in place.
+    """
+    quoted = store.quoted()
+    present = store.run("look for the ledger", sql.SQL(
+        "SELECT count(*) FROM pg_attribute WHERE NOT attisdropped AND attnum > 0"
+        " AND ((attrelid = to_regclass(%(b)s) AND attname = 'split')"
+        " OR (attrelid = to_regclass(%(q)s) AND attname = 'row')"
+        " OR (attrelid = to_regclass(%(b)s) AND attname = 'source_oid')"
+        " OR (attrelid = to_regclass(%(b)s) AND attname = 'chunk_ends')"
+        " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
+        " OR (attrelid = to_regclass(%(qb)s) AND attname = 'batch_id')"
+        " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
+        {"b": f"{quoted}.batches", "q": f"{quoted}.quarantine", "r": f"{quoted}.runs",
+         "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch"})
+    if present[0][0] < 7:
+        store.run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=store.schema))
+        # Batches recorded before batches named their source: this job's own are on its source.
+        store.run("record the source of older batches", sql.SQL(
+            "UPDATE {s}.batches SET source = %(source)s, flag = %(flag)s, origin = coalesce(origin, job)"
+            " WHERE job = %(job)s AND source IS NULL AND state <> 'done'").format(s=store.schema),
+            store.names())

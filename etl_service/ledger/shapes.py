@@ -1,0 +1,32 @@
+"""The source column types each job's target was last brought in step with.
+
+A source type that differs from the recorded one is a change at the source, to follow; one that
+matches it while the target differs is the operator's choice, left alone (`target.evolve`).
+"""
+
+from __future__ import annotations
+
+from psycopg2 import sql
+from psycopg2.extras import Json
+
+from etl_service.ledger.store import Store
+
+
+class TargetShapes:
+    """The recorded shapes of the job's targets."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def aligned(self, target: str) -> dict[str, str] | None:
+        """Source column -> type the target was last brought in step with (None: never recorded)."""
+        rows = self.store.run("read the target's recorded shape", sql.SQL(
+            "SELECT columns FROM {s}.target_shapes WHERE job = %s AND target = %s").format(s=self.store.schema),
+            (self.store.job.name, target))
+        return dict(rows[0][0]) if rows else None
+
+    def record(self, target: str, columns: dict[str, str]) -> None:
+        self.store.run("record the target's shape", sql.SQL(
+            "INSERT INTO {s}.target_shapes (job, target, columns) VALUES (%s, %s, %s)"
+            " ON CONFLICT (job, target) DO UPDATE SET columns = EXCLUDED.columns, updated_at = now()").format(
+            s=self.store.schema), (self.store.job.name, target, Json(columns)))
