@@ -117,6 +117,13 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def run_sql(conn: Connection, statements: str) -> None:
+    """Run the operator's post-processing SQL (ETL_POST_PG_SQL) in one transaction."""
+    with pg_errors("post-processing SQL on PostgreSQL", conn), conn.cursor() as cur:
+        cur.execute(sql.SQL(statements))  # operator-written SQL from config
+        conn.commit()
+
+
 def qualified(job: JobConfig) -> sql.Identifier:
     """The source table as a quoted schema.table identifier."""
     return sql.Identifier(*job.source_table)

@@ -1,0 +1,191 @@
+"""Loading one batch: its chunks into ClickHouse, readiness, the count check, then the marker.
+
+The data path of one batch reads top to bottom in `BatchLoader.process`:
+
+    load the chunks not yet recorded -> await ready -> verify the count -> hand to the marker
+
+A chunk whose insert fails for its rows' data is split in halves until each bad row is alone
+(`_load_range`); what then happens to that row is the bad-row policy's (`badrows`). Each step is
+recorded in the ledger before the next, so a batch resumed after a crash takes the same path and
+every insert keeps its deduplication token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from etl_service import fit, metrics, sink, source, transform
+from etl_service.badrows import BadRows
+from etl_service.context import STOPPED, WAITING, Outcome, RunContext
+from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError
+from etl_service.ledger import Batch, Ledger
+from etl_service.marker import Marker
+from etl_service.source import SourceShape
+from etl_service.target_session import TargetSession
+
+# Reports a marked batch: (batch, rows marked, rows of it in quarantine, rows that failed in this run, start time).
+Marked = Callable[[Batch, int, int, int, float], None]
+
+
+class BatchLoader:
+    """Takes the batches of one attempt from whatever state the ledger holds them in to marked."""
+
+    def __init__(self, ctx: RunContext, conn: source.Connection, ledger: Ledger, target: TargetSession,
+                 bad: BadRows, marker: Marker, marked: Marked) -> None:
+        self.ctx = ctx
+        self.job = ctx.job
+        self.conn = conn
+        self.ledger = ledger
+        self.target = target
+        self.bad = bad
+        self.marker = marker
+        self.marked = marked
+
+    def process(self, shape: SourceShape, batch: Batch) -> None:
+        """One batch through every step; raises Outcome when it must stop short."""
+        ctx = self.ctx
+        shape = self._shape_of(batch, shape)
+        bt0 = ctx.clock()
+        failed_before = self.bad.failed
+        sent = 0
+        if batch.state == "loaded" or batch.chunks_loaded:
+            self.target.connect(shape)  # the target is checked (and made again if it was dropped) first
+            if self.target.created:  # what the batch loaded before went with the old table
+                sent = self._reload(shape, batch, "the target table was missing")
+                batch = dataclasses.replace(batch, state="loaded", chunks_loaded=batch.chunk_count, rows_loaded=0)
+        if batch.state == "claimed":
+            sent = self._load(shape, batch)
+        ctx.faults.reached("during_ready")
+        if self.job.ready_query:
+            self._await_ready(shape, batch)
+        ctx.faults.reached("after_ready")
+        self._verify(shape, batch, batch.rows_loaded + sent)
+        if source.retyped(self.conn, self.job, batch.generation):
+            ctx.log.bind(batch=batch.batch_id).warning(
+                "{} was rewritten by ALTER … TYPE while batch {} was in flight: every row has a new xmin, so its"
+                " {} rows look changed and load again (an update made before the rewrite cannot be told apart)",
+                ".".join(self.job.source_table), batch.batch_id, batch.row_count)
+        failed = self.bad.failed - failed_before
+        self.marker.submit(batch, shape, lambda done, counts: self.marked(done, *counts, failed, bt0))
+
+    def _shape_of(self, batch: Batch, shape: SourceShape) -> SourceShape:
+        """The shape whose key reads `batch`'s stored keys: their column order is the one at claim time."""
+        claimed = batch.key_columns
+        if not claimed or claimed == shape.key.names:
+            return shape
+        if set(claimed) != set(shape.key.names):
+            raise ConfigError("ETL_SOURCE_KEY", f"batch {batch.batch_id} was claimed with the key"
+                              f" ({', '.join(claimed)}) but the key is now {shape.key.label}: its stored keys"
+                              " cannot be matched",
+                              "set ETL_SOURCE_KEY back until the batch is done (`status` shows it), then change it")
+        # the index of unprocessed rows follows the key's new order, not the batch's: no range join
+        return dataclasses.replace(shape, key=shape.key.ordered(claimed), range_join=False)
+
+    def _await_ready(self, shape: SourceShape, batch: Batch) -> None:
+        """Poll ETL_READY_QUERY; Outcome (waiting, or stopped) if the deadline passes first."""
+        ctx, job = self.ctx, self.job
+        waited = ctx.clock()
+        ready = sink.await_ready(self.target.connect(shape), job.ready_query, batch.batch_id, job.ready_timeout,
+                                 job.ready_poll_interval, ctx.stop.wait, ctx.clock)
+        metrics.READY_WAIT_SECONDS.labels(job.name).observe(ctx.clock() - waited)
+        if not ready:
+            status = STOPPED if ctx.stop.is_set() else WAITING
+            raise Outcome(status, f"batch {batch.batch_id} is loaded but ClickHouse is not ready;"
+                          " the next run polls again")
+
+    def _verify(self, shape: SourceShape, batch: Batch, expected: int) -> None:
+        """Before marking: ClickHouse holds exactly the rows sent for this batch (ETL_VERIFY_LOAD).
+
+        If it holds none of them (the target was dropped or emptied while the batch waited), the
+        batch is loaded again once, with the same tokens: a target that still knows them drops
+        the repeat, and the count then fails the run.
+        """
+        if not self.job.verify_load or not expected:
+            return
+        client = self.target.connect(shape)
+        if not self.target.has_batch_column:
+            return
+        db, table = self.ctx.settings.clickhouse.database, self.job.target_table
+        held = sink.batch_rows(client, db, table, batch.batch_id)
+        if held == 0:
+            expected = self._reload(shape, batch, f"ClickHouse holds none of its {expected} rows")
+            held = sink.batch_rows(client, db, table, batch.batch_id)
+        if held != expected:
+            raise EtlError(f"batch {batch.batch_id}: ClickHouse holds {held} of its rows but {expected} were sent,"
+                           " so it is not marked and stays loaded. Did a TTL, a row-collapsing engine or a DELETE"
+                           " remove rows, or did a retried insert land twice? For a target that drops or folds rows"
+                           " by design set ETL_VERIFY_LOAD=off — which would mark this batch as it is")
+
+    def _reload(self, shape: SourceShape, batch: Batch, why: str) -> int:
+        """Send a loaded batch again, with the same tokens (a target that still knows them drops them)."""
+        self.ctx.log.bind(batch=batch.batch_id).warning("batch {}: {} (was the target dropped or emptied?): loading"
+                                                        " it again", batch.batch_id, why)
+        self.ledger.batches.reload(batch)
+        return self._load(shape, dataclasses.replace(batch, state="claimed", chunks_loaded=0, rows_loaded=0))
+
+    def _load(self, shape: SourceShape, batch: Batch) -> int:
+        """Insert the chunks not yet recorded as loaded, recording each; mark the batch loaded. Returns rows sent."""
+        ctx = self.ctx
+        split = set(batch.split)
+        total = 0
+        self.bad.begin_batch(batch)
+        for index in range(batch.chunks_loaded, batch.chunk_count):
+            if ctx.stop.is_set():
+                raise Outcome(STOPPED, f"stop requested; batch {batch.batch_id} resumes at chunk {index}")
+            first, last = batch.chunk_bounds(index)
+            self.bad.begin_chunk()
+            sent = self._load_range(shape, batch, first, last, split)
+            self.bad.end_chunk(batch, index, first, last, sent)
+            last_chunk = index + 1 == batch.chunk_count
+            if last_chunk:
+                ctx.faults.reached("after_last_insert")
+            self.ledger.batches.record_chunk(batch, index + 1, sent)
+            if not last_chunk:
+                ctx.faults.reached("between_chunks")
+            ctx.result.rows_loaded += sent
+            ctx.progress.loaded(sent)
+            total += sent
+            ctx.log.bind(batch=batch.batch_id).debug("chunk {}/{}: {} rows loaded", index + 1, batch.chunk_count, sent)
+        self.ledger.batches.set_loaded(batch)
+        return total
+
+    def _load_range(self, shape: SourceShape, batch: Batch, first: int, last: int, split: set[str]) -> int:
+        """Load key positions [first, last]; on bad rows, split in halves until each bad row is alone.
+
+        A range once split is recorded in the ledger before its halves are sent, so a resumed
+        batch takes the same path and every insert keeps its deduplication token.
+        """
+        if f"{first}-{last}" not in split:
+            try:
+                sent = self._insert_range(shape, batch, first, last)
+                self.bad.loaded(batch, first, last)
+                return sent
+            except RowError as exc:
+                if first == last:
+                    self.bad.failed_alone(batch, shape, first, exc)
+                    return 0
+                self.ctx.log.bind(batch=batch.batch_id).warning(
+                    "rows {}-{} of batch {}: {} — splitting to find the bad rows", first, last, batch.batch_id, exc)
+                self.ledger.batches.record_split(batch, first, last)
+                split.add(f"{first}-{last}")
+        middle = (first + last) // 2
+        return (self._load_range(shape, batch, first, middle, split)
+                + self._load_range(shape, batch, middle + 1, last, split))
+
+    def _insert_range(self, shape: SourceShape, batch: Batch, first: int, last: int) -> int:
+        settings, job = self.ctx.settings, self.job
+        client = self.target.connect(shape)
+        data = source.extract_chunk(self.conn, job, shape, settings.ledger_schema, batch.batch_id, first, last)
+        self.ctx.faults.reached("mid_extract")
+        metrics.ROWS.labels(job.name, "extracted").inc(data.num_rows)
+        data = transform.apply(data, job.transform, shape.key_targets)
+        if not data.num_rows:
+            return 0
+        misfit = fit.first_misfit(data, self.target.types)
+        if misfit:
+            raise BadSinkValues(f"{misfit} in {settings.clickhouse.database}.{job.target_table}")
+        sent = sink.insert_chunk(client, settings.clickhouse.database, job.target_table, data,
+                                 batch.batch_id, batch.range_token(first, last), self.target.has_batch_column)
+        metrics.ROWS.labels(job.name, "loaded").inc(sent)
+        return sent

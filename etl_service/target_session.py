@@ -1,0 +1,107 @@
+"""The ClickHouse target for one attempt of a run: connect on first need, prepare the table, close.
+
+Preparing means: create the trigger table from the source's types if it is missing, check that an
+existing one drops a repeated insert (`target.check_dedup`) and that the views reading it do too,
+and bring its columns in step with the source (`target.evolve`). An idle run never connects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etl_service import sink, target
+from etl_service.config import JobConfig, Settings
+from etl_service.errors import EtlError
+from etl_service.ledger.shapes import TargetShapes
+from etl_service.source import SourceShape
+
+_WARNED: set[str] = set()  # facts that stay true run after run: logged once per process
+
+
+def _warn_once(log: Any, line: str) -> None:
+    if line not in _WARNED:
+        _WARNED.add(line)
+        log.warning(line)
+
+
+class TargetSession:
+    """The job's ClickHouse client and what the target table looks like, for one attempt."""
+
+    def __init__(self, settings: Settings, job: JobConfig, shapes: TargetShapes, log: Any) -> None:
+        self.settings = settings
+        self.job = job
+        self.shapes = shapes
+        self.log = log
+        self.client: Any = None  # open once `connect` succeeded
+        self.types: dict[str, str] = {}  # the target's column -> type, once prepared
+        self.created = False  # this attempt made the target (a loaded batch must go again)
+
+    @property
+    def has_batch_column(self) -> bool:
+        """Whether rows carry their batch id (the load check counts by it)."""
+        return sink.BATCH_COLUMN in self.types
+
+    def connect(self, shape: SourceShape) -> Any:
+        """The client, connected and the target prepared on first need."""
+        if self.client is None:
+            client = sink.connect(self.settings, f"job:{self.job.name}")
+            try:
+                self._prepare(client, shape)
+            except BaseException:
+                sink.release(client)
+                raise
+            self.client = client
+        return self.client
+
+    def close(self) -> None:
+        """Best effort: a broken connection must not mask the run's real outcome."""
+        if self.client is not None:
+            try:
+                sink.release(self.client)
+            except Exception as exc:
+                self.log.debug("cleanup step failed: {}", exc)
+            self.client = None
+        self.created = False
+
+    def _prepare(self, client: Any, shape: SourceShape) -> None:
+        """Create the target, or check that it deduplicates and bring it in step with the source."""
+        database, table = self.settings.clickhouse.database, self.job.target_table
+        name = sink.table_name(database, table)
+        described = sink.describe_target(client, database, table)
+        if described is None:
+            sink.create_target(client, database, table, shape, ".".join(self.job.source_table),
+                               self.settings.clickhouse.cluster)
+            self.created = True
+            self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
+            described = sink.describe_target(client, database, table)
+            if described is None:
+                raise EtlError(f"{name} was created but ClickHouse does not list it")
+        info, views = described
+        accepted = target.check_dedup(info, name, self.job.target_dedup)
+        if accepted:
+            self.log.warning(accepted)
+        for line in sink.doubling_views(client, views):
+            _warn_once(self.log, line)
+        if not self.job.transform:  # a transform decides its own columns: ClickHouse checks them at insert
+            info = self._evolve(client, info, shape, database, table)
+        self.types = info.columns
+
+    def _evolve(self, client: Any, info: target.TargetInfo, shape: SourceShape, database: str,
+                table: str) -> target.TargetInfo:
+        cluster = self.settings.clickhouse.cluster
+        on_cluster = f" ON CLUSTER {sink.quote_identifier(cluster)}" if cluster else ""
+        aligned = self.shapes.aligned(table)
+        plan = target.evolve(info, shape, sink.table_name(database, table), on_cluster,
+                             self.job.schema_changes == "auto", aligned)
+        for statement, change in zip(plan.statements, plan.changes, strict=True):
+            sink.run_statement(client, statement)
+            self.log.info("schema change at the source: {} in {}.{}", change, database, table)
+        for line in plan.warnings:
+            _warn_once(self.log, line)
+        if aligned != target.source_types(shape):
+            self.shapes.record(table, target.source_types(shape))
+        if plan.statements:
+            described = sink.describe_target(client, database, table)
+            if described:
+                return described[0]
+        return info
