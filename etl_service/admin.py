@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from etl_service import sink, source
+from etl_service import clickhouse, sink, source
 from etl_service.checks import ledger_exists
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import EtlError
@@ -104,7 +104,7 @@ def _release_refusal(settings: Settings, job: JobConfig, batch: ForeignBatch) ->
                 f" rows would be loaded twice. `adopt --batch {batch.batch_id}` finishes it instead (or --force)")
     db, table = settings.clickhouse.database, job.target_table
     try:
-        client = sink.connect(settings, "admin")
+        client = clickhouse.connect(settings, "admin")
     except EtlError as exc:
         return f"cannot check ClickHouse for rows of batch {batch.batch_id} ({exc}); try again, or --force"
     try:
@@ -115,7 +115,7 @@ def _release_refusal(settings: Settings, job: JobConfig, batch: ForeignBatch) ->
         rows = sink.query_rows(client, f"SELECT count() FROM {sink.table_name(db, table)}"
                                f" WHERE {sink.BATCH_COLUMN} = {batch.batch_id}")
     finally:
-        sink.release(client)
+        clickhouse.release(client)
     if rows[0][0]:
         return (f"{db}.{table} already holds {rows[0][0]} row(s) of batch {batch.batch_id}: `adopt` finishes it"
                 " without loading them again (or --force)")

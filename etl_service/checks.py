@@ -14,7 +14,7 @@ from typing import Any
 from loguru import logger
 from psycopg2 import sql
 
-from etl_service import cron, sink, source, target
+from etl_service import clickhouse, cron, sink, source, target
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, EtlError, TransientError
 from etl_service.ledger import Ledger
@@ -35,11 +35,11 @@ def ping_pg(settings: Settings) -> str:
 
 def ping_ch(settings: Settings) -> str:
     """ClickHouse's version; SinkUnavailable (EngineBusy for a chDB folder held elsewhere) if unreachable."""
-    client = sink.connect(settings, "check")
+    client = clickhouse.connect(settings, "check")
     try:
         return str(sink.query_rows(client, "SELECT version()")[0][0])
     finally:
-        sink.release(client)
+        clickhouse.release(client)
 
 
 def ping(settings: Settings) -> tuple[str, str]:
@@ -99,7 +99,7 @@ def _check(settings: Settings, out: Print) -> bool:
     try:
         out(f"  ok   PostgreSQL {ping_pg(settings)}")
         out(f"  ok   ClickHouse {ping_ch(settings)}")
-    except sink.EngineBusy as exc:
+    except clickhouse.EngineBusy as exc:
         out(f"  note {exc}: the ClickHouse part is not checked")
     except EtlError as exc:
         out(f"  FAIL {exc}")
@@ -144,8 +144,8 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
 def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape) -> list[str]:
     lines = []
     try:
-        client = sink.connect(settings, "check")
-    except sink.EngineBusy as exc:
+        client = clickhouse.connect(settings, "check")
+    except clickhouse.EngineBusy as exc:
         return [f"note: ClickHouse part not checked: {exc}"]
     try:
         db, table = settings.clickhouse.database, job.target_table
@@ -168,7 +168,7 @@ def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape)
             ready = sink.is_ready(client, job.ready_query, 0, settings.ch_query_timeout)
             lines.append(f"readiness query runs (currently {'ready' if ready else 'not ready'})")
     finally:
-        sink.release(client)
+        clickhouse.release(client)
     return lines
 
 

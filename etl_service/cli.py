@@ -17,7 +17,7 @@ from types import FrameType
 
 from loguru import logger
 
-from etl_service import __version__, admin, checks, logs, report, sink
+from etl_service import __version__, admin, checks, clickhouse, logs, report
 from etl_service.config import JobConfig, Settings, load
 from etl_service.errors import ConfigError, TransientError
 from etl_service.pipeline import FAILED, SUCCESS, run_job
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
-        sink.close_all()  # the chDB folder is free as soon as this process is done with it
+        clickhouse.close_all()  # the chDB folder is free as soon as this process is done with it
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

@@ -18,7 +18,7 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExe
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from etl_service import checks, logs, metrics, sink, systemd
+from etl_service import checks, clickhouse, logs, metrics, systemd
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, TransientError
 from etl_service.pipeline import OUTCOMES, run_job
@@ -101,7 +101,7 @@ class Daemon:
             else:
                 self._add(job)
         self.settings = new
-        sink.close_other_folders(new)  # a moved CLICK_DSN frees the old chDB folder at once
+        clickhouse.close_other_folders(new)  # a moved CLICK_DSN frees the old chDB folder at once
         logs.setup(new.log_level, new.log_format)
         logger.info("configuration reloaded: {} job(s): {}", len(new.jobs),
                     ", ".join(f"{j.name} on '{j.schedule}'" for j in new.jobs))

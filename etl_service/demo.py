@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from etl_service import report, sink, source
+from etl_service import clickhouse, report, sink, source
 from etl_service.config import Settings, load
 from etl_service.embedded import postgres
 from etl_service.pipeline import SUCCESS, run_job
@@ -144,13 +144,13 @@ def _prepare_clickhouse(settings: Settings) -> None:
         shape = source.describe(conn, job)
     finally:
         conn.close()
-    client = sink.connect(settings)
+    client = clickhouse.connect(settings)
     try:
         sink.create_target(client, "demo", job.target_table, shape, ".".join(job.source_table))
         for ddl in DOWNSTREAM:
             client.command(ddl)
     finally:
-        sink.release(client)
+        clickhouse.release(client)
 
 
 def _report(settings: Settings, expected: int) -> bool:
@@ -161,7 +161,7 @@ def _report(settings: Settings, expected: int) -> bool:
             marked, total, pg_sum = cur.fetchone()  # type: ignore[misc]
     finally:
         conn.close()
-    client = sink.connect(settings)
+    client = clickhouse.connect(settings)
     try:
         rows, unique, ch_sum = sink.query_rows(
             client, "SELECT count(), uniqExact(id), sum(amount) FROM demo.orders_trigger")[0]
@@ -169,7 +169,7 @@ def _report(settings: Settings, expected: int) -> bool:
                                         " ORDER BY revenue DESC LIMIT 5")
         flags, flagged_rows = sink.query_rows(client, "SELECT count(), sum(rows) FROM demo.batch_status FINAL")[0]
     finally:
-        sink.release(client)
+        clickhouse.release(client)
     say("\n== ClickHouse now holds")
     say(f"   trigger table demo.orders_trigger: {rows} rows, {unique} distinct ids, sum(amount) = {ch_sum}")
     say(f"   PostgreSQL orders: {total} rows, {marked} marked processed, sum(amount) = {pg_sum}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from etl_service import sink, target
+from etl_service import clickhouse, sink, target
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import EtlError
 from etl_service.ledger.shapes import TargetShapes
@@ -44,11 +44,11 @@ class TargetSession:
     def connect(self, shape: SourceShape) -> Any:
         """The client, connected and the target prepared on first need."""
         if self.client is None:
-            client = sink.connect(self.settings, f"job:{self.job.name}")
+            client = clickhouse.connect(self.settings, f"job:{self.job.name}")
             try:
                 self._prepare(client, shape)
             except BaseException:
-                sink.release(client)
+                clickhouse.release(client)
                 raise
             self.client = client
         return self.client
@@ -57,7 +57,7 @@ class TargetSession:
         """Best effort: a broken connection must not mask the run's real outcome."""
         if self.client is not None:
             try:
-                sink.release(self.client)
+                clickhouse.release(self.client)
             except Exception as exc:
                 self.log.debug("cleanup step failed: {}", exc)
             self.client = None

@@ -154,9 +154,9 @@ def _compressed(env: dict[str, str], args: argparse.Namespace, started: float) -
 
 
 def _exactness(env: dict[str, str], tmp: str, pg_uri: str, written: int) -> None:
-    from etl_service import sink
+    from etl_service import clickhouse
 
-    sink.close_all()  # this process may hold the folder (--compressed)
+    clickhouse.close_all()  # this process may hold the folder (--compressed)
     out = subprocess.run([sys.executable, "-c", "import clickhouse_connect; c = clickhouse_connect.get_client("
                           f"dsn='chdb://{tmp}/chdb'); print(*c.query('SELECT count(), uniqExact(id)"
                           " FROM default.dst').result_rows[0])"], capture_output=True, text=True, check=True)
