@@ -65,7 +65,11 @@ COMMANDS: dict[str, tuple[str, dict[str, str]]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Global options and one subparser per command. Nothing has a default here: `parse` fills them in."""
+    """Global options and one subparser per command.
+
+    Nothing has a default here (a subparser's default would overwrite a value given before its command,
+    `--job X requeue`); `parse` fills them in.
+    """
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--env-file", metavar="PATH", help="settings file (default: ./.env if present)")
     common.add_argument("--version", action="version", version=f"etl-service {__version__}")
