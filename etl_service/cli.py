@@ -13,6 +13,7 @@ Exit codes: 0 success; 1 a run failed or a check found problems; 2 bad usage;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -45,14 +46,15 @@ DEFAULTS: dict[str, Any] = {"env_file": None, "once": False, "job": None, "key":
                             "json": False, "force": False, "rows": 100_000, "dir": ".demo"}
 BEFORE = "before_"  # where an option given before its command lands, until `parse` checks and merges it
 JSON = "machine-readable output"
+ONLY = "only this job (default: every job)"
 BATCH = "the batch id `status` shows (required)"
 BATCH_JOB = "the job that takes the batch's source (needed when there are several jobs)"
 # Each command: what it does, and its options with their help.
 COMMANDS: dict[str, tuple[str, dict[str, str]]] = {
     "run": ("the daemon (the default): the jobs on their schedules until SIGTERM/SIGINT; or one pass with --once",
             {"--once": "run each job now, drain its backlog, exit", "--job": "with --once: this job"}),
-    "check": ("config, connectivity, keys, privileges, next run times", {"--json": JSON}),
-    "status": ("backlog, batches, quarantine, recent runs", {"--json": JSON}),
+    "check": ("config, connectivity, keys, privileges, next run times", {"--json": JSON, "--job": ONLY}),
+    "status": ("backlog, batches, quarantine, recent runs", {"--json": JSON, "--job": ONLY}),
     "requeue": ("release quarantined rows (all, or --key)",
                 {"--job": "this job (default: every job)",
                  "--key": "only this key, as `status` shows it (repeat for several)"}),
@@ -158,12 +160,12 @@ def _once(settings: Settings, jobs: list[JobConfig], stop: threading.Event) -> i
     return 0 if all(r.status in SUCCESS for r in results) else EX_TEMPFAIL
 
 
-def _check(args: argparse.Namespace, settings: Settings, _jobs: list[JobConfig]) -> int:
-    return 0 if checks.check(settings, as_json=args.json) else EX_FAILED
+def _check(args: argparse.Namespace, settings: Settings, jobs: list[JobConfig]) -> int:
+    return 0 if checks.check(dataclasses.replace(settings, jobs=tuple(jobs)), as_json=args.json) else EX_FAILED
 
 
-def _status(args: argparse.Namespace, settings: Settings, _jobs: list[JobConfig]) -> int:
-    return 0 if report.status(settings, as_json=args.json) else EX_FAILED
+def _status(args: argparse.Namespace, settings: Settings, jobs: list[JobConfig]) -> int:
+    return 0 if report.status(dataclasses.replace(settings, jobs=tuple(jobs)), as_json=args.json) else EX_FAILED
 
 
 def _requeue(args: argparse.Namespace, settings: Settings, jobs: list[JobConfig]) -> int:

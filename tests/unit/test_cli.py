@@ -118,7 +118,7 @@ BAD_USAGE = [
     (["--rows", "5", "status"], "status does not take --rows"),
     (["check", "--once"], "unrecognized arguments: --once"),
     (["--once", "check"], "check does not take --once"),
-    (["check", "--job", "X"], "unrecognized arguments: --job X"),
+    (["check", "--key", "X"], "unrecognized arguments: --key X"),
     (["--key", "K"], "run does not take --key"),
     (["--json", "--force", "demo"], "demo does not take --json, --force"),
     (["requeue", "--batch", "3"], "unrecognized arguments: --batch 3"),
@@ -290,3 +290,17 @@ def test_no_command_is_the_daemon_and_sighup_rereads_the_same_file(argv: list[st
     finally:
         signal.signal(signal.SIGHUP, hup)
     assert served == [["orders", "payments"], ["orders", "refunds"]]
+
+
+@pytest.mark.parametrize(("module", "name"), [(checks, "check"), (report, "status")])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_check_and_status_take_one_job(module: object, name: str, where: str, two_jobs: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(module, name, lambda settings, **_: seen.append([j.name for j in settings.jobs]) or True)
+    job = ["--job", "payments"]
+    argv = [*job, name] if where == "before" else [name, *job]
+    assert main(["--env-file", str(two_jobs), *argv]) == 0
+    assert main(["--env-file", str(two_jobs), name]) == 0
+    assert seen == [["payments"], ["orders", "payments"]]
+    assert main(["--env-file", str(two_jobs), name, "--job", "nope"]) == EX_CONFIG
