@@ -81,7 +81,7 @@ def _change(settings: Settings, job: JobConfig, batch_id: int, action: str, out:
             done = ledger.others.adopt(batch_id) if action == "adopt" else ledger.others.release(batch_id, key)
         finally:
             ledger.lock.release()
-    except (EtlError, LookupError) as exc:
+    except EtlError as exc:  # UnknownBatch among them
         out(f"cannot {action} batch {batch_id}: {exc}")
         return False
     finally:
