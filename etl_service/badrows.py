@@ -1,5 +1,4 @@
-"""The bad-row policy: a row that fails alone is quarantined with its reason, unless it is one of
-ten in a row whose whole chunks failed — then the transform or the target is broken, not the rows.
+"""The bad-row policy: quarantine a row that fails alone; ten in a row mean a broken transform.
 
 The rule, in one place:
 - A chunk whose insert fails for its rows' data is split in halves until each bad row is alone

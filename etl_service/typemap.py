@@ -1,6 +1,6 @@
 """PostgreSQL column types -> how to extract them (COPY CSV -> Arrow) and their ClickHouse type.
 
-The mapping (also in README.md):
+The mapping (docs/configuration.md points here: this table is the reference):
 
 | PostgreSQL                         | ClickHouse                  | notes                              |
 |------------------------------------|-----------------------------|------------------------------------|
