@@ -165,6 +165,7 @@ def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape)
                 lines.extend(f"note: {w}" for w in plan.warnings)
         lines.append(sink.check_grants(client, db, table, described is not None))
         if job.ready_query:
+            sink.check_ready_query(client, job.ready_query)
             ready = sink.is_ready(client, job.ready_query, 0, settings.ch_query_timeout)
             lines.append(f"readiness query runs (currently {'ready' if ready else 'not ready'})")
     finally:

@@ -8,11 +8,13 @@ translated here: connection problems become SinkUnavailable, refusals SinkError.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -185,13 +187,56 @@ def insert_chunk(client: Client, database: str, table: str, data: pa.Table, batc
     return data.num_rows
 
 
+_ANSWER_TYPE = re.compile(r"^(Bool|U?Int\d+|Float\d+|Decimal(\d+)?\(.*\)|Nothing)$")
+
+
+def check_ready_query(client: Client, query: str) -> None:
+    """ConfigError if the readiness query's first column cannot be a yes or no (a String, an Array, …).
+
+    Asked of the query's type (`DESCRIBE (query)`), so it is found even while the query has no row
+    for the batch. A query DESCRIBE cannot wrap is left to the answers themselves (`readiness`).
+    """
+    params = {"batch_id": 0} if "{batch_id" in query else None
+    try:
+        with ch_errors("describe the readiness query"):
+            rows = client.query(f"DESCRIBE ({query})", parameters=params).result_rows
+    except SinkError:
+        return
+    if not rows:
+        return
+    name, ch_type = str(rows[0][0]), str(rows[0][1])
+    inner = ch_type
+    while inner.startswith(("Nullable(", "LowCardinality(")):
+        inner = inner.split("(", 1)[1][:-1]
+    if not _ANSWER_TYPE.match(inner):
+        raise ConfigError("ETL_READY_QUERY", f"answers {ch_type} ({name}): a readiness query must answer"
+                          " true/false or a number (non-zero: ready)", "compare in the query, e.g."
+                          " SELECT status = 'done' FROM … or SELECT count() = 0 FROM … WHERE NOT ready")
+
+
 def is_ready(client: Client, query: str, batch_id: int, timeout: float) -> bool:
-    """Run the readiness query once; truthy first value of the first row means ready."""
+    """Run the readiness query once: is the first value of its first row a yes (see `readiness`)?"""
     params = {"batch_id": batch_id} if "{batch_id" in query else None
     with ch_errors("readiness query"):
         result = client.query(query, parameters=params, settings={"max_execution_time": int(timeout)})
     rows = result.result_rows
-    return bool(rows and rows[0] and rows[0][0])
+    return readiness(rows[0][0] if rows and rows[0] else None)
+
+
+def readiness(answer: Any) -> bool:
+    """A readiness answer as yes or no: a boolean, or a number (non-zero is yes); no row or NULL is no.
+
+    Anything else (a string such as 'pending', an array, NaN) is a ConfigError naming
+    ETL_READY_QUERY: taking it for a yes would mark rows before downstream work is done.
+    """
+    if answer is None or isinstance(answer, bool):
+        return bool(answer)
+    if isinstance(answer, int | Decimal) or (isinstance(answer, float) and not math.isnan(answer)):
+        return answer != 0
+    shown = "NaN" if isinstance(answer, float) else f"{type(answer).__name__} {str(answer)[:60]!r}"
+    raise ConfigError("ETL_READY_QUERY", f"answered {shown}: a readiness query must answer true/false or a number"
+                      " (non-zero: ready)", "compare in the query, e.g. SELECT status = 'done' FROM … or"
+                      " SELECT count() = 0 FROM … WHERE NOT ready")
 
 
 def await_ready(client: Client, query: str, batch_id: int, timeout: float, interval: float,
@@ -202,6 +247,7 @@ def await_ready(client: Client, query: str, batch_id: int, timeout: float, inter
     """
     deadline = clock() + timeout
     polls = 0
+    check_ready_query(client, query)
     while True:
         polls += 1
         if is_ready(client, query, batch_id, min(interval * 4, 60)):

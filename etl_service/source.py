@@ -32,8 +32,12 @@ Connection = psycopg2.extensions.connection
 def connect(settings: Settings, purpose: str = "etl") -> Connection:
     """Open a PostgreSQL connection with timeouts and the session settings extraction relies on."""
     timeout_ms = int(settings.pg_statement_timeout * 1000)
+    # Output settings pinned, so a role's or database's own defaults never change the text COPY
+    # produces; idle_session_timeout off, as a run's connection sits idle while ClickHouse gets
+    # ready (a role or server setting would otherwise cut it, and every run would look like an outage).
     options = (f"-c statement_timeout={timeout_ms} -c TimeZone=UTC -c DateStyle=ISO,YMD "
-               "-c extra_float_digits=3 -c client_encoding=UTF8 -c bytea_output=hex")
+               "-c extra_float_digits=3 -c client_encoding=UTF8 -c bytea_output=hex -c IntervalStyle=postgres "
+               "-c idle_session_timeout=0")
     app = f"etl-service/{purpose}/{socket.gethostname()}/{os.getpid()}"[:63]
     with pg_errors(f"connect to PostgreSQL ({settings.pg_display})"):
         conn = psycopg2.connect(settings.pg_dsn, connect_timeout=10, application_name=app,
@@ -54,7 +58,7 @@ def pg_errors(action: str, conn: Connection | None = None) -> Iterator[None]:
         if conn is not None and not conn.closed:
             with suppress(psycopg2.Error):
                 conn.rollback()
-        raise _translate(action, exc) from exc
+        raise _translate(action, exc, conn) from exc
 
 
 # Refusals that no retry can cure: the settings (or the server's grants) must change. Matched on
@@ -101,13 +105,24 @@ def _permanent(action: str, exc: psycopg2.Error) -> ConfigError | None:
     return None
 
 
-def _translate(action: str, exc: psycopg2.Error) -> SourceError | ConfigError:
+# libpq's words for a connection that went away mid-statement (a COPY, say), where psycopg2
+# raises a plain DatabaseError rather than an OperationalError.
+_LOST = ("no message from the libpq", "server closed the connection", "connection already closed",
+         "terminating connection", "SSL connection has been closed")
+
+
+def _translate(action: str, exc: psycopg2.Error, conn: Connection | None = None) -> SourceError | ConfigError:
     permanent = _permanent(action, exc)
     if permanent is not None:
         return permanent
     if isinstance(exc, psycopg2.errors.QueryCanceled):
         return SourceUnavailable(f"{action}: statement timed out (PG_STATEMENT_TIMEOUT)")
-    if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+    if isinstance(exc, psycopg2.errors.IdleSessionTimeout):
+        return SourceUnavailable(f"{action}: PostgreSQL closed the idle session (idle_session_timeout; a pooler"
+                                 " that drops the service's session options lets a role's setting through)")
+    lost = (conn is not None and conn.closed) or (exc.pgcode or "").startswith(("08", "57P")) \
+        or any(text in str(exc) for text in _LOST)
+    if lost or isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
         return SourceUnavailable(f"{action}: {_first_line(exc)}")
     return SourceError(f"{action}: {_first_line(exc)}")
 

@@ -6,7 +6,7 @@ import psycopg2
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable, SourceUnavailable
+from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable, SourceError, SourceUnavailable
 from etl_service.sink import ch_errors
 from etl_service.source import pg_errors
 
@@ -71,6 +71,22 @@ def test_postgres_tls_refusals_are_configuration_errors_naming_pg_dsn(message: s
 def test_postgres_outages_stay_transient(message: str) -> None:
     with pytest.raises(SourceUnavailable), pg_errors("connect to PostgreSQL"):
         raise psycopg2.OperationalError(message)
+
+
+@pytest.mark.parametrize("message", [
+    "error with status PGRES_COPY_OUT and no message from the libpq",  # a restart during COPY
+    "server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally",
+])
+def test_a_connection_lost_mid_statement_is_an_outage_even_as_a_plain_database_error(message: str) -> None:
+    with pytest.raises(SourceUnavailable) as err, pg_errors("extract batch 3 rows 1-400"):
+        raise psycopg2.DatabaseError(message)
+    assert str(err.value).startswith("extract batch 3 rows 1-400: ") and "\n" not in str(err.value)
+
+
+def test_a_refused_statement_stays_a_refusal() -> None:
+    with pytest.raises(SourceError) as err, pg_errors("claim batch"):
+        raise psycopg2.DatabaseError('relation "src" does not exist')
+    assert not isinstance(err.value, SourceUnavailable)
 
 
 @pytest.mark.parametrize(("code", "variable"), [
