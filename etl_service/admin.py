@@ -29,8 +29,17 @@ def requeue(settings: Settings, jobs: list[JobConfig], keys: list[str] | None, o
         ok = True
         for job in jobs:
             key = source.describe(conn, job).key
-            released, unknown, held = Ledger(conn, settings.ledger_schema, job).quarantine.requeue(key, keys)
+            done = Ledger(conn, settings.ledger_schema, job).quarantine.requeue(key, keys)
+            released, unknown, held = done.released, done.unknown, done.held
             out(f"job {job.name}: {len(released)} row(s) released" + (f" ({_few(released)})" if released else ""))
+            if done.marked:
+                out(f"job {job.name}: {len(done.marked)} row(s) already in ClickHouse marked processed, not loaded"
+                    f" again ({_few(done.marked)})")
+            if done.stuck:
+                out(f"job {job.name}: {len(done.stuck)} row(s) already in ClickHouse still cannot be marked (a trigger"
+                    f" or policy on the source resets or refuses the flag; `check` names them): they stay set aside,"
+                    f" never loaded again: {_few(done.stuck)}")
+                ok = False
             if held:
                 out(f"job {job.name}: {len(held)} row(s) stay quarantined until their batch is done (it is marked"
                     f" without them; run `requeue` again then, `status` shows the batch): {_few(held)}")

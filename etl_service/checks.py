@@ -127,6 +127,10 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
                      f" ({', '.join(c.pg_type for c in key.columns)}) is unique")
         lines.extend(_pg_privileges(conn, settings, job))
         lines.extend(f"note: {advice}" for advice in source.hot_advice(conn, job))
+        lines.extend(f"note: {found} can reset or refuse the service's mark of {job.processed_column}: a trigger"
+                     f" must leave it alone (e.g. fire only WHEN (old.{job.processed_column} IS NOT DISTINCT FROM"
+                     f" new.{job.processed_column})), a policy must let the service's role update the rows it reads;"
+                     " a mark that does not stick stops the job" for found in source.mark_blockers(conn, job))
         ledger = Ledger(conn, settings.ledger_schema, job)
         lines.append(f"{ledger.runs.backlog()} unprocessed row(s)")
         nulls = ledger.runs.null_keys(key)

@@ -7,7 +7,8 @@
     │   ├── SourceChanged        the source table changed shape mid-run: start over with the new shape
     │   └── SinkUnavailable      ClickHouse could not be reached or dropped the connection
     ├── SourceError          PostgreSQL refused a statement (missing table, bad SQL, ...)
-    │   └── BadSourceValues      (RowError) a value could not be converted to its column type
+    │   ├── BadSourceValues      (RowError) a value could not be converted to its column type
+    │   └── MarkNotKept          a trigger or row security policy resets or refuses the mark: the job stops
     ├── TransformError       (RowError) the user transform failed or returned something unusable
     ├── TransformContractError  the transform changed, dropped or repeated keys: the run fails
     ├── UnknownBatch         (LookupError) `adopt` / `release` named a batch that is not another job's
@@ -54,6 +55,10 @@ class TransientError(EtlError):
 
 class SourceError(EtlError):
     """PostgreSQL refused what we asked."""
+
+
+class MarkNotKept(SourceError):
+    """The mark did not stick on rows already in ClickHouse: they are set aside, and the job stops until fixed."""
 
 
 class SourceUnavailable(SourceError, TransientError):

@@ -19,13 +19,13 @@ from etl_service import fit, metrics, sink, source, transform
 from etl_service.badrows import BadRows
 from etl_service.context import STOPPED, WAITING, Outcome, RunContext
 from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError
-from etl_service.ledger import Batch, Ledger
+from etl_service.ledger import Batch, Ledger, MarkResult
 from etl_service.marker import Marker
 from etl_service.source import SourceShape
 from etl_service.target_session import TargetSession
 
-# Reports a marked batch: (batch, rows marked, rows of it in quarantine, rows that failed in this run, start time).
-Marked = Callable[[Batch, int, int, int, float], None]
+# Reports a marked batch: (batch, what the mark did, rows that failed alone in this run, start time).
+Marked = Callable[[Batch, MarkResult, int, float], None]
 
 
 class BatchLoader:
@@ -67,7 +67,7 @@ class BatchLoader:
                 " {} rows look changed and load again (an update made before the rewrite cannot be told apart)",
                 ".".join(self.job.source_table), batch.batch_id, batch.row_count)
         failed = self.bad.failed - failed_before
-        self.marker.submit(batch, shape, lambda done, counts: self.marked(done, *counts, failed, bt0))
+        self.marker.submit(batch, shape, lambda done, mark: self.marked(done, mark, failed, bt0))
 
     def _shape_of(self, batch: Batch, shape: SourceShape) -> SourceShape:
         """The shape whose key reads `batch`'s stored keys: their column order is the one at claim time."""

@@ -13,10 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from etl_service import source
 from etl_service.config import JobConfig, Settings
-from etl_service.ledger import Batch, Ledger
+from etl_service.ledger import Batch, Ledger, MarkResult
 from etl_service.source import SourceShape
 
-Done = Callable[[Batch, tuple[int, int]], None]  # (rows marked, rows quarantined)
+Done = Callable[[Batch, MarkResult], None]
 
 
 class Marker:
@@ -28,17 +28,17 @@ class Marker:
         self.before_commit = before_commit
         self._pool: ThreadPoolExecutor | None = None
         self._ledger: Ledger | None = None
-        self._pending: tuple[Future[tuple[int, int]], Batch, Done] | None = None
+        self._pending: tuple[Future[MarkResult], Batch, Done] | None = None
 
     def submit(self, batch: Batch, shape: SourceShape, done: Done) -> None:
-        """Start marking `batch` once the previous mark has finished; `done(batch, counts)` reports it."""
+        """Start marking `batch` once the previous mark has finished; `done(batch, result)` reports it."""
         self.settle()
         if self._ledger is None:
             conn = source.connect(self.settings, f"{self.job.name}-mark")
             self._ledger = Ledger(conn, self.settings.ledger_schema, self.job)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mark-{self.job.name}")
         assert self._pool is not None
-        future = self._pool.submit(self._ledger.batches.mark_done, batch, shape, self.before_commit)
+        future = self._pool.submit(self._ledger.mark.run, batch, shape, self.before_commit)
         self._pending = (future, batch, done)
 
     def settle(self) -> None:

@@ -34,9 +34,10 @@ from etl_service.context import (
     RunContext,
     RunResult,
 )
-from etl_service.errors import ConfigError, EtlError, TransientError
+from etl_service.errors import ConfigError, EtlError, MarkNotKept, TransientError
 from etl_service.faults import Faults
-from etl_service.ledger import Batch, ForeignBatch, Ledger
+from etl_service.ledger import Batch, ForeignBatch, Ledger, MarkResult
+from etl_service.ledger.mark import not_kept
 from etl_service.loading import BatchLoader
 from etl_service.marker import Marker
 from etl_service.progress import Progress
@@ -175,6 +176,10 @@ class Run:
         """Finish unfinished batches, then claim and load until nothing is left, time is up or a stop is asked."""
         shape = source.describe(loader.conn, self.job)
         self.progress.begin(ledger.runs.to_move(shape.key))  # one count; unfinished batches' rows are in it
+        reset, refused, keys = ledger.quarantine.stuck()
+        if reset or refused:  # rows whose mark a trigger or policy undid are waiting for the fix: load nothing more
+            raise MarkNotKept(not_kept(self.job, f"an earlier mark (e.g. of {shape.key.label} = {', '.join(keys)})",
+                                       reset, refused, source.mark_blockers(loader.conn, self.job)))
         held = ledger.others.held_elsewhere(shape.key)
         self._tell_held(held, ledger)
         for batch in ledger.batches.unfinished():
@@ -214,8 +219,12 @@ class Run:
         if self.job.post_ch_sql:
             sink.run_sql(target.client, self.job.post_ch_sql)
 
-    def _marked(self, batch: Batch, marked: int, quarantined: int, failed: int, bt0: float) -> None:
-        """Report a marked batch: `quarantined` rows of it are in quarantine, `failed` of them failed in this run."""
+    def _marked(self, batch: Batch, mark: MarkResult, failed: int, bt0: float) -> None:
+        """Report a marked batch: `failed` of its quarantined rows failed in this run.
+
+        MarkNotKept when the mark did not stick on some rows (they were set aside): the job stops.
+        """
+        marked, quarantined = mark.marked, mark.quarantined
         self._barren = self._barren + 1 if batch.row_count and not marked and not failed else 0
         self.result.batches += 1
         self.result.rows_marked += marked
@@ -225,8 +234,15 @@ class Run:
         unmarked = batch.row_count - marked - quarantined
         notes = (f", {quarantined} quarantined" if quarantined else "") + \
             (f", {unmarked} changed since claim (left for the next batch)" if unmarked > 0 else "")
-        self.log.bind(batch=batch.batch_id).info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s",
-                                                 batch.batch_id, batch.row_count, marked, notes, self.clock() - bt0)
+        log = self.log.bind(batch=batch.batch_id)
+        log.info("batch {} done: {} rows claimed, {} marked processed{} in {:.2f}s", batch.batch_id, batch.row_count,
+                 marked, notes, self.clock() - bt0)
+        for key, reason in mark.raised:
+            log.warning("row with key {} is in ClickHouse but PostgreSQL refused its mark: set aside as loaded, not"
+                        " marked (`requeue` marks it once that is fixed; it is never loaded again): {}", key, reason)
+        if mark.stuck:
+            raise MarkNotKept(not_kept(self.job, f"the mark of batch {batch.batch_id}", len(mark.reset),
+                                       len(mark.refused), mark.blockers))
 
     def _record(self, ledger: Ledger, started: datetime, t0: float, status: str, message: str) -> None:
         r = self.result

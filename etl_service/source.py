@@ -404,6 +404,34 @@ ORDER BY 1, 3
 """
 
 
+# Triggers that fire on UPDATE and row security policies that govern UPDATE, on the source, its
+# partitions and the tables it is a partition of: what can reset or refuse the service's mark.
+_MARK_BLOCKERS = """
+WITH t AS (SELECT to_regclass(%(table)s) AS oid UNION SELECT relid FROM pg_partition_tree(to_regclass(%(table)s))
+           UNION SELECT relid FROM pg_partition_ancestors(to_regclass(%(table)s)))
+SELECT format('trigger %%I (%%s UPDATE, for each %%s) on %%s', tg.tgname,
+              CASE WHEN tg.tgtype & 2 = 2 THEN 'BEFORE' WHEN tg.tgtype & 64 = 64 THEN 'INSTEAD OF' ELSE 'AFTER' END,
+              CASE WHEN tg.tgtype & 1 = 1 THEN 'row' ELSE 'statement' END, tg.tgrelid::regclass)
+FROM pg_trigger tg WHERE tg.tgrelid IN (SELECT oid FROM t) AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+  AND tg.tgtype & 16 = 16
+UNION ALL
+SELECT format('row security policy %%I (%%s) on %%s', p.polname,
+              CASE p.polcmd WHEN 'w' THEN 'FOR UPDATE' ELSE 'FOR ALL' END, p.polrelid::regclass)
+FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+WHERE p.polrelid IN (SELECT oid FROM t) AND c.relrowsecurity AND p.polcmd IN ('w', '*')
+ORDER BY 1
+"""
+
+
+def mark_blockers(conn: Connection, job: JobConfig) -> list[str]:
+    """The triggers and row security policies that can reset or refuse the mark of the flag, described."""
+    with pg_errors("read the source's triggers and policies", conn), conn.cursor() as cur:
+        cur.execute(_MARK_BLOCKERS, {"table": qualified(job).as_string(conn)})
+        found = [str(row[0]) for row in cur.fetchall()]
+    conn.rollback()
+    return found
+
+
 def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
     """Why marking rows processed cannot be a HOT update here (README, "Tuning"), if it cannot.
 

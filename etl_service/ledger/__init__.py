@@ -6,6 +6,7 @@ One package, one module per thing that changes:
     schema      the tables, created or brought forward
     lock        one runner per source (an advisory lock)
     batches     claim -> loaded -> done; the key-order rule every step relies on is stated there
+    mark        the mark of a loaded batch, in one transaction, and whether it sticks
     quarantine  rows set aside with their reason
     others      other jobs' unfinished batches on the same source: skip, adopt, release
     runs        run records, backlog, lag and what waits
@@ -20,6 +21,7 @@ from etl_service.config import JobConfig
 from etl_service.ledger import schema
 from etl_service.ledger.batches import Batch, Batches
 from etl_service.ledger.lock import Lock
+from etl_service.ledger.mark import Mark, MarkResult
 from etl_service.ledger.others import ForeignBatch, OtherJobs
 from etl_service.ledger.quarantine import Quarantine
 from etl_service.ledger.runs import Health, Runs
@@ -27,7 +29,7 @@ from etl_service.ledger.shapes import TargetShapes
 from etl_service.ledger.store import Store
 from etl_service.source import Connection
 
-__all__ = ["Batch", "ForeignBatch", "Health", "Ledger"]
+__all__ = ["Batch", "ForeignBatch", "Health", "Ledger", "MarkResult"]
 
 
 class Ledger:
@@ -41,6 +43,7 @@ class Ledger:
         self.store = store
         self.lock = Lock(store)
         self.batches = Batches(store)
+        self.mark = Mark(store)
         self.quarantine = Quarantine(store)
         self.others = OtherJobs(store)
         self.runs = Runs(store)

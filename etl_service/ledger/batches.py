@@ -1,4 +1,4 @@
-"""Batches: claim the next keys, record each chunk loaded, mark the batch done.
+"""Batches: claim the next keys, record each chunk loaded and the batch loaded (`mark` closes it).
 
 A batch moves claimed -> loaded -> done. Its exact keys (and each row's xmin at claim time) live
 in the batch row until it is done, so a crash at any point can be resumed: re-send the chunks
@@ -11,7 +11,7 @@ key's columns in the order of `key_columns`, and everything downstream relies on
   batch sends the same chunks with the same insert tokens;
 - the chunk query (`source.extract_chunk`) reads positions first..last as the key range
   keys[first]..keys[last], one index range scan;
-- the mark's span (`mark_done`) bounds the join by keys[1] and keys[cardinality(keys)];
+- the mark's span (`mark.Mark`) bounds the join by keys[1] and keys[cardinality(keys)];
 - the drain's keyset claims past `Batch.last_key`, the batch's highest key, while its mark is
   still in flight.
 A claim that stored keys in any other order would send rows twice or mark rows never sent.
@@ -21,7 +21,6 @@ was claimed with (`key_columns`), never the new one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 from psycopg2 import sql
 
 from etl_service.ledger.store import HELD, SAME_SOURCE, Store
-from etl_service.source import RANGE_JOIN, SourceShape, generation, pg_errors, qualified, row_bytes
+from etl_service.source import SourceShape, generation, qualified, row_bytes
 
 _BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
                   " keys[cardinality(keys)], coalesce(origin, job), generation, key_columns, chunk_ends")
@@ -167,43 +166,3 @@ class Batches:
         self.store.run("record batch loaded", sql.SQL(
             "UPDATE {s}.batches SET state = 'loaded', loaded_at = now() WHERE batch_id = %s"
             " AND state = 'claimed'").format(s=self.store.schema), (batch.batch_id,))
-
-    def mark_done(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> tuple[int, int]:
-        """In one transaction: flag exactly the claimed, unchanged, unquarantined rows; close the batch.
-
-        Returns (rows marked, rows of the batch in quarantine: by this run or an earlier attempt).
-        """
-        key, job, conn = shape.key, self.store.job, self.store.conn
-        # With an index of the unprocessed rows on the key, the batch's key range is one ordered
-        # pass over it, joined with the claimed keys (a third less work than a probe per key).
-        span = sql.SQL(" AND s.{flag} = false AND {lo} AND {hi}").format(
-            flag=sql.Identifier(job.processed_column),
-            lo=key.compare("s", ">=", sql.SQL("(SELECT keys[1] FROM {}.batches WHERE batch_id = %(batch)s)")
-                           .format(self.store.schema)),
-            hi=key.compare("s", "<=", sql.SQL("(SELECT keys[cardinality(keys)] FROM {}.batches"
-                                              " WHERE batch_id = %(batch)s)").format(self.store.schema)),
-        ) if shape.range_join else sql.SQL("")
-        mark = sql.SQL(
-            "UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
-            " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
-            " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x{span}"
-            # rows quarantined in this batch, under whichever job name: never loaded, never marked
-            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)")
-        close = sql.SQL(
-            "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
-            " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.store.schema)
-        with pg_errors(f"mark batch {batch.batch_id} done", conn), conn.cursor() as cur:
-            if shape.range_join:
-                cur.execute(RANGE_JOIN)
-            cur.execute(mark.format(src=qualified(job), flag=sql.Identifier(job.processed_column),
-                                    s=self.store.schema, matches=key.matches("s", sql.SQL("k.key")),
-                                    span=span),
-                        {"batch": batch.batch_id, "job": job.name})
-            marked = cur.rowcount
-            cur.execute(close, (marked, batch.batch_id))
-            cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE batch_id = %s").format(s=self.store.schema),
-                        (batch.batch_id,))
-            quarantined = cur.fetchone()[0]  # type: ignore[index]
-            before_commit()
-            conn.commit()
-        return int(marked), int(quarantined)

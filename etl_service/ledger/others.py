@@ -81,7 +81,8 @@ class OtherJobs:
             # A key this job has quarantined already (from an older batch) takes the adopted
             # batch's entry: the row's latest failure, in the batch that holds it now.
             " UPDATE {s}.quarantine o SET batch_id = q.batch_id, reason = q.reason, row = q.row,"
-            " quarantined_at = q.quarantined_at FROM {s}.quarantine q WHERE q.job = %(old)s"
+            " quarantined_at = q.quarantined_at, kind = q.kind, row_xmin = q.row_xmin"
+            " FROM {s}.quarantine q WHERE q.job = %(old)s"
             " AND q.batch_id = %(batch)s AND o.job = %(job)s AND o.key = q.key;"
             " DELETE FROM {s}.quarantine q WHERE q.job = %(old)s AND q.batch_id = %(batch)s"
             " AND EXISTS (SELECT 1 FROM {s}.quarantine o WHERE o.job = %(job)s AND o.key = q.key);"

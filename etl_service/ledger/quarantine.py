@@ -8,15 +8,28 @@ bad-row policy's (`etl_service.badrows`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 
 from etl_service.errors import SourceError
 from etl_service.keys import Key
 from etl_service.ledger.batches import Batch
 from etl_service.ledger.store import Store
-from etl_service.source import SourceShape, qualified
+from etl_service.source import SourceShape, pg_errors, qualified
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """What `requeue` did, key by key."""
+
+    released: list[str]  # the next run claims them (a failed row, or a loaded one that has changed since)
+    marked: list[str]  # loaded rows marked now, not loaded again
+    stuck: list[str]  # loaded rows whose mark still does not stick: they stay
+    unknown: list[str]  # asked-for keys that were not quarantined
+    held: list[str]  # rows of unfinished batches, each as "key (batch N, state)"
 
 
 class Quarantine:
@@ -36,7 +49,7 @@ class Quarantine:
             " SELECT %(job)s, b.keys[%(pos)s], b.batch_id, %(reason)s, to_jsonb(s) FROM {s}.batches b"
             " JOIN {src} s ON {matches} WHERE b.batch_id = %(batch)s"
             " ON CONFLICT (job, key) DO UPDATE SET batch_id = EXCLUDED.batch_id, reason = EXCLUDED.reason,"
-            " row = EXCLUDED.row, quarantined_at = now() RETURNING key, xmax = 0"
+            " row = EXCLUDED.row, quarantined_at = now(), kind = 'failed' RETURNING key, xmax = 0"
         ).format(s=self.store.schema, src=qualified(self.store.job),
                  matches=shape.key.matches("s", sql.SQL("b.keys[%(pos)s]"))),
             {"job": self.store.job.name, "pos": position, "reason": reason[:2000], "batch": batch.batch_id})
@@ -72,29 +85,90 @@ class Quarantine:
             " WHERE batch_id = %(batch)s AND state <> 'done' AND chunks_loaded > %(chunks)s"
         ).format(s=self.store.schema), {"batch": batch_id, "keys": keys, "chunks": chunks_loaded})
 
-    def requeue(self, key: Key, keys: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
+    def requeue(self, key: Key, keys: list[str] | None = None) -> Requeued:
         """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again.
 
+        A row that failed is released: the next run claims and loads it. A row set aside as loaded
+        but not marked is in ClickHouse: it is marked now, in the state it was loaded in, never
+        loaded again; if its mark still does not stick it stays, and if it has changed since, it
+        is released (its new version is loaded like any change).
         A row whose batch is unfinished stays quarantined: that batch is marked without it, and
         releasing it first would let the mark flag a row that never reached ClickHouse.
-        Returns (released keys, asked-for keys that were not quarantined, keys held by an
-        unfinished batch, each as "key (batch N, state)").
         """
         wanted = [self._canonical(key, k) for k in keys] if keys else None
         where = sql.SQL(" AND q.key = ANY(%(keys)s)") if wanted is not None else sql.SQL("")
         params = {"job": self.store.job.name, "keys": wanted}
+        marked, stuck = self._mark_loaded(key, where, params)
         rows = self.store.run("requeue quarantined rows", sql.SQL(
             "DELETE FROM {s}.quarantine q WHERE q.job = %(job)s{where} AND NOT EXISTS (SELECT 1 FROM {s}.batches b"
-            " WHERE b.batch_id = q.batch_id AND b.state <> 'done') RETURNING q.key").format(s=self.store.schema,
-                                                                                           where=where), params)
+            " WHERE b.batch_id = q.batch_id AND b.state <> 'done') AND NOT q.key = ANY(%(stuck)s)"
+            " RETURNING q.key").format(s=self.store.schema, where=where), {**params, "stuck": stuck})
         held = self.store.run("look for quarantined rows of unfinished batches", sql.SQL(
             "SELECT q.key, b.batch_id, b.state FROM {s}.quarantine q JOIN {s}.batches b ON b.batch_id = q.batch_id"
             " WHERE q.job = %(job)s{where} AND b.state <> 'done' ORDER BY b.batch_id, q.key").format(
                 s=self.store.schema, where=where), params)
-        released = sorted(str(r[0]) for r in rows)
+        gone = {str(r[0]) for r in rows}
+        released = sorted(gone - set(marked))
         waiting = {str(r[0]) for r in held}
-        unknown = [k for k, c in zip(keys or [], wanted or [], strict=True) if c not in released and c not in waiting]
-        return released, unknown, [f"{r[0]} (batch {r[1]}, {r[2]})" for r in held]
+        known = gone | waiting | set(stuck)
+        unknown = [k for k, c in zip(keys or [], wanted or [], strict=True) if c not in known]
+        return Requeued(released, sorted(gone & set(marked)), sorted(stuck), unknown,
+                        [f"{r[0]} (batch {r[1]}, {r[2]})" for r in held])
+
+    def _mark_loaded(self, key: Key, where: sql.Composable, params: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """Mark the rows set aside as loaded that have not changed since; (marked keys, keys still not kept)."""
+        job, conn = self.store.job, self.store.conn
+        flag = sql.Identifier(job.processed_column)
+        loaded = sql.SQL("FROM {s}.quarantine q WHERE q.job = %(job)s{where} AND q.kind <> 'failed'").format(
+            s=self.store.schema, where=where)
+        mark = sql.SQL("UPDATE {src} s SET {flag} = true {loaded} AND {matches} AND s.xmin = q.row_xmin{one}"
+                       " RETURNING q.key")
+        with pg_errors("mark rows set aside as loaded", conn), conn.cursor() as cur:
+            cur.execute("SAVEPOINT etl_requeue")
+            try:
+                cur.execute(mark.format(src=qualified(job), flag=flag, loaded=loaded, one=sql.SQL(""),
+                                        matches=key.matches("s", sql.SQL("q.key"))), params)
+                tried, refused = [str(r[0]) for r in cur.fetchall()], list[str]()
+            except psycopg2.DatabaseError:  # PostgreSQL still refuses some: one at a time, the rest go
+                cur.execute("ROLLBACK TO SAVEPOINT etl_requeue")
+                tried, refused = self._mark_one_by_one(cur, mark.format(
+                    src=qualified(job), flag=flag, loaded=loaded, one=sql.SQL(" AND q.key = %(one)s"),
+                    matches=key.matches("s", sql.SQL("q.key"))), loaded, params)
+            cur.execute(sql.SQL("UPDATE {s}.quarantine q SET row_xmin = s.xmin FROM {src} s WHERE q.job = %(job)s"
+                                " AND q.key = ANY(%(tried)s) AND {matches} AND s.{flag} IS NOT TRUE RETURNING q.key")
+                        .format(s=self.store.schema, src=qualified(job), flag=flag,
+                                matches=key.matches("s", sql.SQL("q.key"))), {**params, "tried": tried})
+            stuck = [str(r[0]) for r in cur.fetchall()]
+            conn.commit()
+        return sorted(set(tried) - set(stuck)), stuck + refused
+
+    @staticmethod
+    def _mark_one_by_one(cur: Any, mark: sql.Composable, loaded: sql.Composable,
+                         params: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """(keys marked, keys whose mark PostgreSQL refused): each row in a savepoint of its own."""
+        cur.execute(sql.SQL("SELECT q.key {loaded}").format(loaded=loaded), params)
+        tried: list[str] = []
+        refused: list[str] = []
+        for (one,) in cur.fetchall():
+            cur.execute("SAVEPOINT etl_requeue_one")
+            try:
+                cur.execute(mark, {**params, "one": one})
+                tried.extend(str(r[0]) for r in cur.fetchall())
+                cur.execute("RELEASE SAVEPOINT etl_requeue_one")
+            except psycopg2.DatabaseError:
+                cur.execute("ROLLBACK TO SAVEPOINT etl_requeue_one")
+                refused.append(str(one))
+        return tried, refused
+
+    def stuck(self) -> tuple[int, int, list[str]]:
+        """Rows whose mark did not stick: (how many were reset, how many refused, a few keys)."""
+        rows = self.store.run("look for rows whose mark did not stick", sql.SQL(
+            "SELECT count(*) FILTER (WHERE kind = 'reset') OVER (), count(*) FILTER (WHERE kind = 'refused') OVER (),"
+            " key FROM {s}.quarantine WHERE job = %s AND kind IN ('reset', 'refused')"
+            " ORDER BY quarantined_at DESC, key LIMIT 5").format(s=self.store.schema), (self.store.job.name,))
+        if not rows:
+            return 0, 0, []
+        return int(rows[0][0]), int(rows[0][1]), [str(r[2]) for r in rows]
 
     def _canonical(self, key: Key, text: str) -> str:
         """`text` as the ledger stores this key (`007` -> `7`); SourceError if it is not one."""

@@ -69,6 +69,12 @@ ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS source_oid oid;
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS chunk_ends integer[];
 -- A batch's quarantined rows, whichever job name set them aside: its mark leaves them alone.
 CREATE INDEX IF NOT EXISTS quarantine_batch ON {schema}.quarantine (batch_id);
+-- What a quarantined row is: 'failed' (never loaded: it stays unprocessed and a requeue loads it),
+-- or loaded but not marked — 'unmarked' (PostgreSQL refused its mark), 'reset' (something set the
+-- flag back in the mark's transaction), 'refused' (the mark did not reach it) — with its xmin then:
+-- a requeue marks such a row (if it has not changed since), it never loads it again.
+ALTER TABLE {schema}.quarantine ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'failed',
+    ADD COLUMN IF NOT EXISTS row_xmin xid;
 -- The source column types each job's target was last brought in step with: a type that differs
 -- from it is a change at the source (one that matches is the operator's choice, left alone).
 CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
@@ -96,10 +102,11 @@ def ensure(store: Store) -> None:
         " OR (attrelid = to_regclass(%(b)s) AND attname = 'chunk_ends')"
         " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
         " OR (attrelid = to_regclass(%(qb)s) AND attname = 'batch_id')"
+        " OR (attrelid = to_regclass(%(q)s) AND attname = 'kind')"
         " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
         {"b": f"{quoted}.batches", "q": f"{quoted}.quarantine", "r": f"{quoted}.runs",
          "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch"})
-    if present[0][0] < 7:
+    if present[0][0] < 8:
         store.run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=store.schema))
         # Batches recorded before batches named their source: this job's own are on its source.
         store.run("record the source of older batches", sql.SQL(

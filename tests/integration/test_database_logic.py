@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import time
 
+import psycopg2.extensions
 import pytest
 
-from etl_service import checks
+from etl_service import admin, checks, report
+from etl_service.config import Settings, load
 from etl_service.pipeline import FAILED, OK, WAITING, run_job
 
 from .conftest import World
@@ -82,3 +84,165 @@ def test_a_short_idle_session_timeout_does_not_cut_a_run_that_waits_for_readines
     result = run_job(settings, settings.jobs[0])
     assert (result.status, result.rows_marked) == (OK, 100), result.message
     assert marked(world) == (100, 100) and ch_summary(world) == (100, 100, 5050)
+
+
+# --- a mark must stick -------------------------------------------------------------------------
+
+DIRTY = """
+CREATE FUNCTION dirty() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new IS DISTINCT FROM old THEN new.ts := now(); new.processed := false; END IF;
+  RETURN new; END $$;
+CREATE TRIGGER t_dirty BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION dirty();
+"""
+# an AFTER trigger that sets the flag back on every third row
+UNDO = """
+CREATE FUNCTION undo() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.processed AND NOT old.processed AND new.id % 3 = 0 THEN
+    UPDATE src SET processed = false WHERE id = new.id; END IF;
+  RETURN NULL; END $$;
+CREATE TRIGGER t_undo AFTER UPDATE ON src FOR EACH ROW EXECUTE FUNCTION undo();
+"""
+# a BEFORE trigger that silently skips a tenth of the rows
+SKIP = """
+CREATE FUNCTION skip() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.id % 10 = 0 THEN RETURN NULL; END IF; RETURN new; END $$;
+CREATE TRIGGER t_skip BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION skip();
+"""
+FIXES = {"t_dirty": "DROP TRIGGER t_dirty ON src; CREATE TRIGGER t_dirty BEFORE UPDATE ON src FOR EACH ROW"
+                    " WHEN (old.processed IS NOT DISTINCT FROM new.processed) EXECUTE FUNCTION dirty()",
+         "t_undo": "DROP TRIGGER t_undo ON src", "t_skip": "DROP TRIGGER t_skip ON src"}
+
+
+def loaded_once(world: World) -> tuple[int, int]:
+    """(rows in the target, distinct ids): equal when no key was loaded twice."""
+    rows, unique, _ = ch_summary(world)
+    return rows, unique
+
+
+def requeue(settings: Settings) -> list[str]:
+    """What `requeue` says for every job."""
+    lines: list[str] = []
+    admin.requeue(settings, list(settings.jobs), None, lines.append)
+    return lines
+
+
+@pytest.mark.parametrize(("logic", "trigger", "kind", "set_aside"), [
+    (DIRTY, "t_dirty", "set back to false", 1000),
+    (UNDO, "t_undo", "set back to false", 333),
+    (SKIP, "t_skip", "not reached by the mark", 100),
+])
+def test_a_mark_that_does_not_stick_stops_the_job_and_nothing_loads_twice(world: World, logic: str, trigger: str,
+                                                                        kind: str, set_aside: int) -> None:
+    world.make_source(1000)
+    world.sql(logic)
+    settings = world.settings(batch_size="1000")
+    lines: list[str] = []
+    checks.check(settings, lines.append)
+    assert any(f"trigger {trigger}" in line and "can reset or refuse" in line for line in lines), lines
+    first = run_job(settings, settings.jobs[0])
+    assert first.status == FAILED and trigger in first.message and kind in first.message
+    assert f"requeue --job {settings.jobs[0].name}" in first.message
+    assert first.rows_marked == 1000 - set_aside
+    assert loaded_once(world) == (1000, 1000)
+    assert world.sql("SELECT count(*) FROM etl.quarantine WHERE kind <> 'failed'") == [(set_aside,)]
+    for _ in range(2):  # later runs stop before loading anything
+        again = run_job(settings, settings.jobs[0])
+        assert again.status == FAILED and again.rows_loaded == 0 and trigger in again.message
+    world.add_rows(1001, 1100)  # new rows wait too
+    assert run_job(settings, settings.jobs[0]).rows_loaded == 0
+    assert loaded_once(world) == (1000, 1000)
+    world.sql(FIXES[trigger])
+    said = requeue(settings)
+    assert any(f"{set_aside} row(s) already in ClickHouse marked processed, not loaded again" in s for s in said), said
+    done = run_job(settings, settings.jobs[0])
+    assert (done.status, done.rows_loaded, done.rows_marked) == (OK, 100, 100)
+    assert marked(world) == (1100, 1100)
+    assert loaded_once(world) == (1100, 1100)
+
+
+def test_requeue_before_the_fix_keeps_the_rows_aside(world: World) -> None:
+    world.make_source(200)
+    world.sql(DIRTY)
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).status == FAILED
+    said = requeue(settings)
+    assert any("200 row(s) already in ClickHouse still cannot be marked" in s for s in said), said
+    assert world.sql("SELECT count(*) FROM etl.quarantine WHERE kind = 'reset'") == [(200,)]
+    world.sql(FIXES["t_dirty"])
+    requeue(settings)
+    assert marked(world) == (200, 200) and loaded_once(world) == (200, 200)
+
+
+def test_a_trigger_on_one_partition_only_is_found_and_nothing_loads_twice(world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint, name text, ts timestamptz, processed boolean NOT NULL DEFAULT false,"
+              " PRIMARY KEY (id)) PARTITION BY RANGE (id);"
+              " CREATE TABLE src_a PARTITION OF src FOR VALUES FROM (0) TO (500);"
+              " CREATE TABLE src_b PARTITION OF src FOR VALUES FROM (500) TO (10000);"
+              " INSERT INTO src SELECT g, 'r' || g, now(), false FROM generate_series(1, 999) g")
+    world.sql(DIRTY.replace("ON src FOR", "ON src_b FOR"))
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert result.status == FAILED and "t_dirty" in result.message and "src_b" in result.message
+    assert result.rows_marked == 499
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target()}") == [(999, 999)]
+    assert run_job(settings, settings.jobs[0]).rows_loaded == 0
+
+
+def test_a_row_security_policy_narrower_for_update_stops_the_job(world: World) -> None:
+    world.make_source(20)
+    world.sql("CREATE ROLE etl_rls LOGIN; GRANT SELECT, UPDATE ON src TO etl_rls;"
+              " GRANT CREATE, USAGE ON SCHEMA public TO etl_rls;"
+              f" GRANT CREATE ON DATABASE {world.ch_database} TO etl_rls;"
+              " ALTER TABLE src ENABLE ROW LEVEL SECURITY;"
+              " CREATE POLICY p_read ON src FOR SELECT USING (true);"
+              " CREATE POLICY p_write ON src FOR UPDATE USING (id <= 15)")
+    try:
+        settings = load(environ={**world.env(), "PG_DSN": psycopg2.extensions.make_dsn(world.pg_dsn, user="etl_rls")})
+        result = run_job(settings, settings.jobs[0])
+        assert result.status == FAILED and "p_write" in result.message and "not reached" in result.message
+        assert result.rows_marked == 15
+        assert loaded_once(world) == (20, 20)
+        assert run_job(settings, settings.jobs[0]).rows_loaded == 0
+        assert loaded_once(world) == (20, 20)
+    finally:
+        world.sql("DROP OWNED BY etl_rls; DROP ROLE etl_rls")
+
+
+def test_one_row_whose_mark_raises_is_set_aside_and_the_rest_moves(world: World) -> None:
+    world.make_source(1000)
+    world.sql("""CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                   IF new.id = 777 THEN RAISE EXCEPTION 'row 777 may not be processed'; END IF; RETURN new; END $$;
+                 CREATE TRIGGER t_picky BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION picky()""")
+    settings = world.settings(batch_size="300")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 999)
+    assert marked(world) == (999, 1000) and loaded_once(world) == (1000, 1000)
+    assert world.sql("SELECT key, kind FROM etl.quarantine") == [("777", "unmarked")]
+    again = run_job(settings, settings.jobs[0])  # not claimed again: it is in ClickHouse
+    assert again.rows_loaded == 0 and loaded_once(world) == (1000, 1000)
+    shown: list[str] = []
+    report.status(settings, shown.append)
+    assert any("777" in line and "refused the mark" in line for line in shown), shown
+    world.sql("DROP TRIGGER t_picky ON src")
+    said = requeue(settings)
+    assert any("1 row(s) already in ClickHouse marked processed" in s for s in said), said
+    assert marked(world) == (1000, 1000) and loaded_once(world) == (1000, 1000)
+
+
+def test_a_mark_that_raises_for_every_row_leaves_the_batch_loaded_with_the_reason(world: World) -> None:
+    world.make_source(100)
+    world.sql("""CREATE FUNCTION never() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                   RAISE EXCEPTION 'processing is closed'; END $$;
+                 CREATE TRIGGER t_never BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION never()""")
+    settings = world.settings()
+    for _ in range(2):
+        result = run_job(settings, settings.jobs[0])
+        assert result.status == FAILED and "processing is closed" in result.message
+        assert "the batch stays loaded" in result.message
+    assert world.sql("SELECT state FROM etl.batches") == [("loaded",)]
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
+    assert loaded_once(world) == (100, 100)
+    world.sql("DROP TRIGGER t_never ON src")
+    done = run_job(settings, settings.jobs[0])
+    assert (done.status, done.rows_loaded, done.rows_marked) == (OK, 0, 100)
+    assert loaded_once(world) == (100, 100)

@@ -1,0 +1,224 @@
+"""The mark: flag a loaded batch's rows processed in one transaction, and see that it sticks.
+
+In the mark's own transaction:
+1. flag exactly the claimed rows whose xmin is still the claimed one (a row changed since the
+   claim is left for the next batch), leaving out the batch's quarantined rows;
+2. if PostgreSQL raises for some rows (a trigger that refuses one), mark the batch in halves
+   under savepoints until each such row is alone, and set it aside as loaded-not-marked; more
+   than MARK_FAILURES rows raising alone is no longer "some rows": the whole mark is rolled back;
+3. look at the batch's rows again: one still unprocessed that the UPDATE reached (its keys are
+   kept in a temporary table as it runs) had its mark reset (a trigger set the flag back); one
+   whose xmin is still the claimed one was not reached (a trigger returned NULL, a row security
+   policy hides it from UPDATE). Neither is counted as marked, and both are set aside as
+   loaded-not-marked, so no run claims and loads them again; the run then stops
+   (`MarkResult.stuck`). A row that changed since the claim (another xmin, not reached) is left
+   for the next batch, as always;
+4. close the batch.
+
+A row set aside as loaded is in ClickHouse: `requeue` marks it (never loads it again) once the
+cause is fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg2
+from psycopg2 import sql
+
+from etl_service import source
+from etl_service.config import JobConfig
+from etl_service.errors import SourceError
+from etl_service.ledger.batches import Batch
+from etl_service.ledger.store import Store
+from etl_service.source import RANGE_JOIN, SourceShape, pg_errors, qualified
+
+# Rows of one batch whose mark may raise alone before the mark takes the cause as systematic.
+MARK_FAILURES = 10
+
+
+@dataclass(frozen=True)
+class MarkResult:
+    """What a mark did: rows marked, rows of the batch in quarantine, and rows set aside by this mark."""
+
+    marked: int
+    quarantined: int
+    reset: list[str] = field(default_factory=list)  # keys whose flag was set back in the mark's transaction
+    refused: list[str] = field(default_factory=list)  # keys the UPDATE did not reach although unchanged
+    raised: list[tuple[str, str]] = field(default_factory=list)  # (key, error) whose mark raised alone
+    blockers: list[str] = field(default_factory=list)  # the source's triggers and policies on UPDATE, described
+
+    @property
+    def stuck(self) -> bool:
+        """The mark did not stick on some rows: a trigger or policy works against it (the job must stop)."""
+        return bool(self.reset or self.refused)
+
+
+class _Raised(Exception):
+    """More than MARK_FAILURES rows of a batch raised alone."""
+
+
+class Mark:
+    """Marks one batch at a time on the store's connection."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._reached_table = False  # the session's table of keys the UPDATE reached exists
+
+    def run(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> MarkResult:
+        """Mark `batch` (see the module docstring); commits unless something raised."""
+        conn = self.store.conn
+        with pg_errors(f"mark batch {batch.batch_id} done", conn), conn.cursor() as cur:
+            if not self._reached_table:
+                cur.execute("CREATE TEMP TABLE IF NOT EXISTS etl_reached (key text) ON COMMIT DELETE ROWS")
+                conn.commit()
+                self._reached_table = True
+            if shape.range_join:
+                cur.execute(RANGE_JOIN)
+            raised: list[tuple[int, str]] = []
+            try:
+                marked = self._update(cur, batch, shape, None, raised)
+            except _Raised:
+                conn.rollback()
+                raise SourceError(f"mark batch {batch.batch_id} done: PostgreSQL refused the mark of more than"
+                                  f" {MARK_FAILURES} of its rows, one by one (last: {raised[-1][1]}): a trigger or"
+                                  " policy on the source refuses the flag; the batch stays loaded, and the next run"
+                                  " marks it once that is fixed") from None
+            raised_keys = self._set_aside_raised(cur, batch, shape, raised)
+            reset, refused = self._set_aside_stuck(cur, batch, shape)
+            marked -= len(reset)  # the UPDATE reached them, but the flag did not stay
+            cur.execute(sql.SQL(
+                "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
+                " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.store.schema),
+                (marked, batch.batch_id))
+            cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE batch_id = %s").format(s=self.store.schema),
+                        (batch.batch_id,))
+            quarantined = cur.fetchone()[0]  # type: ignore[index]
+            before_commit()
+            conn.commit()
+        blockers = source.mark_blockers(conn, self.store.job) if reset or refused or raised_keys else []
+        return MarkResult(int(marked), int(quarantined), reset, refused, raised_keys, blockers)
+
+    def _statement(self, shape: SourceShape, sliced: bool) -> sql.Composable:
+        """The marking UPDATE of the whole batch, or (sliced) of positions %(first)s..%(last)s."""
+        key, job, schema = shape.key, self.store.job, self.store.schema
+        # With an index of the unprocessed rows on the key, the batch's key range is one ordered
+        # pass over it, joined with the claimed keys (a third less work than a probe per key).
+        span = sql.SQL(" AND s.{flag} = false AND {lo} AND {hi}").format(
+            flag=sql.Identifier(job.processed_column),
+            lo=key.compare("s", ">=", sql.SQL("(SELECT keys[1] FROM {}.batches WHERE batch_id = %(batch)s)")
+                           .format(schema)),
+            hi=key.compare("s", "<=", sql.SQL("(SELECT keys[cardinality(keys)] FROM {}.batches"
+                                              " WHERE batch_id = %(batch)s)").format(schema)),
+        ) if shape.range_join and not sliced else sql.SQL("")
+        keys = sql.SQL("b.keys[%(first)s:%(last)s], b.xmins[%(first)s:%(last)s]" if sliced else "b.keys, b.xmins")
+        return sql.SQL(
+            "WITH m AS (UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
+            " CROSS JOIN LATERAL unnest({keys}) AS k(key, x)"
+            " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x{span}"
+            # rows quarantined in this batch, under whichever job name: never loaded, never marked
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)"
+            " RETURNING k.key) INSERT INTO pg_temp.etl_reached SELECT key FROM m"
+        ).format(src=qualified(job), flag=sql.Identifier(job.processed_column), s=schema, keys=keys,
+                 matches=key.matches("s", sql.SQL("k.key")), span=span)
+
+    def _update(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
+                positions: tuple[int, int] | None, raised: list[tuple[int, str]]) -> int:
+        """Mark the batch (or `positions` of it); on a refusal, halves under savepoints. Returns rows reached."""
+        params = {"batch": batch.batch_id, "job": self.store.job.name}
+        if positions:
+            params.update(first=positions[0], last=positions[1])
+        cur.execute("SAVEPOINT etl_mark")
+        try:
+            cur.execute(self._statement(shape, positions is not None), params)
+        except psycopg2.Error as exc:
+            if cur.connection.closed or isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT etl_mark")
+            cur.execute("RELEASE SAVEPOINT etl_mark")
+            first, last = positions or (1, batch.row_count)
+            if first == last:
+                raised.append((first, str(exc).strip().splitlines()[0][:500] if str(exc).strip() else "refused"))
+                if len(raised) > MARK_FAILURES:
+                    raise _Raised from None
+                return 0
+            middle = (first + last) // 2
+            return (self._update(cur, batch, shape, (first, middle), raised)
+                    + self._update(cur, batch, shape, (middle + 1, last), raised))
+        reached = cur.rowcount
+        cur.execute("RELEASE SAVEPOINT etl_mark")
+        return int(reached)
+
+    def _set_aside_raised(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
+                          raised: list[tuple[int, str]]) -> list[tuple[str, str]]:
+        """Set aside, as loaded-not-marked, the rows whose mark raised alone."""
+        found: list[tuple[str, str]] = []
+        for position, reason in raised:
+            cur.execute(self._aside(shape, sql.SQL("b.keys[%(pos)s]"), "unmarked"),
+                        {"batch": batch.batch_id, "job": self.store.job.name, "pos": position,
+                         "reason": f"loaded, not marked: PostgreSQL refused the mark: {reason}"})
+            found.extend((str(row[0]), reason) for row in cur.fetchall())
+        return found
+
+    def _set_aside_stuck(self, cur: psycopg2.extensions.cursor, batch: Batch,
+                         shape: SourceShape) -> tuple[list[str], list[str]]:
+        """Find the batch's rows the mark did not stick on, and set them aside as loaded-not-marked."""
+        job, schema = self.store.job, self.store.schema
+        cur.execute(sql.SQL(
+            "SELECT k.key, r.key IS NOT NULL FROM {s}.batches b"
+            " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x) JOIN {src} s ON {matches}"
+            " LEFT JOIN pg_temp.etl_reached r ON r.key = k.key"
+            " WHERE b.batch_id = %(batch)s AND s.{flag} IS NOT TRUE AND (r.key IS NOT NULL OR s.xmin = k.x)"
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)"
+        ).format(s=schema, src=qualified(job), flag=sql.Identifier(job.processed_column),
+                 matches=shape.key.matches("s", sql.SQL("k.key"))), {"batch": batch.batch_id})
+        stuck = cur.fetchall()
+        reset = [str(key) for key, reached in stuck if reached]
+        refused = [str(key) for key, reached in stuck if not reached]
+        for keys, kind, reason in ((reset, "reset", "the mark was set back to false in its own transaction"),
+                                   (refused, "refused", "the mark did not reach the row although it had not"
+                                                        " changed since the claim")):
+            if keys:
+                cur.execute(self._aside(shape, sql.SQL("k.key"), kind, keys=True),
+                            {"batch": batch.batch_id, "job": job.name, "keys": keys,
+                             "reason": f"loaded, not marked: {reason}"})
+        return reset, refused
+
+    def _aside(self, shape: SourceShape, key: sql.Composable, kind: str, keys: bool = False) -> sql.Composable:
+        """INSERT of batch rows into the quarantine as loaded (kind), with the row's xmin now."""
+        job = self.store.job
+        pick = sql.SQL(" CROSS JOIN LATERAL unnest(%(keys)s::text[]) AS k(key)") if keys else sql.SQL("")
+        return sql.SQL(
+            "INSERT INTO {s}.quarantine (job, key, batch_id, reason, row, kind, row_xmin)"
+            " SELECT %(job)s, {key}, b.batch_id, %(reason)s, to_jsonb(s), {kind}, s.xmin FROM {s}.batches b{pick}"
+            " JOIN {src} s ON {matches} WHERE b.batch_id = %(batch)s"
+            " ON CONFLICT (job, key) DO UPDATE SET batch_id = EXCLUDED.batch_id, reason = EXCLUDED.reason,"
+            " row = EXCLUDED.row, quarantined_at = now(), kind = EXCLUDED.kind, row_xmin = EXCLUDED.row_xmin"
+            " RETURNING key"
+        ).format(s=self.store.schema, key=key, kind=sql.Literal(kind), pick=pick, src=qualified(job),
+                 matches=shape.key.matches("s", key))
+
+
+def not_kept(job: JobConfig, where: str, reset: int, refused: int, blockers: list[str]) -> str:
+    """Why the job stops when a mark did not stick, and the way out (nothing is loaded twice on it)."""
+    flag, table = job.processed_column, ".".join(job.source_table)
+    causes = []
+    if reset:
+        causes.append(f"{reset} row(s) had {flag} set back to false in the mark's own transaction (a trigger that"
+                      " resets it)")
+    if refused:
+        causes.append(f"{refused} row(s) were not reached by the mark although unchanged since the claim (a trigger"
+                      " that returns NULL, or a row security policy that hides them from UPDATE)")
+    found = "; ".join(blockers) if blockers else "no trigger or policy on UPDATE is found now"
+    fix = []
+    if reset:
+        fix.append(f"make the trigger leave the service's mark alone, e.g. fire it only WHEN (old.{flag} IS NOT"
+                   f" DISTINCT FROM new.{flag}), or compare the rows without {flag} in its function")
+    if refused:
+        fix.append(f"let the service's role update {flag} on every row it reads (a policy FOR UPDATE for it, or"
+                   " a trigger that returns NEW when only the flag changes)")
+    return (f"{where} did not stick on {table}: {'; '.join(causes)}. On the source: {found}. Those rows are in"
+            f" ClickHouse and set aside as loaded, not marked (`status` lists them); no run loads them again. The"
+            f" job stops until this is fixed: {'; '.join(fix)}; then `etl-service requeue --job {job.name}` marks"
+            " them without loading them again")
