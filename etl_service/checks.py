@@ -18,6 +18,7 @@ from etl_service import clickhouse, cron, sink, source, target
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, EtlError, TransientError
 from etl_service.ledger import Ledger
+from etl_service.ledger.runs import null_flag_fix
 
 Print = Callable[[str], None]
 
@@ -136,6 +137,11 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
         nulls = ledger.runs.null_keys(key)
         if nulls:
             lines.append(f"note: {nulls} unprocessed row(s) cannot move: their key has a NULL")
+        null_flags = ledger.runs.null_flags()
+        if null_flags:
+            lines.append(f"note: cannot move: {null_flags} row(s) with a NULL flag ({job.processed_column}): NULL is"
+                         f" not false, they are never claimed; to send them,"
+                         f" {null_flag_fix('.'.join(job.source_table), job.processed_column)}")
         if ledger_exists(conn, settings.ledger_schema):
             for other in ledger.others.held_elsewhere(key):  # ConfigError if another consumer uses another key
                 lines.append(f"note: batch {other.batch_id} of job {other.job!r} (flag {other.flag}) holds keys of"

@@ -17,6 +17,7 @@ from etl_service.config import JobConfig, Settings
 from etl_service.errors import EtlError
 from etl_service.keys import Key
 from etl_service.ledger import Ledger
+from etl_service.ledger.runs import null_flag_fix
 
 Print = Callable[[str], None]
 QUARANTINE_SHOWN = 5
@@ -39,12 +40,13 @@ def status(settings: Settings, out: Print = print, as_json: bool = False) -> boo
 
 
 def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[str, Any]:
-    data: dict[str, Any] = {"job": job.name, "source": ".".join(job.source_table), "target": job.target_table}
+    data: dict[str, Any] = {"job": job.name, "source": ".".join(job.source_table), "target": job.target_table,
+                            "flag": job.processed_column}
     try:
         shape = source.describe(conn, job)
         ledger = Ledger(conn, settings.ledger_schema, job)
         data.update(key=shape.key.label, null_keys=ledger.runs.null_keys(shape.key),
-                    ledger=ledger_exists(conn, settings.ledger_schema))
+                    null_flags=ledger.runs.null_flags(), ledger=ledger_exists(conn, settings.ledger_schema))
         if data["ledger"]:
             health = ledger.runs.health()
             since = (datetime.now(UTC) - health.last_success).total_seconds() if health.last_success else None
@@ -56,6 +58,7 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
     except EtlError as exc:
         data["error"] = str(exc)
     data["needs_attention"] = bool(data.get("error") or data.get("foreign") or data.get("quarantined")
+                                   or data.get("null_flags")
                                    or (data.get("runs") and data["runs"][0]["status"] == "failed"))
     return data
 
@@ -82,10 +85,7 @@ def _render(job: dict[str, Any], out: Print) -> None:
     if "error" in job:
         out(f"  cannot read: {job['error']}")
         return
-    lag = f"; the oldest waits {_duration(job['lag_seconds'])}" if job.get("lag_seconds") else ""
-    out(f"  backlog: {job['backlog']} unprocessed row(s){lag}")
-    if job["null_keys"]:
-        out(f"  cannot move: {job['null_keys']} row(s) with a NULL key ({job['key']}); they are never claimed")
+    _render_backlog(job, out)
     if not job["ledger"]:
         out("  no runs yet (the ledger is created by the first run)")
         return
@@ -118,6 +118,16 @@ def _render(job: dict[str, Any], out: Print) -> None:
         tail = f" — {run['message']}" if run["message"] else ""
         out(f"    {run['started_at']:%Y-%m-%d %H:%M:%S} {run['status']:8} batches={run['batches']}"
             f" loaded={run['rows_loaded']} marked={run['rows_marked']} {run['seconds']:.1f}s{tail}")
+
+
+def _render_backlog(job: dict[str, Any], out: Print) -> None:
+    lag = f"; the oldest waits {_duration(job['lag_seconds'])}" if job.get("lag_seconds") else ""
+    out(f"  backlog: {job['backlog']} unprocessed row(s){lag}")
+    if job["null_keys"]:
+        out(f"  cannot move: {job['null_keys']} row(s) with a NULL key ({job['key']}); they are never claimed")
+    if job["null_flags"]:
+        out(f"  cannot move: {job['null_flags']} row(s) with a NULL flag ({job['flag']}): NULL is not false, they are"
+            f" never claimed; to send them, {null_flag_fix(job['source'], job['flag'])}")
 
 
 def _duration(seconds: float) -> str:

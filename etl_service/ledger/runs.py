@@ -81,6 +81,15 @@ class Runs:
         backlog, lag, waiting, quarantined, last_success = rows[0]
         return Health(int(backlog), max(0.0, float(lag)), int(waiting), int(quarantined), last_success)
 
+    def null_flags(self) -> int:
+        """Rows whose flag is NULL: neither processed nor unprocessed, so never claimed (0 if it cannot be NULL)."""
+        flag = self.store.job.processed_column
+        rows = self.store.run("count rows with a NULL flag", sql.SQL(
+            "SELECT CASE WHEN (SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s)"
+            " THEN 0 ELSE (SELECT count(*) FROM {src} WHERE {flag} IS NULL) END").format(
+            src=qualified(self.store.job), flag=sql.Identifier(flag)), (self.store.quoted_source(), flag))
+        return int(rows[0][0])
+
     def backlog(self) -> int:
         """Source rows not yet flagged processed."""
         rows = self.store.run("count backlog", sql.SQL("SELECT count(*) FROM {src} WHERE {flag} = false").format(
@@ -101,3 +110,9 @@ class Runs:
             "SELECT started_at, status, batches, rows_loaded, rows_marked, seconds, message"
             " FROM {s}.runs WHERE job = %s ORDER BY run_id DESC LIMIT %s").format(s=self.store.schema),
             (self.store.job.name, limit))
+
+
+def null_flag_fix(table: str, flag: str) -> str:
+    """The statements that make rows with a NULL flag move, and keep new ones from having one."""
+    return (f"UPDATE {table} SET {flag} = false WHERE {flag} IS NULL; and give the column a default:"
+            f" ALTER TABLE {table} ALTER COLUMN {flag} SET DEFAULT false, ALTER COLUMN {flag} SET NOT NULL")

@@ -246,3 +246,28 @@ def test_a_mark_that_raises_for_every_row_leaves_the_batch_loaded_with_the_reaso
     done = run_job(settings, settings.jobs[0])
     assert (done.status, done.rows_loaded, done.rows_marked) == (OK, 0, 100)
     assert loaded_once(world) == (100, 100)
+
+
+# --- a NULL flag is neither processed nor hidden ----------------------------------------------
+
+def test_rows_with_a_null_flag_do_not_move_and_are_counted_and_shown(world: World) -> None:
+    world.make_source(100)
+    world.sql("ALTER TABLE src ALTER COLUMN processed DROP NOT NULL, ALTER COLUMN processed DROP DEFAULT;"
+              " INSERT INTO src (id, amount, name) SELECT g, g, 'late ' || g FROM generate_series(101, 130) g")
+    settings = world.settings()
+    lines: list[str] = []
+    assert checks.check(settings, lines.append)
+    assert any("cannot move: 30 row(s) with a NULL flag (processed)" in line for line in lines), lines
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 100)
+    assert ch_summary(world) == (100, 100, 5050)  # a NULL flag is not false: those rows are not sent
+    shown: list[str] = []
+    report.status(settings, shown.append)
+    assert any("cannot move: 30 row(s) with a NULL flag" in line and "SET DEFAULT false" in line
+               for line in shown), shown
+    world.sql("UPDATE src SET processed = false WHERE processed IS NULL")  # what the message says to do
+    assert run_job(settings, settings.jobs[0]).rows_marked == 30
+    assert ch_summary(world) == (130, 130, 130 * 131 // 2)
+    shown.clear()
+    report.status(settings, shown.append)
+    assert not any("NULL flag" in line for line in shown)
