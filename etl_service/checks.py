@@ -17,7 +17,7 @@ from psycopg2 import sql
 from etl_service import clickhouse, cron, sink, source, target
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, EtlError, TransientError
-from etl_service.ledger import Ledger
+from etl_service.ledger import Ledger, schema
 from etl_service.ledger.runs import null_flag_fix
 
 Print = Callable[[str], None]
@@ -132,6 +132,7 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
                      f" must leave it alone (e.g. fire only WHEN (old.{job.processed_column} IS NOT DISTINCT FROM"
                      f" new.{job.processed_column})), a policy must let the service's role update the rows it reads;"
                      " a mark that does not stick stops the job" for found in source.mark_blockers(conn, job))
+        schema.check_not_foreign(conn, settings.ledger_schema)
         ledger = Ledger(conn, settings.ledger_schema, job)
         lines.append(f"{ledger.runs.backlog()} unprocessed row(s)")
         nulls = ledger.runs.null_keys(key)
@@ -215,6 +216,7 @@ def preflight(settings: Settings) -> None:
     """At start: every job's source, key and privileges are right, or ConfigError (exit 78)."""
     conn = source.connect(settings, "start")
     try:
+        schema.check_not_foreign(conn, settings.ledger_schema)
         for job in settings.jobs:
             source.describe(conn, job)
             _pg_privileges(conn, settings, job)

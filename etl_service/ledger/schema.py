@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from psycopg2 import sql
 
+from etl_service.errors import ConfigError
 from etl_service.ledger.store import Store
+from etl_service.source import Connection, pg_errors
 
 SCHEMA_SQL = """
 SELECT pg_advisory_xact_lock(hashtextextended('etl-service:ledger-schema', 0));
@@ -87,6 +89,33 @@ CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
 """
 
 
+# Columns every version of each ledger table has had: a table of that name without them is not ours.
+_OURS = {"batches": ("state", "keys"), "quarantine": ("key", "reason"), "runs": ("status", "rows_marked"),
+         "target_shapes": ("columns",)}
+_NOT_OURS = """
+SELECT t.name, c.col FROM unnest(%(tables)s::text[], %(columns)s::text[]) AS c(name, col)
+JOIN (SELECT unnest(%(tables)s::text[]) AS name) t USING (name)
+WHERE to_regclass(format('%%I.%%I', %(schema)s::text, t.name)) IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text,
+                  t.name)) AND a.attname = c.col AND NOT a.attisdropped)
+LIMIT 1
+"""
+
+
+def check_not_foreign(conn: Connection, schema_name: str) -> None:
+    """ConfigError naming ETL_LEDGER_SCHEMA when a table there has a ledger table's name but is not one."""
+    pairs = [(table, column) for table, columns in _OURS.items() for column in columns]
+    with pg_errors("look for the ledger", conn), conn.cursor() as cur:
+        cur.execute(_NOT_OURS, {"tables": [t for t, _ in pairs], "columns": [c for _, c in pairs],
+                                "schema": schema_name})
+        found = cur.fetchone()
+    conn.rollback()
+    if found:
+        raise ConfigError("ETL_LEDGER_SCHEMA", f"{schema_name}.{found[0]} exists but is not the service's ledger"
+                          f" table (it has no column {found[1]})", "point ETL_LEDGER_SCHEMA at a schema of its own"
+                          " (the service creates it), or move that table elsewhere")
+
+
 def ensure(store: Store) -> None:
     """Create the ledger schema and tables if absent (idempotent).
 
@@ -107,6 +136,7 @@ def ensure(store: Store) -> None:
         {"b": f"{quoted}.batches", "q": f"{quoted}.quarantine", "r": f"{quoted}.runs",
          "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch"})
     if present[0][0] < 8:
+        check_not_foreign(store.conn, store.schema.string)
         store.run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=store.schema))
         # Batches recorded before batches named their source: this job's own are on its source.
         store.run("record the source of older batches", sql.SQL(

@@ -271,3 +271,21 @@ def test_rows_with_a_null_flag_do_not_move_and_are_counted_and_shown(world: Worl
     shown.clear()
     report.status(settings, shown.append)
     assert not any("NULL flag" in line for line in shown)
+
+
+# --- the ledger's schema -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("table", ["batches", "runs"])
+def test_a_foreign_table_in_the_ledger_schema_is_a_configuration_error(world: World, table: str) -> None:
+    world.make_source(10)
+    world.sql(f"CREATE SCHEMA etl; CREATE TABLE etl.{table} (id int, note text)")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.permanent) == (FAILED, True)
+    assert f"ETL_LEDGER_SCHEMA: etl.{table} exists but is not the service's ledger table" in result.message
+    lines: list[str] = []
+    assert not checks.check(settings, lines.append)
+    assert any("FAIL ETL_LEDGER_SCHEMA" in line for line in lines), lines
+    assert marked(world) == (0, 10)
+    other = world.settings(ledger_schema="etl_own")
+    assert run_job(other, other.jobs[0]).rows_marked == 10
