@@ -289,3 +289,42 @@ def test_a_foreign_table_in_the_ledger_schema_is_a_configuration_error(world: Wo
     assert marked(world) == (0, 10)
     other = world.settings(ledger_schema="etl_own")
     assert run_job(other, other.jobs[0]).rows_marked == 10
+
+
+# --- values are stored as they are, or set aside ------------------------------------------------
+
+def test_an_operator_made_narrower_target_stores_values_exactly_or_quarantines_them(world: World) -> None:
+    world.sql("""CREATE TABLE src (id bigint PRIMARY KEY, amount numeric(14,4), at timestamptz, f float8, d date,
+                                   code text, processed boolean NOT NULL DEFAULT false);
+                 INSERT INTO src SELECT g, g * 1.25, timestamptz '2026-01-01 00:00:00+00' + g * interval '1 s',
+                                        g * 0.5, date '2026-01-01' + g, 'c' || (g % 10)
+                 FROM generate_series(1, 100) g;
+                 UPDATE src SET amount = 1.2345 WHERE id = 11;            -- a digit Decimal(10,2) would drop
+                 UPDATE src SET at = '2300-01-01 00:00:00+00' WHERE id = 22; -- past DateTime
+                 UPDATE src SET at = '1899-12-31 00:00:00+00' WHERE id = 33; -- before DateTime
+                 UPDATE src SET at = at + interval '5 microseconds' WHERE id = 44; -- finer than DateTime
+                 UPDATE src SET f = 1e300 WHERE id = 55;                  -- past Float32
+                 UPDATE src SET d = '2150-01-01' WHERE id = 66;           -- past Date
+                 UPDATE src SET code = 'toolong' WHERE id = 77;           -- longer than FixedString(3)""")
+    ch = world.backend.ch()
+    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    ch.command(f"CREATE TABLE {world.target()} (id Int64, amount Decimal(10, 2), at DateTime('UTC'), f Float32,"
+               " d Date, code FixedString(3), _etl_batch UInt64) ENGINE = MergeTree ORDER BY id"
+               " SETTINGS non_replicated_deduplication_window = 1000")
+    settings = world.settings(schema_changes="fail")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 93, 7), result.message
+    reasons = dict(world.sql("SELECT key, reason FROM etl.quarantine"))
+    assert sorted(int(k) for k in reasons) == [11, 22, 33, 44, 55, 66, 77]
+    assert "more digits after the point than Decimal(10, 2)" in reasons["11"]
+    assert "out of the range of DateTime('UTC')" in reasons["22"] and "out of the range" in reasons["33"]
+    assert "more precise than DateTime('UTC')" in reasons["44"]
+    assert "does not fit Float32" in reasons["55"] and "out of the range of Date" in reasons["66"]
+    assert "FixedString(3)" in reasons["77"]
+    stored = world.ch_rows(f"SELECT id, amount, toUnixTimestamp(at), f, d, code FROM {world.target()} ORDER BY id")
+    source = world.sql("SELECT id, amount, extract(epoch FROM at)::bigint, f, d, code FROM src"
+                       " WHERE id NOT IN (11, 22, 33, 44, 55, 66, 77) ORDER BY id")
+    assert len(stored) == len(source) == 93
+    for (i, amount, at, f, d, code), (j, s_amount, s_at, s_f, s_d, s_code) in zip(stored, source, strict=True):
+        assert (i, amount, at, f, d, code.rstrip(b"\0").decode() if isinstance(code, bytes) else code.rstrip("\0")) \
+            == (j, s_amount, s_at, s_f, s_d, s_code)
