@@ -132,6 +132,8 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
                      f" must leave it alone (e.g. fire only WHEN (old.{job.processed_column} IS NOT DISTINCT FROM"
                      f" new.{job.processed_column})), a policy must let the service's role update the rows it reads;"
                      " a mark that does not stick stops the job" for found in source.mark_blockers(conn, job))
+        lines.extend(f"note: {found} applies to this role: rows it hides are not seen, so they never move and are"
+                     " not in the backlog" for found in source.hiding_policies(conn, job))
         schema.check_not_foreign(conn, settings.ledger_schema)
         ledger = Ledger(conn, settings.ledger_schema, job)
         lines.append(f"{ledger.runs.backlog()} unprocessed row(s)")

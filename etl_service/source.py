@@ -423,6 +423,25 @@ ORDER BY 1
 """
 
 
+_HIDING = """
+SELECT format('row security policy %%I (%%s) on %%s', p.polname,
+              CASE p.polcmd WHEN 'r' THEN 'FOR SELECT' ELSE 'FOR ALL' END, p.polrelid::regclass)
+FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+WHERE p.polrelid = to_regclass(%(table)s) AND c.relrowsecurity AND p.polcmd IN ('r', '*')
+  AND row_security_active(p.polrelid)
+ORDER BY 1
+"""
+
+
+def hiding_policies(conn: Connection, job: JobConfig) -> list[str]:
+    """Row security policies that decide which source rows this role sees (the rest never move)."""
+    with pg_errors("read the source's policies", conn), conn.cursor() as cur:
+        cur.execute(_HIDING, {"table": qualified(job).as_string(conn)})
+        found = [str(row[0]) for row in cur.fetchall()]
+    conn.rollback()
+    return found
+
+
 def mark_blockers(conn: Connection, job: JobConfig) -> list[str]:
     """The triggers and row security policies that can reset or refuse the mark of the flag, described."""
     with pg_errors("read the source's triggers and policies", conn), conn.cursor() as cur:

@@ -11,7 +11,7 @@ import pytest
 
 from etl_service import admin, checks, report
 from etl_service.config import Settings, load
-from etl_service.pipeline import FAILED, OK, WAITING, run_job
+from etl_service.pipeline import FAILED, IDLE, OK, WAITING, run_job
 
 from .conftest import World
 from .test_pipeline import ch_summary, marked
@@ -328,3 +328,23 @@ def test_an_operator_made_narrower_target_stores_values_exactly_or_quarantines_t
     for (i, amount, at, f, d, code), (j, s_amount, s_at, s_f, s_d, s_code) in zip(stored, source, strict=True):
         assert (i, amount, at, f, d, code.rstrip(b"\0").decode() if isinstance(code, bytes) else code.rstrip("\0")) \
             == (j, s_amount, s_at, s_f, s_d, s_code)
+
+
+def test_a_policy_that_hides_rows_from_select_is_named_and_what_it_shows_moves_once(world: World) -> None:
+    world.make_source(20)
+    world.sql("CREATE ROLE etl_seen LOGIN; GRANT SELECT, UPDATE ON src TO etl_seen;"
+              f" GRANT CREATE ON DATABASE {world.ch_database} TO etl_seen;"
+              " ALTER TABLE src ENABLE ROW LEVEL SECURITY;"
+              " CREATE POLICY p_tenant ON src FOR SELECT USING (id % 4 <> 0);"
+              " CREATE POLICY p_all_update ON src FOR UPDATE USING (true)")
+    try:
+        settings = load(environ={**world.env(), "PG_DSN": psycopg2.extensions.make_dsn(world.pg_dsn, user="etl_seen")})
+        lines: list[str] = []
+        checks.check(settings, lines.append)
+        assert any("policy p_tenant (FOR SELECT)" in line and "never move" in line for line in lines), lines
+        assert run_job(settings, settings.jobs[0]).status == OK
+        assert run_job(settings, settings.jobs[0]).status == IDLE  # the hidden rows are not seen, so not retried
+        assert loaded_once(world) == (15, 15)
+        assert marked(world) == (15, 20)
+    finally:
+        world.sql("DROP OWNED BY etl_seen; DROP ROLE etl_seen")
