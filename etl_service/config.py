@@ -4,7 +4,7 @@ This is the only module that reads `os.environ`. Every setting is declared once,
 its variable, its key in a jobs file (job settings), its default, the reader that parses and
 checks it, and one line of help. That table drives the reading below, fills `JobConfig` and
 `Settings` (a job setting's key is its attribute; a service setting names its `attr`), and is
-what .env.example and the settings reference are generated from.
+what `python -m etl_service.config --env-example / --reference` print (see `settings_doc`).
 Every problem becomes a `ConfigError` that names the variable (in a jobs file:
 `path [jobs.NAME] key`) and the fix; the CLI turns it into exit status 78.
 """
@@ -704,3 +704,10 @@ def _check_click_port(variable: str, port: str) -> None:
         raise ConfigError(variable, f"port {port} is ClickHouse's native TCP port, which clickhouse-connect"
                           " does not speak", f"use the HTTP interface port {NATIVE_PORTS[port]}")
 
+
+if __name__ == "__main__":
+    import sys
+
+    from etl_service.settings_doc import main
+
+    sys.exit(main(sys.argv[1:]))
