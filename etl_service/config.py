@@ -356,8 +356,9 @@ def _job(variable: str, default: str | None, help: str, parse: Reader = _Getter.
 # A batch's keys and xmins are stored in one ledger row (PostgreSQL holds at most 1 GB in a value).
 _MOST_ROWS = (10_000_000, "a batch's keys are stored in one ledger row")
 
-
-
+# Every setting, in the order of .env.example and the reference. A job's settings are also read in
+# this order (so of several bad values the first is named), and listed in it when a jobs file has
+# an unknown key.
 SECTIONS = (
     Section("PostgreSQL (the source, and the ledger in schema ETL_LEDGER_SCHEMA)",
             "Either one DSN (PG_DSN) or the parts (PG_HOST, PG_PORT, PG_USER, PG_PASSWORD, PG_DATABASE).", (
