@@ -1,7 +1,12 @@
 """Settings: read `.env`, the environment and the jobs file once, validate, freeze.
 
-This is the only module that reads `os.environ`. Every problem becomes a `ConfigError` that
-names the variable and the fix; the CLI turns it into exit status 78.
+This is the only module that reads `os.environ`. Every setting is declared once, in `SECTIONS`:
+its variable, its key in a jobs file (job settings), its default, the reader that parses and
+checks it, and one line of help. That table drives the reading below, fills `JobConfig` and
+`Settings` (a job setting's key is its attribute; a service setting names its `attr`), and is
+what `python -m etl_service.config --env-example / --reference` print (see `settings_doc`).
+Every problem becomes a `ConfigError` that names the variable (in a jobs file:
+`path [jobs.NAME] key`) and the fix; the CLI turns it into exit status 78.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import os
 import re
 import tomllib
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -29,32 +35,8 @@ from etl_service.errors import ConfigError
 
 NATIVE_PORTS = {"9000": "8123", "9440": "8443"}
 
-# Job keys: name in the jobs file -> (variable in .env, default). None means "no default".
-JOB_KEYS: dict[str, tuple[str, Any]] = {
-    "source_table": ("ETL_SOURCE_TABLE", None),
-    "source_key": ("ETL_SOURCE_KEY", "id"),
-    "processed_column": ("ETL_PROCESSED_COLUMN", "processed"),
-    "target_table": ("ETL_TARGET_TABLE", None),
-    "columns": ("ETL_COLUMNS", ""),
-    "schedule": ("ETL_SCHEDULE", "*/5 * * * *"),
-    "timezone": ("ETL_TIMEZONE", "UTC"),
-    "batch_size": ("ETL_BATCH_SIZE", "100000"),
-    "chunk_bytes": ("ETL_CHUNK_BYTES", "8MiB"),
-    "chunk_size": ("ETL_CHUNK_SIZE", "50000"),
-    "ready_query": ("ETL_READY_QUERY", ""),
-    "ready_timeout": ("ETL_READY_TIMEOUT", "300"),
-    "ready_poll_interval": ("ETL_READY_POLL_INTERVAL", "5"),
-    "transform": ("ETL_TRANSFORM", ""),
-    "post_pg_sql": ("ETL_POST_PG_SQL", ""),
-    "post_ch_sql": ("ETL_POST_CH_SQL", ""),
-    "max_run_seconds": ("ETL_MAX_RUN_SECONDS", "3600"),
-    "target_dedup": ("ETL_TARGET_DEDUP", "on"),
-    "schema_changes": ("ETL_SCHEMA_CHANGES", "auto"),
-    "verify_load": ("ETL_VERIFY_LOAD", "on"),
-    "lag_column": ("ETL_LAG_COLUMN", ""),
-}
 
-
+# The settings objects: their attributes are filled from the declarations in SECTIONS.
 @dataclass(frozen=True)
 class JobConfig:
     """One job: which source rows go to which trigger table, when, and how."""
@@ -69,7 +51,7 @@ class JobConfig:
     timezone: str
     batch_size: int
     chunk_size: int
-    chunk_bytes: int  # a chunk ends at ETL_CHUNK_SIZE rows or about this many bytes, whichever comes first
+    chunk_bytes: int
     ready_query: str
     ready_timeout: float
     ready_poll_interval: float
@@ -77,10 +59,10 @@ class JobConfig:
     post_pg_sql: str
     post_ch_sql: str
     max_run_seconds: float
-    target_dedup: bool = True  # refuse a target that would not drop a repeated insert
-    schema_changes: str = "auto"  # auto: follow the source; fail: never alter an operator-made table
-    verify_load: bool = True  # count the batch's rows in ClickHouse before marking
-    lag_column: str = ""  # a timestamp of the source rows (created_at): lag is the oldest unprocessed one's age
+    target_dedup: bool
+    schema_changes: str
+    verify_load: bool
+    lag_column: str
 
     def trigger(self) -> CrontabTrigger:
         """The APScheduler trigger for this job's schedule (validated at load): crontab(5) semantics."""
@@ -106,20 +88,20 @@ class Settings:
     pg_display: str
     clickhouse: ClickHouseTarget
     jobs: tuple[JobConfig, ...]
-    ledger_schema: str = "etl"
-    pg_statement_timeout: float = 600.0
-    ch_query_timeout: float = 300.0
-    retry_attempts: int = 3
-    retry_backoff: float = 2.0
-    misfire_grace: float = 300.0
-    log_level: str = "INFO"
-    log_format: str = "auto"
-    quarantine_limit: int = 1000
-    progress_seconds: float = 30.0  # a progress line this often in a long run (no bar); 0: none
-    metrics_port: int = 0  # 0: no metrics endpoint
-    metrics_address: str = "127.0.0.1"
-    crash_at: tuple[str, int] | None = None  # test hooks, see faults.py
-    fail_at: tuple[str, int] | None = None
+    ledger_schema: str
+    pg_statement_timeout: float
+    ch_query_timeout: float
+    retry_attempts: int
+    retry_backoff: float
+    misfire_grace: float
+    log_level: str
+    log_format: str
+    quarantine_limit: int
+    progress_seconds: float  # 0: no progress lines
+    metrics_port: int  # 0: no metrics endpoint
+    metrics_address: str
+    crash_at: tuple[str, int] | None  # test hooks, see faults.py
+    fail_at: tuple[str, int] | None
     env_file_values: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def job(self, name: str) -> JobConfig:
@@ -178,44 +160,36 @@ def load(env_file: str | None = None, environ: Mapping[str, str] | None = None,
     """
     env, file_values = read_env(env_file, environ, previous.env_file_values if previous else None)
     get = _Getter(env)
-    jobs = _load_jobs(env, get)
-    pg_dsn = _pg_dsn(env, get)
-    return Settings(
-        env_file_values=file_values,
-        pg_dsn=pg_dsn,
-        pg_display=redact_pg_dsn(pg_dsn),
-        clickhouse=_clickhouse(env, get),
-        jobs=jobs,
-        ledger_schema=get.identifier("ETL_LEDGER_SCHEMA", "etl"),
-        pg_statement_timeout=get.number("PG_STATEMENT_TIMEOUT", "600"),
-        ch_query_timeout=get.number("CLICK_QUERY_TIMEOUT", "300"),
-        retry_attempts=int(get.number("ETL_RETRY_ATTEMPTS", "3", whole=True)),
-        retry_backoff=get.number("ETL_RETRY_BACKOFF", "2"),
-        misfire_grace=get.number("ETL_MISFIRE_GRACE", "300"),
-        log_level=get.choice("ETL_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-        log_format=get.choice("ETL_LOG_FORMAT", "auto", ("auto", "text", "json", "journal")),
-        quarantine_limit=int(get.number("ETL_QUARANTINE_LIMIT", "1000", whole=True)),
-        progress_seconds=get.number("ETL_PROGRESS_SECONDS", "30", allow_zero=True),
-        metrics_port=int(get.number("ETL_METRICS_PORT", "0", whole=True, allow_zero=True)),
-        metrics_address=get.raw("ETL_METRICS_ADDRESS", "127.0.0.1"),
-        crash_at=_fault(env, "ETL_CRASH_AT"),
-        fail_at=_fault(env, "ETL_FAIL_AT"),
-    )
-
-
-def _fault(env: Mapping[str, str], variable: str) -> tuple[str, int] | None:
-    try:
-        return faults.parse(env.get(variable, "").strip())
-    except ValueError as exc:
-        raise ConfigError(variable, str(exc), "leave it unset outside the crash tests") from None
+    jobs = _load_jobs(get)
+    pg_dsn = _pg_dsn(get)
+    clickhouse = _clickhouse(get)
+    service = {setting.attr: get.read(setting) for setting in SERVICE_SETTINGS}
+    return Settings(pg_dsn=pg_dsn, pg_display=redact_pg_dsn(pg_dsn), clickhouse=clickhouse, jobs=jobs,
+                    env_file_values=file_values, **service)
 
 
 class _Getter:
-    """Typed access to one flat mapping of settings, with errors that name the key."""
+    """Typed access to one flat mapping of settings, with errors that name the key.
+
+    The mapping is the environment (named by variable), or one table of a jobs file (named by
+    key: then `label` is set, e.g. "config/jobs.toml [jobs.orders] ", and prefixes error names).
+    """
 
     def __init__(self, values: Mapping[str, Any], label: str = "") -> None:
         self.values = values
-        self.label = label  # prefix for error names, e.g. "config/jobs.toml [jobs.orders] "
+        self.label = label
+
+    def read(self, setting: Setting | str) -> Any:
+        """A declared setting (or its variable), parsed and checked by its declaration."""
+        declared = DECLARED[setting] if isinstance(setting, str) else setting
+        return declared.parse(self, self._key(declared), declared.default)
+
+    def name(self, variable: str) -> str:
+        """What errors call the declared setting `variable` here."""
+        return self.label + self._key(DECLARED[variable])
+
+    def _key(self, setting: Setting) -> str:
+        return setting.key if self.label else setting.variable
 
     def raw(self, key: str, default: Any) -> str:
         value = self.values.get(key)
@@ -243,6 +217,10 @@ class _Getter:
             raise ConfigError(self.label + key, f"must be at most {most[0]:.0f} ({most[1]}), got {text!r}")
         return value
 
+    def whole(self, key: str, default: Any, allow_zero: bool = False, most: tuple[float, str] | None = None) -> int:
+        """A whole number > 0 (or >= 0)."""
+        return int(self.number(key, default, whole=True, allow_zero=allow_zero, most=most))
+
     def size(self, key: str, default: Any) -> int:
         """A size in bytes: a whole number, optionally with KiB, MiB or GiB (KB, MB, GB: the same)."""
         text = self.raw(key, default)
@@ -254,11 +232,15 @@ class _Getter:
             raise ConfigError(self.label + key, f"must be at most 64GiB (a chunk is held in memory), got {text!r}")
         return size
 
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, key: str, default: str | None, allowed: tuple[str, ...]) -> str:
         value = self.raw(key, default)
         if value.upper() in allowed or value.lower() in allowed:
             return value.upper() if value.upper() in allowed else value.lower()
         raise ConfigError(self.label + key, f"got {value!r}", f"use one of {', '.join(allowed)}")
+
+    def switch(self, key: str, default: str | None, allowed: tuple[str, str] = ("on", "off")) -> bool:
+        """One of two words; True for the first."""
+        return self.choice(key, default, allowed) == allowed[0]
 
     def identifier(self, key: str, default: Any) -> str:
         value = self.raw(key, default)
@@ -273,11 +255,255 @@ def check_identifier(variable: str, value: str) -> None:
                           "use a table or column name of 1-63 characters")
 
 
+# Readers beyond _Getter's: (getter, name in its mapping, default) -> the value, or a ConfigError naming it.
+def _source_table(get: _Getter, key: str, default: str | None) -> tuple[str, str]:
+    """`schema.table` -> (schema, table); the schema defaults to public."""
+    schema, _, table = get.raw(key, default).rpartition(".")
+    schema = schema or "public"
+    check_identifier(get.label + key, schema)
+    check_identifier(get.label + key, table)
+    return schema, table
 
-def _load_jobs(env: Mapping[str, str], get: _Getter) -> tuple[JobConfig, ...]:
-    jobs_file = env.get("ETL_JOBS_FILE", "").strip()
+
+def _target_table(get: _Getter, key: str, default: str | None) -> str:
+    """A table name, or "" for the source table's (`_job_from` fills it in)."""
+    target = get.raw(key, default)
+    if target:
+        check_identifier(get.label + key, target)
+    return target
+
+
+def _source_key(get: _Getter, key: str, default: str | None) -> tuple[str, ...]:
+    """`id` or `tenant_id, id`: the key's column names (its uniqueness is checked against the table)."""
+    from etl_service.keys import parse_names
+
+    names = parse_names(get.raw(key, default))
+    if not names:
+        raise ConfigError(get.label + key, "is empty", "name the key column(s), e.g. id or tenant_id, id")
+    for name in names:
+        check_identifier(get.label + key, name)
+    return names
+
+
+def _columns(get: _Getter, key: str, default: str | None) -> tuple[tuple[str, str], ...]:
+    """`a, b:bb, c` -> ((a, a), (b, bb), (c, c)): select and rename source columns."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in get.raw(key, default).split(","))):
+        source, _, target = item.partition(":")
+        source, target = source.strip(), (target.strip() or source.strip())
+        check_identifier(get.label + key, source)
+        check_identifier(get.label + key, target)
+        pairs.append((source, target))
+    return tuple(pairs)
+
+
+def _transform(get: _Getter, key: str, default: str | None) -> str:
+    """`module:function`, imported now so that a typo is a config error, not a failed run."""
+    transform = get.raw(key, default)
+    if transform:
+        from etl_service.transform import load_user_function
+
+        load_user_function(transform, variable=get.label + key)
+    return transform
+
+
+def _yes(get: _Getter, key: str, default: str | None) -> bool:
+    """1, true or yes in any case; anything else is false, not an error (as it always was: a stricter check
+    would refuse configurations that load today)."""
+    return get.raw(key, default).lower() in ("1", "true", "yes")
+
+
+def _fault(get: _Getter, key: str, default: str | None) -> tuple[str, int] | None:
+    try:
+        return faults.parse(get.raw(key, default))
+    except ValueError as exc:
+        raise ConfigError(get.label + key, str(exc), "leave it unset outside the crash tests") from None
+
+
+Reader = Callable[[_Getter, str, str | None], Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting, declared once; `.env.example` and the docs reference are generated from these."""
+
+    variable: str  # in .env and the environment
+    default: str | None  # as written in .env; None: required
+    help: str  # one line (wrapped in .env.example, a table cell in the reference)
+    parse: Reader = _Getter.raw  # parses and checks the text; its errors name the variable (or key)
+    attr: str = ""  # the JobConfig / Settings attribute it fills; "": read by a function of its own
+    key: str = ""  # a job setting's key in a jobs file (= its JobConfig attribute)
+    example: str | None = None  # what .env.example sets instead of the default (a required setting needs one)
+    hidden: bool = False  # a test hook: commented out in .env.example, left out of the reference
+
+
+@dataclass(frozen=True)
+class Section:
+    """A group of settings: a header in .env.example, a table in the reference."""
+
+    title: str
+    notes: str
+    settings: tuple[Setting, ...]
+
+
+def _job(variable: str, default: str | None, help: str, parse: Reader = _Getter.raw,
+         example: str | None = None) -> Setting:
+    """A job setting: its jobs-file key and JobConfig attribute are the variable without ETL_, in lower case."""
+    key = variable.removeprefix("ETL_").lower()
+    return Setting(variable, default, help, parse, attr=key, key=key, example=example)
+
+
+# A batch's keys and xmins are stored in one ledger row (PostgreSQL holds at most 1 GB in a value).
+_MOST_ROWS = (10_000_000, "a batch's keys are stored in one ledger row")
+
+# Every setting, in the order of .env.example and the reference. A job's settings are also read in
+# this order (so of several bad values the first is named), and listed in it when a jobs file has
+# an unknown key.
+SECTIONS = (
+    Section("PostgreSQL (the source, and the ledger in schema ETL_LEDGER_SCHEMA)",
+            "Either one DSN (PG_DSN) or the parts (PG_HOST, PG_PORT, PG_USER, PG_PASSWORD, PG_DATABASE).", (
+        Setting("PG_DSN", "", "A libpq URI or key=value string; it wins over the PG_* parts. TLS goes here too: e.g."
+                " postgresql://etl@db:5432/app?sslmode=verify-full&sslrootcert=/etc/etl-service/pg-ca.pem (client"
+                " certificates: &sslcert=...&sslkey=...; README \"PostgreSQL over TLS\" says where the files go)."),
+        Setting("PG_HOST", "localhost", "Server host (without PG_DSN)."),
+        Setting("PG_PORT", "5432", "Server port (without PG_DSN).", _Getter.whole),
+        Setting("PG_USER", "postgres", "User name (without PG_DSN)."),
+        Setting("PG_PASSWORD", "", "Password (also added to a PG_DSN that has none)."),
+        Setting("PG_PASSWORD_FILE", "", "Or a file holding the password (first line; mode 600), or, under systemd,"
+                " the credential pg_password (LoadCredential=pg_password:/etc/etl-service/pg_password; see"
+                " etl.service)."),
+        Setting("PG_DATABASE", "postgres", "Database name (without PG_DSN)."),
+        Setting("PG_STATEMENT_TIMEOUT", "600", "Longest any single PostgreSQL statement may run, in seconds.",
+                _Getter.number, attr="pg_statement_timeout"),
+    )),
+    Section("ClickHouse (the target)", "Either one DSN (CLICK_DSN) or the parts (CLICK_HOST, CLICK_PORT,"
+            " CLICK_USER, CLICK_PASSWORD, CLICK_DATABASE, CLICK_SECURE).", (
+        Setting("CLICK_DSN", "", "http://user:password@host:8123/database, https://…:8443/…, or chdb:///absolute/path"
+                " for the embedded chDB engine (in-process, no server needed)."),
+        Setting("CLICK_HOST", "localhost", "Server host (without CLICK_DSN)."),
+        Setting("CLICK_PORT", "8123", "The HTTP port (8123; 8443 with CLICK_SECURE=true); 9000 is the native"
+                " protocol, which the client library does not speak."),
+        Setting("CLICK_USER", "default", "User name (without CLICK_DSN)."),
+        Setting("CLICK_PASSWORD", "", "Password (also used with a CLICK_DSN that has none)."),
+        Setting("CLICK_PASSWORD_FILE", "", "Or a file holding the password, or the systemd credential"
+                " click_password (as for PostgreSQL)."),
+        Setting("CLICK_DATABASE", "default", "Database of the trigger tables (a DSN's path wins)."),
+        Setting("CLICK_SECURE", "false", "true: HTTPS (without CLICK_DSN; an https:// DSN is secure).", _yes),
+        Setting("CLICK_CA_CERT", "", "With HTTPS: the PEM file of a private CA that signed the server's certificate"
+                " (empty: the system's CAs)."),
+        Setting("CLICK_VERIFY", "true", "With HTTPS: whether to check the server's certificate (false only for a"
+                " test server).", partial(_Getter.switch, allowed=("true", "false"))),
+        Setting("CLICK_QUERY_TIMEOUT", "300", "Longest a ClickHouse query (e.g. the readiness query) may run, in"
+                " seconds.", _Getter.number, attr="ch_query_timeout"),
+        Setting("CLICK_CLUSTER", "", "A ClickHouse cluster name: new targets are created ON CLUSTER as"
+                " ReplicatedMergeTree (with the {shard}/{replica} macros) and schema changes run ON CLUSTER."
+                " Empty: a single server. See README, \"ClickHouse cluster\"."),
+    )),
+    Section("The job (one job straight from .env; for several, see ETL_JOBS_FILE)",
+            "In a jobs file each job sets these by key: the variable without ETL_, in lower case.", (
+        Setting("ETL_JOB_NAME", "", "Name used in logs and the ledger (empty: the source table's name; in a jobs"
+                " file, NAME of [jobs.NAME]). Renaming a job with an unfinished batch: see README (\"Renamed or"
+                " removed jobs\", the adopt/release commands)."),
+        _job("ETL_SOURCE_TABLE", None, "Source table, schema.table (schema defaults to public). Required.",
+             _source_table, example="public.orders"),
+        _job("ETL_SOURCE_KEY", "id", "Key of the source table: one column or several (\"tenant_id, id\"). It must"
+             " be the PRIMARY KEY or a UNIQUE index without WHERE on exactly these columns (checked; exit 78 if not)."
+             " Rows whose key has a NULL are never claimed.", _source_key),
+        _job("ETL_PROCESSED_COLUMN", "processed", "Boolean column that marks a row processed. Rows with false are"
+             " picked up.", _Getter.identifier),
+        _job("ETL_TARGET_TABLE", "", "ClickHouse trigger table, in CLICK_DATABASE (empty: the source table's name)."
+             " Created from the PostgreSQL column types if it does not exist (see README, \"Type mapping\").",
+             _target_table, example="orders_trigger"),
+        _job("ETL_COLUMNS", "", "Columns to move, optionally renamed: \"id, amount:total, created_at\" (empty: all"
+             " but the flag).", _columns),
+        _job("ETL_SCHEDULE", "*/5 * * * *", "When to run: crontab(5) (0 and 7 are Sunday, 1-5 Mon-Fri, names,"
+             " @daily ...), or 6 fields with seconds first. `check` prints the next three run times."),
+        _job("ETL_TIMEZONE", "UTC", "Time zone of the schedule, an IANA name."),
+        _job("ETL_BATCH_SIZE", "100000", "Rows per batch: each batch is claimed, loaded, awaited and marked as one"
+             " unit (at most 10000000: a batch's keys are kept in one ledger row).",
+             partial(_Getter.whole, most=_MOST_ROWS)),
+        _job("ETL_CHUNK_BYTES", "8MiB", "Bytes per insert, about (8MiB, 1GiB, or a number of bytes): a chunk ends at"
+             " ETL_CHUNK_SIZE rows or where its rows reach this size (values count in full, compressed ones too), so"
+             " memory follows bytes, not rows. A single row larger than this goes alone, or with the next few small"
+             " ones.", _Getter.size),
+        _job("ETL_CHUNK_SIZE", "50000", "Rows per insert into ClickHouse (at most ETL_BATCH_SIZE).",
+             partial(_Getter.whole, most=_MOST_ROWS)),
+        _job("ETL_READY_QUERY", "", "Optional ClickHouse query that returns a true first value once downstream work"
+             " is done. It may use the batch id as a parameter: {batch_id:UInt64}. Empty: ready at once."),
+        _job("ETL_READY_TIMEOUT", "300", "Seconds to wait for readiness before leaving the batch loaded for the next"
+             " run.", _Getter.number),
+        _job("ETL_READY_POLL_INTERVAL", "5", "Seconds between readiness polls.", _Getter.number),
+        _job("ETL_TRANSFORM", "", "Optional pandas transform, module:function (DataFrame in, DataFrame out),"
+             " importable from here.", _transform),
+        _job("ETL_POST_PG_SQL", "", "Optional SQL run on PostgreSQL after a run marked rows (statements split on"
+             " ';')."),
+        _job("ETL_POST_CH_SQL", "", "Optional SQL run on ClickHouse after a run marked rows (statements split on"
+             " ';')."),
+        _job("ETL_MAX_RUN_SECONDS", "3600", "A run stops claiming new batches after this many seconds; the next run"
+             " continues.", _Getter.number),
+        _job("ETL_TARGET_DEDUP", "on", "The target must drop a repeated insert token (a MergeTree deduplication"
+             " window, or Replicated); otherwise runs are refused with the ALTER to run. off: accept at-least-once"
+             " (warned every run).", _Getter.switch),
+        _job("ETL_SCHEMA_CHANGES", "auto", "auto: columns added at the source are added to the target, lossless"
+             " widenings applied. fail: a target you made is never altered; the run stops with the statement to"
+             " run.", partial(_Getter.choice, allowed=("auto", "fail"))),
+        _job("ETL_VERIFY_LOAD", "on", "on: before a batch is marked, count its rows in ClickHouse (the _etl_batch"
+             " column) and compare with the rows sent. off for targets that drop or collapse rows by design (TTL,"
+             " Replacing/Collapsing engines) — see README, \"Load verification\".", _Getter.switch),
+        _job("ETL_LAG_COLUMN", "", "A timestamp column of the source rows (e.g. created_at): lag (metrics, status)"
+             " is then the exact age of the oldest unprocessed row (rows where it is NULL are not counted). Empty,"
+             " or NULL in every unprocessed row: the age of the oldest unfinished batch, or the time since a run"
+             " last ended with nothing left to claim."),
+    )),
+    Section("Several jobs", "", (
+        Setting("ETL_JOBS_FILE", "", "A TOML file with one [jobs.NAME] table per job (see config/jobs.example.toml)."
+                " When set, the ETL_* job variables above act as defaults for every job in the file."),
+    )),
+    Section("The service", "", (
+        Setting("ETL_LEDGER_SCHEMA", "etl", "PostgreSQL schema for the ledger (batches, runs), created by the"
+                " service.", _Getter.identifier, attr="ledger_schema"),
+        Setting("ETL_RETRY_ATTEMPTS", "3", "Attempts per run for transient errors (server unreachable), with"
+                " exponential backoff.", _Getter.whole, attr="retry_attempts"),
+        Setting("ETL_RETRY_BACKOFF", "2", "Seconds before the first retry, doubled for each next one.",
+                _Getter.number, attr="retry_backoff"),
+        Setting("ETL_MISFIRE_GRACE", "300", "A scheduled run that could not start for this many seconds is skipped.",
+                _Getter.number, attr="misfire_grace"),
+        Setting("ETL_QUARANTINE_LIMIT", "1000", "Bad rows (a value that cannot be converted or does not fit the"
+                " target, or that makes the transform raise) are set aside in the ledger's quarantine table, stay"
+                " unprocessed, and are listed by `status`; `requeue` releases them. A run stops after quarantining"
+                " this many.", _Getter.whole, attr="quarantine_limit"),
+        Setting("ETL_METRICS_PORT", "0", "Prometheus metrics at http://ETL_METRICS_ADDRESS:ETL_METRICS_PORT/metrics"
+                " (rows per step, batch and run durations, backlog, last success, readiness wait). 0 serves none.",
+                partial(_Getter.whole, allow_zero=True), attr="metrics_port"),
+        Setting("ETL_METRICS_ADDRESS", "127.0.0.1", "The address the metrics endpoint listens on.",
+                attr="metrics_address"),
+        Setting("ETL_PROGRESS_SECONDS", "30", "A run that lasts longer than this many seconds logs a progress line"
+                " this often: rows done of the backlog, rows/s, time left (0: none). `--once` on a terminal shows a"
+                " bar instead.", partial(_Getter.number, allow_zero=True), attr="progress_seconds"),
+        Setting("ETL_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.",
+                partial(_Getter.choice, allowed=("DEBUG", "INFO", "WARNING", "ERROR")), attr="log_level"),
+        Setting("ETL_LOG_FORMAT", "auto", "auto (journal under systemd, text on a terminal), text, journal or json."
+                " journal: entries with fields (JOB=, BATCH=, STATUS=, ...) when stderr is journald's, else lines"
+                " prefixed with their syslog priority (e.g. <6>).",
+                partial(_Getter.choice, allowed=("auto", "text", "json", "journal")), attr="log_format"),
+    )),
+    Section("Test hooks (never set these in production)", "Crash tests: a point is one of "
+            f"{', '.join(faults.POINTS)}; n counts how often a run reached it (default 1).", (
+        Setting("ETL_CRASH_AT", "", "SIGKILL the process the n-th time a run reaches a point: point[:n].", _fault,
+                attr="crash_at", hidden=True),
+        Setting("ETL_FAIL_AT", "", "Raise a transient error there instead, as an outage would: point[:n].", _fault,
+                attr="fail_at", hidden=True),
+    )),
+)
+DECLARED = {setting.variable: setting for section in SECTIONS for setting in section.settings}
+JOB_SETTINGS = tuple(setting for setting in DECLARED.values() if setting.key)
+SERVICE_SETTINGS = tuple(setting for setting in DECLARED.values() if setting.attr and not setting.key)
+
+
+def _load_jobs(get: _Getter) -> tuple[JobConfig, ...]:
+    jobs_file = get.read("ETL_JOBS_FILE")
     if not jobs_file:
-        return (_job_from(env.get("ETL_JOB_NAME", ""), env, _env_view(env), ""),)
+        return (_job_from(get.read("ETL_JOB_NAME"), get),)
     path = Path(jobs_file)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -290,80 +516,31 @@ def _load_jobs(env: Mapping[str, str], get: _Getter) -> tuple[JobConfig, ...]:
     if not isinstance(tables, dict) or not tables:
         raise ConfigError("ETL_JOBS_FILE", f"{path} has no [jobs.NAME] tables",
                           "see config/jobs.example.toml")
-    defaults = {**_env_view(env), **data.get("defaults", {})}
+    defaults = {**_env_view(get.values), **data.get("defaults", {})}
+    keys = [setting.key for setting in JOB_SETTINGS]
     jobs = []
     for name, table in tables.items():
         label = f"{path} [jobs.{name}] "
-        unknown = sorted(set(table) - set(JOB_KEYS))
+        unknown = sorted(set(table) - set(keys))
         if unknown:
-            raise ConfigError(label + unknown[0], "is not a job setting",
-                              f"known settings: {', '.join(JOB_KEYS)}")
-        jobs.append(_job_from(name, env, {**defaults, **table}, label))
+            raise ConfigError(label + unknown[0], "is not a job setting", f"known settings: {', '.join(keys)}")
+        jobs.append(_job_from(name.strip() or get.read("ETL_JOB_NAME"), _Getter({**defaults, **table}, label)))
     _check_owners(jobs, "ETL_JOBS_FILE")
     return tuple(jobs)
 
 
 def _env_view(env: Mapping[str, str]) -> dict[str, Any]:
-    """Job settings from .env, under their jobs-file names (only those that are set)."""
-    return {key: env[var] for key, (var, _) in JOB_KEYS.items() if env.get(var, "").strip()}
+    """Job settings from .env, under their jobs-file keys (only those that are set)."""
+    return {s.key: env[s.variable] for s in JOB_SETTINGS if env.get(s.variable, "").strip()}
 
 
-# A batch's keys and xmins are stored in one ledger row (PostgreSQL holds at most 1 GB in a value).
-_MOST_ROWS = (10_000_000, "a batch's keys are stored in one ledger row")
-
-
-def _job_from(name: str, env: Mapping[str, str], values: Mapping[str, Any], label: str) -> JobConfig:
-    # Error names: the .env variable for the single-job form, the file key otherwise.
-    keyed = {(JOB_KEYS[k][0] if not label else k): v for k, v in values.items()}
-    get = _Getter(keyed, label)
-
-    def key(k: str) -> str:
-        return JOB_KEYS[k][0] if not label else k
-
-    def default(k: str) -> Any:
-        return JOB_KEYS[k][1]
-
-    source = get.raw(key("source_table"), None)
-    schema, _, table = source.rpartition(".")
-    schema = schema or "public"
-    check_identifier(label + key("source_table"), schema)
-    check_identifier(label + key("source_table"), table)
-    target = get.raw(key("target_table"), table)
-    check_identifier(label + key("target_table"), target)
-    schedule = get.raw(key("schedule"), default("schedule"))
-    timezone = get.raw(key("timezone"), default("timezone"))
-    _check_schedule(label + key("schedule"), label + key("timezone"), schedule, timezone)
-    transform = get.raw(key("transform"), "")
-    if transform:
-        from etl_service.transform import load_user_function
-
-        load_user_function(transform, variable=label + key("transform"))
-    batch_size = int(get.number(key("batch_size"), default("batch_size"), whole=True, most=_MOST_ROWS))
-    return JobConfig(
-        name=name.strip() or str(env.get("ETL_JOB_NAME", "")).strip() or table,
-        source_table=(schema, table),
-        source_key=_parse_key(label + key("source_key"), get.raw(key("source_key"), default("source_key"))),
-        processed_column=get.identifier(key("processed_column"), default("processed_column")),
-        target_table=target,
-        columns=_parse_columns(label + key("columns"), get.raw(key("columns"), "")),
-        schedule=schedule,
-        timezone=timezone,
-        batch_size=batch_size,
-        chunk_size=min(batch_size, int(get.number(key("chunk_size"), default("chunk_size"), whole=True,
-                                                  most=_MOST_ROWS))),
-        chunk_bytes=get.size(key("chunk_bytes"), default("chunk_bytes")),
-        ready_query=get.raw(key("ready_query"), ""),
-        ready_timeout=get.number(key("ready_timeout"), default("ready_timeout")),
-        ready_poll_interval=get.number(key("ready_poll_interval"), default("ready_poll_interval")),
-        transform=transform,
-        post_pg_sql=get.raw(key("post_pg_sql"), ""),
-        post_ch_sql=get.raw(key("post_ch_sql"), ""),
-        max_run_seconds=get.number(key("max_run_seconds"), default("max_run_seconds")),
-        target_dedup=get.choice(key("target_dedup"), default("target_dedup"), ("on", "off")) == "on",
-        schema_changes=get.choice(key("schema_changes"), default("schema_changes"), ("auto", "fail")),
-        verify_load=get.choice(key("verify_load"), default("verify_load"), ("on", "off")) == "on",
-        lag_column=get.raw(key("lag_column"), ""),
-    )
+def _job_from(name: str, get: _Getter) -> JobConfig:
+    """The job `name` (empty: the source table's name) from .env or one table of a jobs file."""
+    values = {setting.key: get.read(setting) for setting in JOB_SETTINGS}
+    table = values["source_table"][1]
+    _check_schedule(get.name("ETL_SCHEDULE"), get.name("ETL_TIMEZONE"), values["schedule"], values["timezone"])
+    return JobConfig(**{**values, "name": name or table, "target_table": values["target_table"] or table,
+                        "chunk_size": min(values["batch_size"], values["chunk_size"])})
 
 
 def _check_schedule(schedule_var: str, tz_var: str, schedule: str, timezone: str) -> None:
@@ -377,18 +554,6 @@ def _check_schedule(schedule_var: str, tz_var: str, schedule: str, timezone: str
     except ValueError as exc:
         raise ConfigError(schedule_var, f"{schedule!r} is not a valid cron expression ({exc})",
                           "use 5 fields like '*/5 * * * *', or 6 with seconds first") from None
-
-
-def _parse_key(variable: str, text: str) -> tuple[str, ...]:
-    """`id` or `tenant_id, id`: the key's column names (its uniqueness is checked against the table)."""
-    from etl_service.keys import parse_names
-
-    names = parse_names(text)
-    if not names:
-        raise ConfigError(variable, "is empty", "name the key column(s), e.g. id or tenant_id, id")
-    for name in names:
-        check_identifier(variable, name)
-    return names
 
 
 def _check_owners(jobs: list[JobConfig], variable: str) -> None:
@@ -412,52 +577,37 @@ def _check_owners(jobs: list[JobConfig], variable: str) -> None:
         raise ConfigError(variable, "two jobs have the same name")
 
 
-def _parse_columns(variable: str, text: str) -> tuple[tuple[str, str], ...]:
-    """`a, b:bb, c` -> ((a, a), (b, bb), (c, c)): select and rename source columns."""
-    pairs = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        source, _, target = item.partition(":")
-        source, target = source.strip(), (target.strip() or source.strip())
-        check_identifier(variable, source)
-        check_identifier(variable, target)
-        pairs.append((source, target))
-    return tuple(pairs)
-
-
-def _pg_dsn(env: Mapping[str, str], get: _Getter) -> str:
-    dsn = env.get("PG_DSN", "").strip()
+def _pg_dsn(get: _Getter) -> str:
+    dsn = get.read("PG_DSN")
     if dsn:
         try:
             psycopg2.extensions.parse_dsn(dsn)
         except psycopg2.ProgrammingError:
             raise ConfigError("PG_DSN", "is not a valid libpq connection string",
                               "use postgresql://user:password@host:5432/db or 'host=… dbname=…'") from None
-        password = _secret(env, "PG_PASSWORD")
+        password = _secret(get, "PG_PASSWORD")
         if password and not psycopg2.extensions.parse_dsn(dsn).get("password"):
             dsn = psycopg2.extensions.make_dsn(dsn, password=password)
         return dsn
-    port = int(get.number("PG_PORT", "5432", whole=True))
-    parts = {
-        "host": get.raw("PG_HOST", "localhost"),
-        "port": str(port),
-        "user": get.raw("PG_USER", "postgres"),
-        "dbname": get.raw("PG_DATABASE", "postgres"),
-    }
-    password = _secret(env, "PG_PASSWORD")
+    port = get.read("PG_PORT")
+    parts = {"host": get.read("PG_HOST"), "port": str(port), "user": get.read("PG_USER"),
+             "dbname": get.read("PG_DATABASE")}
+    password = _secret(get, "PG_PASSWORD")
     if password:
         parts["password"] = password
     return psycopg2.extensions.make_dsn(**parts)
 
 
-def _secret(env: Mapping[str, str], name: str) -> str:
-    """A password from `NAME`, else the file `NAME_FILE`, else the systemd credential `name`.
+def _secret(get: _Getter, name: str) -> str:
+    """A password from `NAME` (as given: never stripped), else the file `NAME_FILE`, else the systemd credential.
 
     systemd's `LoadCredential=pg_password:/etc/etl-service/pg_password` puts it in
     $CREDENTIALS_DIRECTORY, readable by the service only; nothing has to sit in an env file.
     """
+    env = get.values
     if env.get(name, ""):
-        return env[name]
-    path, variable = env.get(f"{name}_FILE", "").strip(), f"{name}_FILE"
+        return str(env[name])
+    path, variable = get.read(f"{name}_FILE"), f"{name}_FILE"
     if not path and env.get("CREDENTIALS_DIRECTORY"):
         credential = Path(env["CREDENTIALS_DIRECTORY"]) / name.lower()
         if credential.exists():
@@ -482,16 +632,16 @@ def redact_pg_dsn(dsn: str) -> str:
     return " ".join(shown) or "<default libpq settings>"
 
 
-def _clickhouse(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget:
-    target = _clickhouse_target(env, get)
-    cluster = env.get("CLICK_CLUSTER", "").strip()
+def _clickhouse(get: _Getter) -> ClickHouseTarget:
+    target = _clickhouse_target(get)
+    cluster = get.read("CLICK_CLUSTER")
     if cluster and target.kind == "chdb":
         raise ConfigError("CLICK_CLUSTER", "has no meaning for an embedded chdb:// target", "leave it empty")
     return ClickHouseTarget(target.kind, target.display, target.database, target.client_kwargs, cluster)
 
 
-def _clickhouse_target(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget:
-    dsn = env.get("CLICK_DSN", "").strip()
+def _clickhouse_target(get: _Getter) -> ClickHouseTarget:
+    dsn = get.read("CLICK_DSN")
     if dsn.startswith("chdb://"):
         path = dsn[len("chdb://"):]
         if not path.startswith("/"):
@@ -501,16 +651,15 @@ def _clickhouse_target(env: Mapping[str, str], get: _Getter) -> ClickHouseTarget
             raise ConfigError("CLICK_DSN", "a chdb:/// target needs the embedded ClickHouse engine, which is not"
                               " installed", "install it: pip install 'etl-service[embedded]' (deploy/install.sh"
                               " --embedded; ./run_etl.sh demo installs it too)")
-        database = get.raw("CLICK_DATABASE", "default")
+        database = get.read("CLICK_DATABASE")
         return ClickHouseTarget("chdb", f"chdb://{path} database={database}", database,
                                 {"dsn": dsn, "database": database})
     if dsn:
         return _clickhouse_from_url(dsn, get)
-    port = get.raw("CLICK_PORT", "8123")
+    port = get.read("CLICK_PORT")
     _check_click_port("CLICK_PORT", port)
-    secure = get.raw("CLICK_SECURE", "false").lower() in ("1", "true", "yes")
-    return _http_target(get.raw("CLICK_HOST", "localhost"), int(port), get.raw("CLICK_USER", "default"),
-                        _secret(env, "CLICK_PASSWORD"), get.raw("CLICK_DATABASE", "default"), secure, _tls(env, get))
+    return _http_target(get.read("CLICK_HOST"), int(port), get.read("CLICK_USER"), _secret(get, "CLICK_PASSWORD"),
+                        get.read("CLICK_DATABASE"), get.read("CLICK_SECURE"), _tls(get))
 
 
 def _clickhouse_from_url(dsn: str, get: _Getter) -> ClickHouseTarget:
@@ -523,16 +672,16 @@ def _clickhouse_from_url(dsn: str, get: _Getter) -> ClickHouseTarget:
     except ValueError:
         raise ConfigError("CLICK_DSN", "has a port that is not a number") from None
     _check_click_port("CLICK_DSN", str(port))
-    database = url.path.strip("/") or get.raw("CLICK_DATABASE", "default")
+    database = url.path.strip("/") or get.read("CLICK_DATABASE")
     return _http_target(url.hostname, port, unquote(url.username or "default"),
-                        unquote(url.password or "") or _secret(get.values, "CLICK_PASSWORD"), database,
-                        url.scheme == "https", _tls(get.values, get))
+                        unquote(url.password or "") or _secret(get, "CLICK_PASSWORD"), database,
+                        url.scheme == "https", _tls(get))
 
 
-def _tls(env: Mapping[str, str], get: _Getter) -> dict[str, Any]:
+def _tls(get: _Getter) -> dict[str, Any]:
     """clickhouse-connect's TLS options: a private CA (CLICK_CA_CERT) and certificate checks (CLICK_VERIFY)."""
-    options: dict[str, Any] = {"verify": get.choice("CLICK_VERIFY", "true", ("true", "false")) == "true"}
-    ca_cert = env.get("CLICK_CA_CERT", "").strip()
+    options: dict[str, Any] = {"verify": get.read("CLICK_VERIFY")}
+    ca_cert = get.read("CLICK_CA_CERT")
     if ca_cert:
         if not Path(ca_cert).is_file():
             raise ConfigError("CLICK_CA_CERT", f"{ca_cert} is not a readable file",
@@ -555,3 +704,11 @@ def _check_click_port(variable: str, port: str) -> None:
     if port in NATIVE_PORTS:
         raise ConfigError(variable, f"port {port} is ClickHouse's native TCP port, which clickhouse-connect"
                           " does not speak", f"use the HTTP interface port {NATIVE_PORTS[port]}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from etl_service.settings_doc import main
+
+    sys.exit(main(sys.argv[1:]))
