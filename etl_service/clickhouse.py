@@ -1,29 +1,98 @@
-"""ClickHouse connections, one place per kind of target: open, share and close clients.
+"""ClickHouse connections, one place per kind of target: read its settings, open, share and close clients.
 
 Two kinds today: a server over HTTP(S) (clickhouse-connect's HTTP client, opened per use) and the
 in-process chDB engine (`chdb:///path`, one client per owner for the life of the process). A new
-kind of connection is added here (and its settings in `config`); the statements the service
-runs (`sink`) and the run that uses them do not change.
+kind of connection is added here: how its CLICK_* settings are read (`target_from`, which
+`config` calls; new variables are declared in `config.SECTIONS`) and how a client is opened
+(`connect`). The statements the service runs (`sink`) and the run that uses them do not change.
+Driver errors are translated here too (`ch_errors`): connection problems become SinkUnavailable,
+refusals SinkError, a refusal no retry can cure a ConfigError naming the variable.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import importlib.util
 import os
 import re
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 
-from etl_service.config import Settings
-from etl_service.errors import ConfigError, SinkError, SinkUnavailable
-from etl_service.sink import ch_errors, short_error
+from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable
+
+if TYPE_CHECKING:  # config reads the settings through this module: no import back at run time
+    from etl_service.config import Settings
+
+NATIVE_PORTS = {"9000": "8123", "9440": "8443"}
+
+Getter = Any  # config's reader of declared settings (`get.read(variable)`)
+Secret = Callable[[Any, str], str]  # config's reader of a password, its file or systemd credential
+
+
+@dataclass(frozen=True)
+class ClickHouseTarget:
+    """How to reach ClickHouse; `client_kwargs` feeds `clickhouse_connect.get_client`."""
+
+    kind: str  # "chdb" or "http"
+    display: str  # safe to print: no password
+    database: str
+    client_kwargs: Mapping[str, Any] = field(repr=False)
+    cluster: str = ""  # CLICK_CLUSTER: create and alter ON CLUSTER, as ReplicatedMergeTree
+
+
+# ClickHouse error codes that blame the inserted values, not the statement: the chunk is split
+# to find the rows, which are quarantined (CANNOT_PARSE_*, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND,
+# CANNOT_CONVERT_TYPE, INCORRECT_DATA, TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE,
+# CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_UUID, DECIMAL_OVERFLOW, ...).
+DATA_ERROR_CODES = {6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 376, 407, 691}
+_CODE = re.compile(r"(?:Code:|error code) (\d+)")
+# Refusals no retry can cure (authentication, unknown user or database, missing grants): the
+# settings or the server's grants must change. code -> (variable, fix).
+_PERMANENT = {
+    516: ("CLICK_PASSWORD", "set the right user and password (CLICK_USER/CLICK_PASSWORD or in CLICK_DSN)"),
+    192: ("CLICK_USER", "use an existing ClickHouse user"),
+    193: ("CLICK_PASSWORD", "set the right password"),
+    194: ("CLICK_PASSWORD", "this user needs a password: set CLICK_PASSWORD"),
+    81: ("CLICK_DATABASE", "use an existing database, or grant CREATE DATABASE so the service creates it"),
+    291: ("CLICK_USER", "grant this user access to the database"),
+    497: ("CLICK_USER", "grant the missing privilege to this user (`check` lists what the service needs)"),
+    164: ("CLICK_USER", "this user is read-only: use one that may INSERT (and CREATE, for a new target)"),
+}
+
+
+@contextmanager
+def ch_errors(action: str) -> Iterator[None]:
+    """Translate clickhouse-connect errors raised while doing `action`."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise SinkUnavailable(f"{action}: {short_error(exc)}") from exc
+    except (DatabaseError, ClickHouseError) as exc:
+        text = str(exc)
+        match = _CODE.search(text)
+        code = int(match[1]) if match else None
+        if code in _PERMANENT:
+            variable, fix = _PERMANENT[code]
+            raise ConfigError(variable, f"{action}: {short_error(exc)}", fix) from exc
+        if code in DATA_ERROR_CODES:
+            raise BadSinkValues(f"{action}: {short_error(exc)}") from exc
+        raise SinkError(f"{action}: {short_error(exc)}") from exc
+
+
+def short_error(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0][:500] if lines else type(exc).__name__
 
 
 class EngineBusy(SinkUnavailable):
@@ -193,3 +262,78 @@ def close_all() -> None:
         for shared in _SHARED.values():
             shared.client.close()
         _SHARED.clear()
+
+
+def target_from(get: Getter, secret: Secret) -> ClickHouseTarget:
+    """The configured ClickHouse (CLICK_DSN, or CLICK_HOST and the other parts); ConfigError naming the variable."""
+    target = _target(get, secret)
+    cluster = get.read("CLICK_CLUSTER")
+    if cluster and target.kind == "chdb":
+        raise ConfigError("CLICK_CLUSTER", "has no meaning for an embedded chdb:// target", "leave it empty")
+    return ClickHouseTarget(target.kind, target.display, target.database, target.client_kwargs, cluster)
+
+
+def _target(get: Getter, secret: Secret) -> ClickHouseTarget:
+    dsn = get.read("CLICK_DSN")
+    if dsn.startswith("chdb://"):
+        path = dsn[len("chdb://"):]
+        if not path.startswith("/"):
+            raise ConfigError("CLICK_DSN", "a chdb:// path must be absolute",
+                              "write chdb:///var/lib/etl-service/chdb (three slashes)")
+        if importlib.util.find_spec("chdb") is None:
+            raise ConfigError("CLICK_DSN", "a chdb:/// target needs the embedded ClickHouse engine, which is not"
+                              " installed", "install it: pip install 'etl-service[embedded]' (deploy/install.sh"
+                              " --embedded; ./run_etl.sh demo installs it too)")
+        database = get.read("CLICK_DATABASE")
+        return ClickHouseTarget("chdb", f"chdb://{path} database={database}", database,
+                                {"dsn": dsn, "database": database})
+    if dsn:
+        return _from_url(dsn, get, secret)
+    port = get.read("CLICK_PORT")
+    _check_click_port("CLICK_PORT", port)
+    return _http_target(get.read("CLICK_HOST"), int(port), get.read("CLICK_USER"), secret(get, "CLICK_PASSWORD"),
+                        get.read("CLICK_DATABASE"), get.read("CLICK_SECURE"), _tls(get))
+
+
+def _from_url(dsn: str, get: Getter, secret: Secret) -> ClickHouseTarget:
+    url = urlsplit(dsn)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("CLICK_DSN", "must start with http://, https:// or chdb:///",
+                          "e.g. http://default:password@localhost:8123/default")
+    try:
+        port = url.port or (8443 if url.scheme == "https" else 8123)
+    except ValueError:
+        raise ConfigError("CLICK_DSN", "has a port that is not a number") from None
+    _check_click_port("CLICK_DSN", str(port))
+    database = url.path.strip("/") or get.read("CLICK_DATABASE")
+    return _http_target(url.hostname, port, unquote(url.username or "default"),
+                        unquote(url.password or "") or secret(get, "CLICK_PASSWORD"), database,
+                        url.scheme == "https", _tls(get))
+
+
+def _tls(get: Getter) -> dict[str, Any]:
+    """clickhouse-connect's TLS options: a private CA (CLICK_CA_CERT) and certificate checks (CLICK_VERIFY)."""
+    options: dict[str, Any] = {"verify": get.read("CLICK_VERIFY")}
+    ca_cert = get.read("CLICK_CA_CERT")
+    if ca_cert:
+        if not Path(ca_cert).is_file():
+            raise ConfigError("CLICK_CA_CERT", f"{ca_cert} is not a readable file",
+                              "give the PEM file of the CA that signed ClickHouse's certificate")
+        options["ca_cert"] = ca_cert
+    return options
+
+
+def _http_target(host: str, port: int, user: str, password: str, database: str, secure: bool,
+                 tls: Mapping[str, Any]) -> ClickHouseTarget:
+    scheme = "https" if secure else "http"
+    kwargs = {"host": host, "port": port, "username": user, "password": password,
+              "database": database, "secure": secure, **(tls if secure else {})}
+    return ClickHouseTarget("http", f"{scheme}://{user}@{host}:{port}/{database}", database, kwargs)
+
+
+def _check_click_port(variable: str, port: str) -> None:
+    if not port.isdigit():
+        raise ConfigError(variable, f"port must be a number, got {port!r}", "ClickHouse's HTTP port is 8123")
+    if port in NATIVE_PORTS:
+        raise ConfigError(variable, f"port {port} is ClickHouse's native TCP port, which clickhouse-connect"
+                          " does not speak", f"use the HTTP interface port {NATIVE_PORTS[port]}")

@@ -11,7 +11,6 @@ Every problem becomes a `ConfigError` that names the variable (in a jobs file:
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import os
@@ -23,17 +22,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import psycopg2
 import psycopg2.extensions
 from dotenv.parser import parse_stream
 
-from etl_service import faults
+from etl_service import clickhouse, faults
+from etl_service.clickhouse import ClickHouseTarget
 from etl_service.cron import CrontabTrigger
 from etl_service.errors import ConfigError
-
-NATIVE_PORTS = {"9000": "8123", "9440": "8443"}
 
 
 # The settings objects: their attributes are filled from the declarations in SECTIONS.
@@ -67,17 +64,6 @@ class JobConfig:
     def trigger(self) -> CrontabTrigger:
         """The APScheduler trigger for this job's schedule (validated at load): crontab(5) semantics."""
         return CrontabTrigger(self.schedule, self.timezone)
-
-
-@dataclass(frozen=True)
-class ClickHouseTarget:
-    """How to reach ClickHouse; `client_kwargs` feeds `clickhouse_connect.get_client`."""
-
-    kind: str  # "chdb" or "http"
-    display: str  # safe to print: no password
-    database: str
-    client_kwargs: Mapping[str, Any] = field(repr=False)
-    cluster: str = ""  # CLICK_CLUSTER: create and alter ON CLUSTER, as ReplicatedMergeTree
 
 
 @dataclass(frozen=True)
@@ -162,9 +148,9 @@ def load(env_file: str | None = None, environ: Mapping[str, str] | None = None,
     get = _Getter(env)
     jobs = _load_jobs(get)
     pg_dsn = _pg_dsn(get)
-    clickhouse = _clickhouse(get)
+    target = clickhouse.target_from(get, _secret)
     service = {setting.attr: get.read(setting) for setting in SERVICE_SETTINGS}
-    return Settings(pg_dsn=pg_dsn, pg_display=redact_pg_dsn(pg_dsn), clickhouse=clickhouse, jobs=jobs,
+    return Settings(pg_dsn=pg_dsn, pg_display=redact_pg_dsn(pg_dsn), clickhouse=target, jobs=jobs,
                     env_file_values=file_values, **service)
 
 
@@ -632,78 +618,6 @@ def redact_pg_dsn(dsn: str) -> str:
     return " ".join(shown) or "<default libpq settings>"
 
 
-def _clickhouse(get: _Getter) -> ClickHouseTarget:
-    target = _clickhouse_target(get)
-    cluster = get.read("CLICK_CLUSTER")
-    if cluster and target.kind == "chdb":
-        raise ConfigError("CLICK_CLUSTER", "has no meaning for an embedded chdb:// target", "leave it empty")
-    return ClickHouseTarget(target.kind, target.display, target.database, target.client_kwargs, cluster)
-
-
-def _clickhouse_target(get: _Getter) -> ClickHouseTarget:
-    dsn = get.read("CLICK_DSN")
-    if dsn.startswith("chdb://"):
-        path = dsn[len("chdb://"):]
-        if not path.startswith("/"):
-            raise ConfigError("CLICK_DSN", "a chdb:// path must be absolute",
-                              "write chdb:///var/lib/etl-service/chdb (three slashes)")
-        if importlib.util.find_spec("chdb") is None:
-            raise ConfigError("CLICK_DSN", "a chdb:/// target needs the embedded ClickHouse engine, which is not"
-                              " installed", "install it: pip install 'etl-service[embedded]' (deploy/install.sh"
-                              " --embedded; ./run_etl.sh demo installs it too)")
-        database = get.read("CLICK_DATABASE")
-        return ClickHouseTarget("chdb", f"chdb://{path} database={database}", database,
-                                {"dsn": dsn, "database": database})
-    if dsn:
-        return _clickhouse_from_url(dsn, get)
-    port = get.read("CLICK_PORT")
-    _check_click_port("CLICK_PORT", port)
-    return _http_target(get.read("CLICK_HOST"), int(port), get.read("CLICK_USER"), _secret(get, "CLICK_PASSWORD"),
-                        get.read("CLICK_DATABASE"), get.read("CLICK_SECURE"), _tls(get))
-
-
-def _clickhouse_from_url(dsn: str, get: _Getter) -> ClickHouseTarget:
-    url = urlsplit(dsn)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError("CLICK_DSN", "must start with http://, https:// or chdb:///",
-                          "e.g. http://default:password@localhost:8123/default")
-    try:
-        port = url.port or (8443 if url.scheme == "https" else 8123)
-    except ValueError:
-        raise ConfigError("CLICK_DSN", "has a port that is not a number") from None
-    _check_click_port("CLICK_DSN", str(port))
-    database = url.path.strip("/") or get.read("CLICK_DATABASE")
-    return _http_target(url.hostname, port, unquote(url.username or "default"),
-                        unquote(url.password or "") or _secret(get, "CLICK_PASSWORD"), database,
-                        url.scheme == "https", _tls(get))
-
-
-def _tls(get: _Getter) -> dict[str, Any]:
-    """clickhouse-connect's TLS options: a private CA (CLICK_CA_CERT) and certificate checks (CLICK_VERIFY)."""
-    options: dict[str, Any] = {"verify": get.read("CLICK_VERIFY")}
-    ca_cert = get.read("CLICK_CA_CERT")
-    if ca_cert:
-        if not Path(ca_cert).is_file():
-            raise ConfigError("CLICK_CA_CERT", f"{ca_cert} is not a readable file",
-                              "give the PEM file of the CA that signed ClickHouse's certificate")
-        options["ca_cert"] = ca_cert
-    return options
-
-
-def _http_target(host: str, port: int, user: str, password: str, database: str, secure: bool,
-                 tls: Mapping[str, Any]) -> ClickHouseTarget:
-    scheme = "https" if secure else "http"
-    kwargs = {"host": host, "port": port, "username": user, "password": password,
-              "database": database, "secure": secure, **(tls if secure else {})}
-    return ClickHouseTarget("http", f"{scheme}://{user}@{host}:{port}/{database}", database, kwargs)
-
-
-def _check_click_port(variable: str, port: str) -> None:
-    if not port.isdigit():
-        raise ConfigError(variable, f"port must be a number, got {port!r}", "ClickHouse's HTTP port is 8123")
-    if port in NATIVE_PORTS:
-        raise ConfigError(variable, f"port {port} is ClickHouse's native TCP port, which clickhouse-connect"
-                          " does not speak", f"use the HTTP interface port {NATIVE_PORTS[port]}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Works the same on every kind of connection (`clickhouse` opens them: a server over HTTP(S), the
 in-process chDB engine).
 Every table name is `database`.`table` with backquoted identifiers. Driver errors are
-translated here: connection problems become SinkUnavailable, refusals SinkError.
+translated with `clickhouse.ch_errors`.
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ import math
 import re
 import struct
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 from loguru import logger
 
 from etl_service import target
-from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable
+from etl_service.clickhouse import ch_errors
+from etl_service.errors import ConfigError, SinkError
 from etl_service.source import SourceShape
 
 BATCH_COLUMN = "_etl_batch"
@@ -32,48 +31,7 @@ BATCH_COLUMN = "_etl_batch"
 DEDUP_WINDOW = 10000
 
 
-# ClickHouse error codes that blame the inserted values, not the statement: the chunk is split
-# to find the rows, which are quarantined (CANNOT_PARSE_*, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND,
-# CANNOT_CONVERT_TYPE, INCORRECT_DATA, TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE,
-# CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_UUID, DECIMAL_OVERFLOW, ...).
-DATA_ERROR_CODES = {6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 376, 407, 691}
-_CODE = re.compile(r"(?:Code:|error code) (\d+)")
-# Refusals no retry can cure (authentication, unknown user or database, missing grants): the
-# settings or the server's grants must change. code -> (variable, fix).
-_PERMANENT = {
-    516: ("CLICK_PASSWORD", "set the right user and password (CLICK_USER/CLICK_PASSWORD or in CLICK_DSN)"),
-    192: ("CLICK_USER", "use an existing ClickHouse user"),
-    193: ("CLICK_PASSWORD", "set the right password"),
-    194: ("CLICK_PASSWORD", "this user needs a password: set CLICK_PASSWORD"),
-    81: ("CLICK_DATABASE", "use an existing database, or grant CREATE DATABASE so the service creates it"),
-    291: ("CLICK_USER", "grant this user access to the database"),
-    497: ("CLICK_USER", "grant the missing privilege to this user (`check` lists what the service needs)"),
-    164: ("CLICK_USER", "this user is read-only: use one that may INSERT (and CREATE, for a new target)"),
-}
 
-
-@contextmanager
-def ch_errors(action: str) -> Iterator[None]:
-    """Translate clickhouse-connect errors raised while doing `action`."""
-    try:
-        yield
-    except OperationalError as exc:
-        raise SinkUnavailable(f"{action}: {short_error(exc)}") from exc
-    except (DatabaseError, ClickHouseError) as exc:
-        text = str(exc)
-        match = _CODE.search(text)
-        code = int(match[1]) if match else None
-        if code in _PERMANENT:
-            variable, fix = _PERMANENT[code]
-            raise ConfigError(variable, f"{action}: {short_error(exc)}", fix) from exc
-        if code in DATA_ERROR_CODES:
-            raise BadSinkValues(f"{action}: {short_error(exc)}") from exc
-        raise SinkError(f"{action}: {short_error(exc)}") from exc
-
-
-def short_error(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0][:500] if lines else type(exc).__name__
 
 
 def table_name(database: str, table: str) -> str:

@@ -6,8 +6,8 @@ import psycopg2
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
+from etl_service.clickhouse import ch_errors
 from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable, SourceError, SourceUnavailable
-from etl_service.sink import ch_errors
 from etl_service.source import pg_errors
 
 
