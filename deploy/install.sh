@@ -43,7 +43,9 @@ fi
 
 install -d -m 755 "$prefix" "$prefix/config"
 install -m 755 "$src/run_etl.sh" "$prefix/run_etl.sh"
-install -m 644 "$src/README.md" "$src/.env.example" "$src/pyproject.toml" "$prefix/"
+install -m 644 "$src/README.md" "$src/CHANGELOG.md" "$src/.env.example" "$src/pyproject.toml" "$prefix/"
+install -d -m 755 "$prefix/docs"
+install -m 644 "$src"/docs/*.md "$prefix/docs/"
 install -m 644 "$src"/config/*.toml "$prefix/config/"
 [ -x "$prefix/venv/bin/python" ] || python3 -m venv "$prefix/venv"
 if [ -n "$wheelhouse" ]; then

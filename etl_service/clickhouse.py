@@ -132,7 +132,7 @@ def release_start_pages() -> int:
     registration of every function and format). Those pages are clean copies of the file, so the
     kernel may drop them at no cost, but until it needs the memory they count in the process's RSS
     and cgroup. MADV_PAGEOUT drops them now; the few that runs use come back on first touch
-    (README, "Benchmark": peak RSS). Best effort: 0 where the kernel or platform cannot.
+    (docs/performance.md, "Benchmark": peak RSS). Best effort: 0 where the kernel or platform cannot.
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)

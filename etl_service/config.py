@@ -350,7 +350,8 @@ SECTIONS = (
             "Either one DSN (PG_DSN) or the parts (PG_HOST, PG_PORT, PG_USER, PG_PASSWORD, PG_DATABASE).", (
         Setting("PG_DSN", "", "A libpq URI or key=value string; it wins over the PG_* parts. TLS goes here too: e.g."
                 " postgresql://etl@db:5432/app?sslmode=verify-full&sslrootcert=/etc/etl-service/pg-ca.pem (client"
-                " certificates: &sslcert=...&sslkey=...; README \"PostgreSQL over TLS\" says where the files go)."),
+                " certificates: &sslcert=...&sslkey=...; docs/postgresql.md \"PostgreSQL over TLS\" says where the"
+                " files go)."),
         Setting("PG_HOST", "localhost", "Server host (without PG_DSN)."),
         Setting("PG_PORT", "5432", "Server port (without PG_DSN).", _Getter.whole),
         Setting("PG_USER", "postgres", "User name (without PG_DSN)."),
@@ -383,13 +384,13 @@ SECTIONS = (
                 " seconds.", _Getter.number, attr="ch_query_timeout"),
         Setting("CLICK_CLUSTER", "", "A ClickHouse cluster name: new targets are created ON CLUSTER as"
                 " ReplicatedMergeTree (with the {shard}/{replica} macros) and schema changes run ON CLUSTER."
-                " Empty: a single server. See README, \"ClickHouse cluster\"."),
+                " Empty: a single server. See docs/clickhouse.md, \"ClickHouse cluster\"."),
     )),
     Section("The job (one job straight from .env; for several, see ETL_JOBS_FILE)",
             "In a jobs file each job sets these by key: the variable without ETL_, in lower case.", (
         Setting("ETL_JOB_NAME", "", "Name used in logs and the ledger (empty: the source table's name; in a jobs"
-                " file, NAME of [jobs.NAME]). Renaming a job with an unfinished batch: see README (\"Renamed or"
-                " removed jobs\", the adopt/release commands)."),
+                " file, NAME of [jobs.NAME]). Renaming a job with an unfinished batch: see docs/operations.md"
+                " (\"Renamed or removed jobs\", the adopt/release commands)."),
         _job("ETL_SOURCE_TABLE", None, "Source table, schema.table (schema defaults to public). Required.",
              _source_table, example="public.orders"),
         _job("ETL_SOURCE_KEY", "id", "Key of the source table: one column or several (\"tenant_id, id\"). It must"
@@ -398,7 +399,8 @@ SECTIONS = (
         _job("ETL_PROCESSED_COLUMN", "processed", "Boolean column that marks a row processed. Rows with false are"
              " picked up.", _Getter.identifier),
         _job("ETL_TARGET_TABLE", "", "ClickHouse trigger table, in CLICK_DATABASE (empty: the source table's name)."
-             " Created from the PostgreSQL column types if it does not exist (see README, \"Type mapping\").",
+             " Created from the PostgreSQL column types if it does not exist (see docs/clickhouse.md,"
+             " \"Type mapping\").",
              _target_table, example="orders_trigger"),
         _job("ETL_COLUMNS", "", "Columns to move, optionally renamed: \"id, amount:total, created_at\" (empty: all"
              " but the flag).", _columns),
@@ -435,7 +437,7 @@ SECTIONS = (
              " run.", partial(_Getter.choice, allowed=("auto", "fail"))),
         _job("ETL_VERIFY_LOAD", "on", "on: before a batch is marked, count its rows in ClickHouse (the _etl_batch"
              " column) and compare with the rows sent. off for targets that drop or collapse rows by design (TTL,"
-             " Replacing/Collapsing engines) — see README, \"Load verification\".", _Getter.switch),
+             " Replacing/Collapsing engines) — see docs/clickhouse.md, \"Load verification\".", _Getter.switch),
         _job("ETL_LAG_COLUMN", "", "A timestamp column of the source rows (e.g. created_at): lag (metrics, status)"
              " is then the exact age of the oldest unprocessed row (rows where it is NULL are not counted). Empty,"
              " or NULL in every unprocessed row: the age of the oldest unfinished batch, or the time since a run"

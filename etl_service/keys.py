@@ -88,7 +88,7 @@ class Key:
         return sql.SQL(" AND ").join(tests) if tests else sql.SQL("TRUE")
 
     def has_null(self, alias: str) -> sql.Composable:
-        """Rows whose key has a NULL part: they cannot be moved (see README, "The source table")."""
+        """Rows whose key has a NULL part: they cannot be moved (see docs/postgresql.md, "The source table")."""
         tests = [sql.SQL("{} IS NULL").format(sql.Identifier(alias, c.name)) for c in self.columns if c.nullable]
         return sql.SQL(" OR ").join(tests) if tests else sql.SQL("FALSE")
 

@@ -26,8 +26,8 @@ RUN_SECONDS = Histogram("etl_run_duration_seconds", "Whole runs, by outcome", ["
 READY_WAIT_SECONDS = Histogram("etl_readiness_wait_seconds", "Time spent polling the readiness query",
                                ["job"], buckets=_DURATIONS, registry=REGISTRY)
 BACKLOG = Gauge("etl_backlog_rows", "Unprocessed source rows after the last run", ["job"], registry=REGISTRY)
-LAG = Gauge("etl_lag_seconds", "Age of the oldest unprocessed row after the last run (README, Lag)", ["job"],
-            registry=REGISTRY)
+LAG = Gauge("etl_lag_seconds", "Age of the oldest unprocessed row after the last run (docs/monitoring.md, Lag)",
+            ["job"], registry=REGISTRY)
 WAITING = Gauge("etl_batches_waiting", "Batches loaded but not marked (waiting for readiness)", ["job"],
                 registry=REGISTRY)
 QUARANTINED = Gauge("etl_quarantined_rows", "Rows set aside with their reason, awaiting `requeue`", ["job"],

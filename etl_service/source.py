@@ -77,11 +77,11 @@ _PERMANENT = (
     # TLS (libpq's words): the server's certificate, or the files PG_DSN names for it
     ("certificate verify failed", "PG_DSN",
      "the server's certificate is not signed by the CA in sslrootcert=, or has expired: point sslrootcert at"
-     " the CA that issued it (README: PostgreSQL over TLS)"),
+     " the CA that issued it (docs/postgresql.md: PostgreSQL over TLS)"),
     ("does not match host name", "PG_DSN",
      "connect with a host name the server's certificate carries (its subjectAltName), or have it reissued"),
     ("root certificate file", "PG_DSN",
-     "set sslrootcert= to the CA's file, readable by the service user (README: PostgreSQL over TLS)"),
+     "set sslrootcert= to the CA's file, readable by the service user (docs/postgresql.md: PostgreSQL over TLS)"),
     ("private key file", "PG_DSN", "sslkey= must name the client key, owned by the service user, mode 600"),
     ("certificate file", "PG_DSN", "sslcert= must name the client certificate, readable by the service user"),
     ("alert unknown ca", "PG_DSN",
@@ -452,7 +452,7 @@ def mark_blockers(conn: Connection, job: JobConfig) -> list[str]:
 
 
 def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
-    """Why marking rows processed cannot be a HOT update here (README, "Tuning"), if it cannot.
+    """Why marking rows processed cannot be a HOT update here (docs/performance.md, "Tuning"), if it cannot.
 
     An UPDATE is HOT (no index entry written, about half the work and WAL) when no index but a
     BRIN one refers to the changed column and the row's page has room for the new version. A
@@ -475,7 +475,7 @@ def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
         if index_name and mention.search(definition[definition.find(" USING "):]):
             advice.append(f"index {index_name} ({am}) on {table} refers to {flag}, so marking a row writes"
                           f" index entries (no HOT update): a partial BRIN index WHERE NOT {flag} serves a"
-                          " backlog without that (README, Tuning)")
+                          " backlog without that (docs/performance.md, Tuning)")
         if fillfactor == 100:
             crowded[table] = None
     if crowded:
@@ -484,7 +484,7 @@ def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
         advice.append(f"{', '.join(crowded_list[:3])}{more} {'has' if len(crowded_list) == 1 else 'have'}"
                       " fillfactor 100: a marked row moves to another page (no HOT update); a batch marks whole"
                       f" pages at once, so ALTER TABLE {crowded_list[0]} SET (fillfactor = 50) leaves room for it"
-                      " (README, Tuning)")
+                      " (docs/performance.md, Tuning)")
     return advice
 
 

@@ -65,7 +65,7 @@ def dedup_problem(info: TargetInfo, table: str) -> str | None:
     if engine == "Distributed":
         return (f"{table} is a Distributed table: a retried insert may go to another shard, where its token is"
                 " unknown, and land twice. Point ETL_TARGET_TABLE at the shard's local Replicated*MergeTree table"
-                " (README, \"ClickHouse cluster\")")
+                " (docs/clickhouse.md, \"ClickHouse cluster\")")
     return (f"{table} uses the {engine} engine, which cannot drop a repeated insert: recreate it as MergeTree"
             " (… ENGINE = MergeTree ORDER BY <key> SETTINGS non_replicated_deduplication_window = 10000)")
 

@@ -240,7 +240,7 @@ MARK_BATCH_SQL = (  # the service's marking statement, on a batch of claimed key
 
 
 def tuning(pg_uri: str, rows: int) -> None:
-    """README, Tuning: marking `rows` rows in batches of 100k under each index and fillfactor setup."""
+    """docs/performance.md, Tuning: marking `rows` rows in batches of 100k under each index and fillfactor setup."""
     conn = psycopg2.connect(pg_uri)
     conn.autocommit = True
     setup = ""
@@ -296,7 +296,8 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=5_000_000, help="rows for the memory check (0: skip)")
     parser.add_argument("--wide-mb", type=int, default=800, help="MB of text in the 1,500-row table (0: skip)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--tuning", action="store_true", help="only the README's Tuning table (marking, HOT)")
+    parser.add_argument("--tuning", action="store_true",
+                        help="only the Tuning table of docs/performance.md (marking, HOT)")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -23,7 +23,7 @@ from .helpers import Writer, assert_exact, chdb_query, cli, running, stop, wait_
 
 WARM_UP_RUNS = 10
 MEASURED_RUNS = 100
-# What the data supports (README, "Running for months"; tests/soak.py): no growth per run. The
+# What the data supports (docs/performance.md, "Running for months"; tests/soak.py): no growth per run. The
 # embedded engine's global pool keeps a thread for each task it ever ran at once, so a rare peak
 # (a merge overlapping a query) can add one thread, with up to 3 descriptors on
 # /proc/self/task/<tid>: +1 thread in 6000 runs of the soak. RSS: +6 MB over those 6000 runs.

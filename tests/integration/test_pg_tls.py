@@ -168,7 +168,7 @@ def test_a_certificate_that_does_not_verify_is_a_configuration_error(server: Tls
     assert failed.returncode == 78, out
     assert (f"configuration error: PG_DSN: connect to PostgreSQL (host=localhost port={server.port}"
             f" dbname={world.ch_database} user={ROLE} sslmode=verify-full sslrootcert={ca})") in out
-    assert libpq_says.format(ca=ca) in out and "README: PostgreSQL over TLS" in out
+    assert libpq_says.format(ca=ca) in out and "docs/postgresql.md: PostgreSQL over TLS" in out
     assert PASSWORD not in out and "retrying" not in out
 
 
