@@ -78,3 +78,12 @@ def test_the_generator_prints_both_texts(capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out == settings_doc.reference()
     assert settings_doc.main(["--env-example"]) == 0
     assert capsys.readouterr().out == settings_doc.env_example()
+
+
+def test_the_module_map_names_every_module() -> None:
+    package = ROOT / "etl_service"
+    modules = {str(p.relative_to(ROOT)) for p in package.rglob("*.py")}
+    text = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(etl_service/[\w/]+\.py)`", text.split("## Module map", 1)[1]))
+    assert modules - named == set(), "add these modules to the module map in docs/development.md"
+    assert named - modules == set(), "these modules in docs/development.md no longer exist"
