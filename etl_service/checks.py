@@ -35,10 +35,13 @@ def ping_pg(settings: Settings) -> str:
 
 
 def ping_ch(settings: Settings) -> str:
-    """ClickHouse's version; SinkUnavailable (EngineBusy for a chDB folder held elsewhere) if unreachable."""
+    """ClickHouse's version; SinkUnavailable (EngineBusy for a chDB folder held elsewhere) if unreachable,
+    ConfigError if this user's profile would keep a retried insert twice."""
     client = clickhouse.connect(settings, "check")
     try:
-        return str(sink.query_rows(client, "SELECT version()")[0][0])
+        version = str(sink.query_rows(client, "SELECT version()")[0][0])
+        notes = sink.check_insert_settings(client)
+        return version + "".join(f"; {note}" for note in notes)
     finally:
         clickhouse.release(client)
 

@@ -42,7 +42,35 @@ def connect(settings: Settings, purpose: str = "etl") -> Connection:
     with pg_errors(f"connect to PostgreSQL ({settings.pg_display})"):
         conn = psycopg2.connect(settings.pg_dsn, connect_timeout=10, application_name=app,
                                 options=options, keepalives=1, keepalives_idle=30)
+    if purpose != "status":  # `status` only reads: it may look at a standby
+        try:
+            require_primary(conn, settings.pg_display)
+        except BaseException:
+            conn.close()
+            raise
     return conn
+
+
+def require_primary(conn: Connection, display: str) -> None:
+    """ConfigError unless this session may write: a hot standby, or a read-only session, is refused.
+
+    The service writes the flag and its ledger; on a standby every write would fail, and a run
+    that reads there would see a past the primary has left behind.
+    """
+    with pg_errors("ask whether PostgreSQL is the primary", conn), conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'")
+        standby, read_only = cur.fetchone()  # type: ignore[misc]
+    conn.rollback()
+    multi_host = ("connect to the primary: point PG_DSN (or PG_HOST) at it, or name every server with"
+                  " target_session_attrs=read-write, e.g. postgresql://db1,db2/app?target_session_attrs=read-write,"
+                  " so a failover needs no change")
+    if standby:
+        raise ConfigError("PG_DSN / PG_HOST", f"PostgreSQL at {display} is a hot standby (in recovery): the service"
+                          " writes the processed flag and its ledger", multi_host)
+    if read_only:
+        raise ConfigError("PG_DSN / PG_HOST", f"sessions at {display} are read-only (default_transaction_read_only, a"
+                          " read-only role, or a pooler routing to a replica): the service writes the processed flag"
+                          " and its ledger", "use a role whose sessions may write, and " + multi_host)
 
 
 @contextmanager

@@ -67,6 +67,8 @@ class TargetSession:
         """Create the target, or check that it deduplicates and bring it in step with the source."""
         database, table = self.settings.clickhouse.database, self.job.target_table
         name = sink.table_name(database, table)
+        for line in sink.check_insert_settings(client):  # a profile may have changed since the last run
+            _warn_once(self.log, line)
         described = sink.describe_target(client, database, table)
         if described is None:
             sink.create_target(client, database, table, shape, ".".join(self.job.source_table),

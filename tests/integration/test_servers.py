@@ -1,0 +1,89 @@
+"""Exactly once on the servers users run: ClickHouse profiles that change the insert settings, a
+PostgreSQL session that cannot write.
+
+A ClickHouse profile is simulated on chDB with clickhouse-connect's client settings: they become the
+defaults of every later query of that client, as a profile's would. No ClickHouse server, Keeper or
+Replicated table can run here; the Replicated branch is unit-tested.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2
+import pytest
+
+from etl_service import checks, clickhouse
+from etl_service.config import Settings
+from etl_service.errors import ConfigError
+from etl_service.pipeline import FAILED, OK, run_job
+
+from .conftest import World
+from .test_pipeline import ch_summary, marked
+
+
+def profile(settings: Settings, **values: str) -> Any:
+    """Make `values` the defaults of the job's ClickHouse client (shared for the life of the process,
+    so each test names its job after its own database: no other test meets this client)."""
+    client = clickhouse.connect(settings, f"job:{settings.jobs[0].name}")
+    try:
+        for name, value in values.items():
+            client.set_client_setting(name, value)
+    finally:
+        clickhouse.release(client)
+    return client
+
+
+@pytest.mark.parametrize("values", [
+    {"deduplicate_insert": "disable"},
+    {"insert_deduplicate": "0", "deduplicate_insert": "backward_compatible_choice"},
+    {"async_insert": "1", "wait_for_async_insert": "0", "deduplicate_insert": "disable"},
+])
+@pytest.mark.parametrize("point", ["between_chunks", "after_last_insert"])
+def test_a_profile_without_deduplication_does_not_double_a_retried_chunk(world: World, values: dict[str, str],
+                                                                         point: str) -> None:
+    if world.backend.name != "embedded":
+        pytest.skip("client settings stand in for a profile on the embedded engine")
+    world.make_source(1000)
+    settings = world.settings(chunk_size="300", fail_at=point,  # an outage just after a chunk went in
+                              job_name=world.ch_database)
+    profile(settings, **values)
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 1000), result.message
+    assert ch_summary(world) == (1000, 1000, 1000 * 1001 // 2)
+    assert marked(world) == (1000, 1000)
+
+
+def test_a_readonly_profile_is_a_configuration_error(world: World) -> None:
+    if world.backend.name != "embedded":
+        pytest.skip("client settings stand in for a profile on the embedded engine")
+    world.make_source(10)
+    settings = world.settings(job_name=world.ch_database)
+    profile(settings, readonly="1")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.permanent) == (FAILED, True)
+    assert "CLICK_USER" in result.message and "read-only" in result.message
+    assert marked(world) == (0, 10)
+
+
+# --- PostgreSQL: the primary, and only the primary ----------------------------------------------
+
+def test_a_read_only_session_is_a_configuration_error_at_start_in_check_and_in_a_run(world: World) -> None:
+    world.make_source(10)
+    world.sql(f"ALTER DATABASE {world.ch_database} SET default_transaction_read_only = on")
+    settings = world.settings()
+    with pytest.raises(ConfigError) as start:
+        checks.preflight(settings)
+    assert "PG_DSN / PG_HOST" in str(start.value) and "read-only" in str(start.value)
+    lines: list[str] = []
+    assert not checks.check(settings, lines.append)
+    assert any("FAIL PG_DSN / PG_HOST" in line and "read-only" in line for line in lines), lines
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.permanent) == (FAILED, True) and "target_session_attrs" in result.message
+    assert marked(world) == (0, 10)
+    admin = psycopg2.connect(world.backend.pg_uri)  # the server's own database: its sessions may write
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"ALTER DATABASE {world.ch_database} RESET default_transaction_read_only")
+    admin.close()
+    assert run_job(settings, settings.jobs[0]).rows_marked == 10
