@@ -24,6 +24,9 @@ from etl_service.marker import Marker
 from etl_service.source import SourceShape
 from etl_service.target_session import TargetSession
 
+# Counts of a batch below the rows sent, on a Replicated target, before they count as missing
+# (waiting 1, 2, 4, 8 and 16 s: a replica behind a load balancer catching up).
+VERIFY_WAITS = 5
 # Reports a marked batch: (batch, what the mark did, rows that failed alone in this run, start time).
 Marked = Callable[[Batch, MarkResult, int, float], None]
 
@@ -99,7 +102,9 @@ class BatchLoader:
 
         If it holds none of them (the target was dropped or emptied while the batch waited), the
         batch is loaded again once, with the same tokens: a target that still knows them drops
-        the repeat, and the count then fails the run.
+        the repeat, and the count then fails the run. On a Replicated target a count below the
+        rows sent may come from a replica that has not fetched every part yet: it syncs and
+        counts again (VERIFY_WAITS times, backing off) before it counts as missing rows.
         """
         if not self.job.verify_load or not expected:
             return
@@ -111,11 +116,23 @@ class BatchLoader:
         if held == 0:
             expected = self._reload(shape, batch, f"ClickHouse holds none of its {expected} rows")
             held = sink.batch_rows(client, db, table, batch.batch_id)
-        if held != expected:
-            raise EtlError(f"batch {batch.batch_id}: ClickHouse holds {held} of its rows but {expected} were sent,"
-                           " so it is not marked and stays loaded. Did a TTL, a row-collapsing engine or a DELETE"
-                           " remove rows, or did a retried insert land twice? For a target that drops or folds rows"
-                           " by design set ETL_VERIFY_LOAD=off — which would mark this batch as it is")
+        for wait in range(VERIFY_WAITS if self.target.replicated else 0):
+            if held >= expected or self.ctx.stop.wait(2.0 ** wait):
+                break
+            sink.sync_replica(client, db, table)
+            held = sink.batch_rows(client, db, table, batch.batch_id)
+        if held > expected:
+            doubled = sink.doubled_keys(client, db, table, batch.batch_id, shape.key_targets)
+            raise EtlError(f"batch {batch.batch_id}: ClickHouse holds {held} of its rows but {expected} were sent:"
+                           f" {', '.join(doubled) or 'some rows'} are there more than once — a retried insert was"
+                           " kept twice (the target or the server's settings did not drop it; `check` says which)."
+                           " The batch is not marked and stays loaded: remove the extra copies (rows with"
+                           f" {sink.BATCH_COLUMN} = {batch.batch_id}) and the next run counts again and marks it")
+        if held < expected:
+            raise EtlError(f"batch {batch.batch_id}: ClickHouse holds {held} of its rows but {expected} were sent:"
+                           f" {expected - held} are missing, so it is not marked and stays loaded. Did a TTL, a"
+                           " row-collapsing engine or a DELETE remove rows? For a target that drops or folds rows by"
+                           " design, ETL_VERIFY_LOAD=off marks batches without counting (this one included)")
 
     def _reload(self, shape: SourceShape, batch: Batch, why: str) -> int:
         """Send a loaded batch again, with the same tokens (a target that still knows them drops them)."""

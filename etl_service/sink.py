@@ -108,6 +108,28 @@ def batch_rows(client: Client, database: str, table: str, batch_id: int) -> int:
     return int(rows[0][0])
 
 
+def doubled_keys(client: Client, database: str, table: str, batch_id: int, keys: tuple[str, ...],
+                 limit: int = 10) -> list[str]:
+    """Keys of `batch_id` that the target holds more than once (a few, as `col=value`)."""
+    cols = ", ".join(quote_identifier(k) for k in keys)
+    with ch_errors(f"look for doubled rows of batch {batch_id} in {database}.{table}"):
+        rows = client.query(f"SELECT {cols}, count() AS copies FROM {table_name(database, table)}"
+                            f" WHERE {BATCH_COLUMN} = {{b:UInt64}} GROUP BY {cols} HAVING copies > 1 ORDER BY {cols}"
+                            f" LIMIT {limit}",
+                            parameters={"b": batch_id}).result_rows
+    return [", ".join(f"{k}={v}" for k, v in zip(keys, row[:-1], strict=True)) + f" ({row[-1]} copies)"
+            for row in rows]
+
+
+def sync_replica(client: Client, database: str, table: str) -> None:
+    """Ask this replica to fetch the parts the others have (best effort: the privilege may be missing)."""
+    try:
+        with ch_errors(f"sync replica {database}.{table}"):
+            client.command(f"SYSTEM SYNC REPLICA {table_name(database, table)} LIGHTWEIGHT")
+    except SinkError:
+        return
+
+
 def check_grants(client: Client, database: str, table: str, exists: bool) -> str:
     """The privileges a run needs on ClickHouse: INSERT and SELECT on the target, CREATE if it must be made."""
     needed = ["INSERT", "SELECT"] if exists else ["CREATE TABLE", "INSERT", "SELECT"]

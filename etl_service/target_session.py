@@ -34,6 +34,7 @@ class TargetSession:
         self.log = log
         self.client: Any = None  # open once `connect` succeeded
         self.types: dict[str, str] = {}  # the target's column -> type, once prepared
+        self.replicated = False  # a Replicated engine: a count may reach a replica still fetching parts
         self.created = False  # this attempt made the target (a loaded batch must go again)
 
     @property
@@ -87,6 +88,7 @@ class TargetSession:
         if not self.job.transform:  # a transform decides its own columns: ClickHouse checks them at insert
             info = self._evolve(client, info, shape, database, table)
         self.types = info.columns
+        self.replicated = "Replicated" in info.engine
 
     def _evolve(self, client: Any, info: target.TargetInfo, shape: SourceShape, database: str,
                 table: str) -> target.TargetInfo:

@@ -87,3 +87,25 @@ def test_a_read_only_session_is_a_configuration_error_at_start_in_check_and_in_a
         cur.execute(f"ALTER DATABASE {world.ch_database} RESET default_transaction_read_only")
     admin.close()
     assert run_job(settings, settings.jobs[0]).rows_marked == 10
+
+
+# --- verification reads what was inserted, and says what is wrong -------------------------------
+
+def test_a_doubled_batch_names_its_keys_and_never_advises_turning_verification_off(world: World) -> None:
+    world.make_source(600)
+    ch = world.backend.ch()
+    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    ch.command(f"CREATE TABLE {world.target()} (id Int64, amount Decimal(12, 2), name Nullable(String),"
+               " ts DateTime64(6, 'UTC'), _etl_batch UInt64) ENGINE = MergeTree ORDER BY id")  # keeps repeats
+    settings = world.settings(target_dedup="off", chunk_size="300", fail_at="after_last_insert")
+    result = run_job(settings, settings.jobs[0])  # the outage after the last chunk: it goes again, twice
+    assert result.status == FAILED
+    assert "ClickHouse holds 900 of its rows but 600 were sent" in result.message
+    assert "id=301 (2 copies)" in result.message and "more than once" in result.message
+    assert "ETL_VERIFY_LOAD" not in result.message
+    assert marked(world) == (0, 600)
+    assert world.sql("SELECT state FROM etl.batches") == [("loaded",)]
+    ch.command(f"DELETE FROM {world.target()} WHERE id > 300")  # what the message says: remove the copies,
+    ch.command(f"INSERT INTO {world.target()} SELECT number + 301, 0, NULL, now64(), 1 FROM numbers(300)")
+    done = run_job(world.settings(target_dedup="off", chunk_size="300"), settings.jobs[0])
+    assert (done.status, done.rows_marked) == (OK, 600) and marked(world) == (600, 600)

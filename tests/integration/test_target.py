@@ -183,7 +183,8 @@ def test_verification_catches_a_batch_clickhouse_did_not_keep(world: World, loss
     worker.join(60)
     kept = 180 if loss == "delete" else 0
     assert results[0].status == FAILED
-    assert f"ClickHouse holds {kept} of its rows but 200 were sent, so it is not marked" in results[0].message
+    assert f"ClickHouse holds {kept} of its rows but 200 were sent: {200 - kept} are missing, so it is not marked" \
+        in results[0].message
     assert world.sql("SELECT count(*) FROM src WHERE processed") == [(0,)]
     assert world.sql("SELECT state FROM etl.batches") == [("loaded",)]
     unchecked = world.settings(verify_load="off", ready_query=f"SELECT count() > 0 FROM `{world.ch_database}`.flag")
