@@ -45,10 +45,15 @@ class BatchLoader:
         self.marker = marker
         self.marked = marked
 
-    def process(self, shape: SourceShape, batch: Batch) -> None:
-        """One batch through every step; raises Outcome when it must stop short."""
+    def process(self, shape: SourceShape, batch: Batch, fresh: bool = False) -> None:
+        """One batch through every step; raises Outcome when it must stop short.
+
+        `fresh`: claimed just now, so nothing of it can be in ClickHouse yet (see `_own_id`).
+        """
         ctx = self.ctx
         shape = self._shape_of(batch, shape)
+        if fresh:
+            batch = self._own_id(shape, batch)
         bt0 = ctx.clock()
         failed_before = self.bad.failed
         sent = 0
@@ -71,6 +76,29 @@ class BatchLoader:
                 ".".join(self.job.source_table), batch.batch_id, batch.row_count)
         failed = self.bad.failed - failed_before
         self.marker.submit(batch, shape, lambda done, mark: self.marked(done, mark, failed, bt0))
+
+    def _own_id(self, shape: SourceShape, batch: Batch) -> Batch:
+        """Batch ids never repeat in the target: a fresh batch whose id ClickHouse already holds rows of
+        (the ledger was dropped, restored from an older dump, or PostgreSQL failed over to a standby
+        that missed commits, so its sequence restarted or went back) takes an id past the target's
+        highest before anything of it is sent. The check counts one id through the batch column's
+        skip index; the highest id is read only when the ledger is behind.
+        """
+        if not self.job.verify_load:
+            return batch
+        client = self.target.connect(shape)
+        if not self.target.has_batch_column:
+            return batch
+        db, table = self.ctx.settings.clickhouse.database, self.job.target_table
+        if not sink.batch_rows(client, db, table, batch.batch_id):
+            return batch
+        top = sink.max_batch(client, db, table)
+        renumbered = self.ledger.batches.renumber(batch, top)
+        self.ctx.log.bind(batch=renumbered.batch_id).warning(
+            "the ledger is behind ClickHouse: {}.{} already holds batch ids up to {} (was the ledger dropped or"
+            " restored, or did PostgreSQL fail over to a standby that missed commits?); batch {} is batch {} now,"
+            " and later ids follow it", db, table, top, batch.batch_id, renumbered.batch_id)
+        return renumbered
 
     def _shape_of(self, batch: Batch, shape: SourceShape) -> SourceShape:
         """The shape whose key reads `batch`'s stored keys: their column order is the one at claim time."""

@@ -208,7 +208,7 @@ class Run:
                 continue
             after = claimed.last_key
             self.faults.reached("after_claim")
-            loader.process(shape, claimed)
+            loader.process(shape, claimed, fresh=True)
 
     def _finish(self, conn: source.Connection, target: TargetSession) -> None:
         if self.result.batches == 0:

@@ -108,6 +108,13 @@ def batch_rows(client: Client, database: str, table: str, batch_id: int) -> int:
     return int(rows[0][0])
 
 
+def max_batch(client: Client, database: str, table: str) -> int:
+    """The highest batch id the target holds (0 if none): reads the whole batch column."""
+    with ch_errors(f"read the highest batch id in {database}.{table}"):
+        rows = client.query(f"SELECT max({BATCH_COLUMN}) FROM {table_name(database, table)}").result_rows
+    return int(rows[0][0] or 0)
+
+
 def doubled_keys(client: Client, database: str, table: str, batch_id: int, keys: tuple[str, ...],
                  limit: int = 10) -> list[str]:
     """Keys of `batch_id` that the target holds more than once (a few, as `col=value`)."""

@@ -21,7 +21,7 @@ was claimed with (`key_columns`), never the new one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -166,3 +166,14 @@ class Batches:
         self.store.run("record batch loaded", sql.SQL(
             "UPDATE {s}.batches SET state = 'loaded', loaded_at = now() WHERE batch_id = %s"
             " AND state = 'claimed'").format(s=self.store.schema), (batch.batch_id,))
+
+    def renumber(self, batch: Batch, above: int) -> Batch:
+        """Give a batch nothing has been sent of yet an id past `above` (and move the sequence there)."""
+        rows = self.store.run("renumber batch", sql.SQL(
+            "SELECT setval(pg_get_serial_sequence(%(table)s, 'batch_id'), greatest(%(above)s,"
+            " (SELECT max(batch_id) FROM {s}.batches)));"
+            " UPDATE {s}.batches SET batch_id = nextval(pg_get_serial_sequence(%(table)s, 'batch_id'))"
+            " WHERE batch_id = %(batch)s AND state = 'claimed' AND chunks_loaded = 0 RETURNING batch_id"
+        ).format(s=self.store.schema), {"table": f"{self.store.quoted()}.batches", "above": above,
+                                        "batch": batch.batch_id})
+        return replace(batch, batch_id=int(rows[0][0]))

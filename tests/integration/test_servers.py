@@ -109,3 +109,23 @@ def test_a_doubled_batch_names_its_keys_and_never_advises_turning_verification_o
     ch.command(f"INSERT INTO {world.target()} SELECT number + 301, 0, NULL, now64(), 1 FROM numbers(300)")
     done = run_job(world.settings(target_dedup="off", chunk_size="300"), settings.jobs[0])
     assert (done.status, done.rows_marked) == (OK, 600) and marked(world) == (600, 600)
+
+
+# --- the ledger's history lost: ids never repeat -------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["DROP SCHEMA etl CASCADE", "DROP TABLE etl.batches CASCADE"])
+def test_a_ledger_that_lost_its_history_never_reuses_a_batch_id(world: World, loss: str) -> None:
+    world.make_source(1000)
+    settings = world.settings(batch_size="400")
+    assert run_job(settings, settings.jobs[0]).rows_marked == 1000  # batches 1-3 in ClickHouse
+    world.sql(loss)  # batch ids start at 1 again
+    world.add_rows(1001, 1500)
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 500), result.message
+    assert ch_summary(world) == (1500, 1500, 1500 * 1501 // 2)
+    assert marked(world) == (1500, 1500)
+    ids = world.ch_rows(f"SELECT _etl_batch, count() FROM {world.target()} GROUP BY 1 ORDER BY 1")
+    assert [i for i, _ in ids] == [1, 2, 3, 4, 5] and sum(n for _, n in ids) == 1500
+    world.add_rows(1501, 1600)
+    assert run_job(settings, settings.jobs[0]).rows_marked == 100  # later ids follow on
+    assert world.ch_rows(f"SELECT max(_etl_batch) FROM {world.target()}") == [(6,)]
