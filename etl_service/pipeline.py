@@ -99,20 +99,22 @@ class Run:
                 self.log.opt(exception=exc).error("unexpected error in run")
                 self._fail(f"unexpected {type(exc).__name__}: {exc}")
                 break
-        return self._summarize(t0)
+        summary = self._summarize(t0)
+        # logged here: journal entries name this function as the run's summary line (CODE_FUNC=execute)
+        self.log.bind(summary=summary).log("ERROR" if self.result.status == FAILED else "INFO",
+                                           "run finished: {}", self.result.line())
+        return self.result
 
-    def _summarize(self, t0: float) -> RunResult:
+    def _summarize(self, t0: float) -> dict[str, Any]:
+        """Close the run's figures (progress, seconds, metrics); the summary line's fields."""
         self.progress.finish()  # the bar goes before the summary line
         r = self.result
         r.seconds = self.clock() - t0
         metrics.RUN_SECONDS.labels(self.job.name, r.status).observe(r.seconds)
         if r.status in SUCCESS:
             metrics.LAST_SUCCESS.labels(self.job.name).set(time.time())
-        level = "ERROR" if r.status == FAILED else "INFO"
-        summary = {"status": r.status, "batches": r.batches, "rows_loaded": r.rows_loaded, "rows_marked": r.rows_marked,
-                   "rows_quarantined": r.rows_quarantined, "seconds": round(r.seconds, 3)}
-        self.log.bind(summary=summary).log(level, "run finished: {}", r.line())
-        return r
+        return {"status": r.status, "batches": r.batches, "rows_loaded": r.rows_loaded, "rows_marked": r.rows_marked,
+                "rows_quarantined": r.rows_quarantined, "seconds": round(r.seconds, 3)}
 
     def _fail(self, message: str) -> None:
         self.result.status, self.result.message = FAILED, message
