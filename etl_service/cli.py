@@ -7,7 +7,8 @@ take is bad usage, wherever it stands.
 
 Exit codes: 0 success; 1 a run failed or a check found problems; 2 bad usage;
 75 (EX_TEMPFAIL) `--once` left work for later (readiness deadline, lock held, stopped);
-78 (EX_CONFIG) invalid configuration — systemd does not restart on it.
+78 (EX_CONFIG) invalid configuration — systemd does not restart on it; 130 / 143 a second
+SIGINT / SIGTERM ended the process at once (128 + the signal).
 """
 
 from __future__ import annotations

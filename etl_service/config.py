@@ -1,6 +1,7 @@
 """Settings: read `.env`, the environment and the jobs file once, validate, freeze.
 
-This is the only module that reads `os.environ`. Every setting is declared once, in `SECTIONS`:
+This is the only module that reads settings from `os.environ` (`systemd` and `logs` read only what
+systemd itself sets: NOTIFY_SOCKET, WATCHDOG_USEC/PID, JOURNAL_STREAM). Every setting is declared once, in `SECTIONS`:
 its variable, its key in a jobs file (job settings), its default, the reader that parses and
 checks it, and one line of help. That table drives the reading below, fills `JobConfig` and
 `Settings` (a job setting's key is its attribute; a service setting names its `attr`), and is
@@ -458,8 +459,8 @@ SECTIONS = (
                 _Getter.number, attr="misfire_grace"),
         Setting("ETL_QUARANTINE_LIMIT", "1000", "Bad rows (a value that cannot be converted or does not fit the"
                 " target, or that makes the transform raise) are set aside in the ledger's quarantine table, stay"
-                " unprocessed, and are listed by `status`; `requeue` releases them. A run stops after quarantining"
-                " this many.", _Getter.whole, attr="quarantine_limit"),
+                " unprocessed, and are listed by `status`; `requeue` releases them. A run stops once more than"
+                " this many are quarantined.", _Getter.whole, attr="quarantine_limit"),
         Setting("ETL_METRICS_PORT", "0", "Prometheus metrics at http://ETL_METRICS_ADDRESS:ETL_METRICS_PORT/metrics"
                 " (rows per step, batch and run durations, backlog, last success, readiness wait). 0 serves none.",
                 partial(_Getter.whole, allow_zero=True), attr="metrics_port"),
