@@ -306,6 +306,13 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
         raise ConfigError("ETL_SOURCE_TABLE", f"{name} has child tables by inheritance: its key is unique in the"
                           " parent only, and reading it reads the children too", "point the job at a partitioned"
                           " table, or at each child table with a job of its own")
+    cur.execute(_UPDATE_RULES, {"table": name})
+    rules = [str(r[0]) for r in cur.fetchall()]
+    if rules:
+        raise ConfigError("ETL_SOURCE_TABLE", f"{name} has {'; '.join(rules)}: a rule rewrites the service's mark of"
+                          f" {job.processed_column}, so whether the mark sticks cannot be seen",
+                          "do that work in a trigger instead (DROP RULE …), one that leaves the service's mark alone,"
+                          " or point the job at a table without rules on UPDATE")
     by_name = {r[0]: r for r in rows}
     _check_named_columns(name, job, by_name)
     key = _key(name, job, unique, by_name)
@@ -437,7 +444,9 @@ ORDER BY 1, 3
 _MARK_BLOCKERS = """
 WITH t AS (SELECT to_regclass(%(table)s) AS oid UNION SELECT relid FROM pg_partition_tree(to_regclass(%(table)s))
            UNION SELECT relid FROM pg_partition_ancestors(to_regclass(%(table)s)))
-SELECT format('trigger %%I (%%s UPDATE, for each %%s) on %%s', tg.tgname,
+SELECT format('%%strigger %%I (%%s UPDATE, for each %%s) on %%s',
+              CASE WHEN tg.tginitdeferred THEN 'deferred constraint ' WHEN tg.tgconstraint <> 0 THEN 'constraint '
+                   ELSE '' END, tg.tgname,
               CASE WHEN tg.tgtype & 2 = 2 THEN 'BEFORE' WHEN tg.tgtype & 64 = 64 THEN 'INSTEAD OF' ELSE 'AFTER' END,
               CASE WHEN tg.tgtype & 1 = 1 THEN 'row' ELSE 'statement' END, tg.tgrelid::regclass)
 FROM pg_trigger tg WHERE tg.tgrelid IN (SELECT oid FROM t) AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
@@ -447,6 +456,16 @@ SELECT format('row security policy %%I (%%s) on %%s', p.polname,
               CASE p.polcmd WHEN 'w' THEN 'FOR UPDATE' ELSE 'FOR ALL' END, p.polrelid::regclass)
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
 WHERE p.polrelid IN (SELECT oid FROM t) AND c.relrowsecurity AND p.polcmd IN ('w', '*')
+ORDER BY 1
+"""
+
+
+_UPDATE_RULES = """
+SELECT format('rule %%I (ON UPDATE DO %%s) on %%s', r.rulename, CASE WHEN r.is_instead THEN 'INSTEAD' ELSE 'ALSO' END,
+              r.ev_class::regclass)
+FROM pg_rewrite r
+WHERE r.ev_type = '2' AND r.ev_enabled <> 'D' AND r.ev_class IN (SELECT to_regclass(%(table)s)
+      UNION SELECT relid FROM pg_partition_tree(to_regclass(%(table)s)))
 ORDER BY 1
 """
 
@@ -468,6 +487,23 @@ def hiding_policies(conn: Connection, job: JobConfig) -> list[str]:
         found = [str(row[0]) for row in cur.fetchall()]
     conn.rollback()
     return found
+
+
+# Rows of the source table (every partition) this transaction has updated, inserted and deleted
+# so far, from PostgreSQL's per-transaction counters (they count what triggers do too).
+_CHANGES = """
+SELECT coalesce(sum(pg_stat_get_xact_tuples_updated(t.oid)), 0),
+       coalesce(sum(pg_stat_get_xact_tuples_inserted(t.oid)), 0),
+       coalesce(sum(pg_stat_get_xact_tuples_deleted(t.oid)), 0)
+FROM (SELECT to_regclass(%(table)s) AS oid UNION SELECT relid FROM pg_partition_tree(to_regclass(%(table)s))) t
+"""
+
+
+def changes_in_transaction(cur: Any, job: JobConfig) -> tuple[int, int, int]:
+    """(updated, inserted, deleted) rows of the source so far in the cursor's transaction."""
+    cur.execute(_CHANGES, {"table": qualified(job).as_string(cur.connection)})
+    row = cur.fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def mark_blockers(conn: Connection, job: JobConfig) -> list[str]:

@@ -6,14 +6,22 @@ In the mark's own transaction:
 2. if PostgreSQL raises for some rows (a trigger that refuses one), mark the batch in halves
    under savepoints until each such row is alone, and set it aside as loaded-not-marked; more
    than MARK_FAILURES rows raising alone is no longer "some rows": the whole mark is rolled back;
-3. look at the batch's rows again: one still unprocessed that the UPDATE reached (its keys are
-   kept in a temporary table as it runs) had its mark reset (a trigger set the flag back); one
-   whose xmin is still the claimed one was not reached (a trigger returned NULL, a row security
-   policy hides it from UPDATE). Neither is counted as marked, and both are set aside as
+3. count what the marking statements did to the source table (PostgreSQL's per-transaction
+   row counters, every partition): anything beyond updating the rows they reached — another row
+   updated (a trigger that resets rows of an earlier batch, marks child rows, or updates the row
+   itself and drops the mark), a row inserted or deleted — or a reached row that no longer has its
+   key (a trigger that changed it) means the mark did more than mark: the whole transaction is
+   rolled back and the job stops (MarkNotKept). The batch stays loaded and is marked, never loaded
+   again, once the trigger leaves the service's mark alone. Deferred constraint triggers fire
+   inside the statement (SET CONSTRAINTS ALL IMMEDIATE), so they are counted too;
+4. look at the batch's rows again: one still unprocessed that the UPDATE reached (its keys are
+   kept in a temporary table as it runs) had its mark reset (a BEFORE trigger set the flag back);
+   one whose xmin is still the claimed one was not reached (a trigger returned NULL, a row
+   security policy hides it from UPDATE). Neither is counted as marked, and both are set aside as
    loaded-not-marked, so no run claims and loads them again; the run then stops
    (`MarkResult.stuck`). A row that changed since the claim (another xmin, not reached) is left
    for the next batch, as always;
-4. close the batch.
+5. close the batch.
 
 A row set aside as loaded is in ClickHouse: `requeue` marks it (never loads it again) once the
 cause is fixed.
@@ -29,7 +37,7 @@ from psycopg2 import sql
 
 from etl_service import source
 from etl_service.config import JobConfig
-from etl_service.errors import SourceError
+from etl_service.errors import MarkNotKept, SourceError
 from etl_service.ledger.batches import Batch
 from etl_service.ledger.store import Store
 from etl_service.source import RANGE_JOIN, SourceShape, pg_errors, qualified
@@ -59,49 +67,96 @@ class _Raised(Exception):
     """More than MARK_FAILURES rows of a batch raised alone."""
 
 
+@dataclass
+class _Beyond:
+    """Changes the marking statements made to the source beyond updating the rows they reached."""
+
+    updated: int = 0
+    inserted: int = 0
+    deleted: int = 0
+
+    def add(self, before: tuple[int, int, int], after: tuple[int, int, int], reached: int) -> None:
+        updated, inserted, deleted = (a - b for a, b in zip(after, before, strict=True))
+        moved = min(inserted, deleted)  # a row moved to another partition (a flag in the partition key)
+        self.updated += updated + moved - reached
+        self.inserted += inserted - moved
+        self.deleted += deleted - moved
+
+    def __bool__(self) -> bool:
+        # Only more is a sign: fewer (counters a server keeps otherwise) must not stop a job.
+        return self.updated > 0 or self.inserted > 0 or self.deleted > 0
+
+    def describe(self) -> str:
+        parts = [f"{what} {n} other row(s)" for n, what in ((self.updated, "updated"), (self.inserted, "inserted"),
+                                                             (self.deleted, "deleted")) if n > 0]
+        return ", ".join(parts) or "changed fewer rows than the mark reached"
+
+
 class Mark:
     """Marks one batch at a time on the store's connection."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._reached_table = False  # the session's table of keys the UPDATE reached exists
+        self._odd_table = False  # the session's table of reached rows whose mark did not stay exists
 
     def run(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> MarkResult:
         """Mark `batch` (see the module docstring); commits unless something raised."""
         conn = self.store.conn
         with pg_errors(f"mark batch {batch.batch_id} done", conn), conn.cursor() as cur:
-            if not self._reached_table:
-                cur.execute("CREATE TEMP TABLE IF NOT EXISTS etl_reached (key text) ON COMMIT DELETE ROWS")
+            if not self._odd_table:
+                cur.execute("CREATE TEMP TABLE IF NOT EXISTS etl_unkept (key text, rekeyed boolean)"
+                            " ON COMMIT DELETE ROWS")
                 conn.commit()
-                self._reached_table = True
+                self._odd_table = True
+            cur.execute("SET CONSTRAINTS ALL IMMEDIATE")  # deferred triggers fire where the mark counts them
             if shape.range_join:
                 cur.execute(RANGE_JOIN)
             raised: list[tuple[int, str]] = []
+            beyond = _Beyond()
             try:
-                marked = self._update(cur, batch, shape, None, raised)
+                marked = self._update(cur, batch, shape, None, raised, beyond)
             except _Raised:
                 conn.rollback()
                 raise SourceError(f"mark batch {batch.batch_id} done: PostgreSQL refused the mark of more than"
                                   f" {MARK_FAILURES} of its rows, one by one (last: {raised[-1][1]}): a trigger or"
                                   " policy on the source refuses the flag; the batch stays loaded, and the next run"
                                   " marks it once that is fixed") from None
+            if shape.range_join:
+                cur.execute("SET LOCAL enable_nestloop = on")  # the checks below probe a few keys each
+            cur.execute("SELECT key, rekeyed FROM pg_temp.etl_unkept ORDER BY key")
+            unkept = cur.fetchall()
+            rekeyed = [str(key) for key, moved in unkept if moved]
+            if beyond or rekeyed:
+                conn.rollback()
+                raise MarkNotKept(beyond_mark(self.store.job, batch.batch_id, beyond.describe(), rekeyed[:5],
+                                              source.mark_blockers(conn, self.store.job)))
             raised_keys = self._set_aside_raised(cur, batch, shape, raised)
-            reset, refused = self._set_aside_stuck(cur, batch, shape)
+            quarantined = self._quarantined(cur, batch)
+            reset = [str(key) for key, _ in unkept]
+            refused = self._refused(cur, batch, shape) if marked + quarantined < batch.row_count else []
+            self._set_aside_stuck(cur, batch, shape, reset, refused)
             marked -= len(reset)  # the UPDATE reached them, but the flag did not stay
             cur.execute(sql.SQL(
                 "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
                 " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.store.schema),
                 (marked, batch.batch_id))
-            cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE batch_id = %s").format(s=self.store.schema),
-                        (batch.batch_id,))
-            quarantined = cur.fetchone()[0]  # type: ignore[index]
+            quarantined = self._quarantined(cur, batch)
             before_commit()
             conn.commit()
         blockers = source.mark_blockers(conn, self.store.job) if reset or refused or raised_keys else []
         return MarkResult(int(marked), int(quarantined), reset, refused, raised_keys, blockers)
 
+    def _quarantined(self, cur: psycopg2.extensions.cursor, batch: Batch) -> int:
+        cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE batch_id = %s").format(s=self.store.schema),
+                    (batch.batch_id,))
+        return int(cur.fetchone()[0])  # type: ignore[index]
+
     def _statement(self, shape: SourceShape, sliced: bool) -> sql.Composable:
-        """The marking UPDATE of the whole batch, or (sliced) of positions %(first)s..%(last)s."""
+        """The marking UPDATE of the whole batch, or (sliced) of positions %(first)s..%(last)s.
+
+        Returns how many rows it reached. A reached row whose flag is not true after the BEFORE
+        triggers, or whose key is not the claimed one any more, goes into pg_temp.etl_unkept.
+        """
         key, job, schema = shape.key, self.store.job, self.store.schema
         # With an index of the unprocessed rows on the key, the batch's key range is one ordered
         # pass over it, joined with the claimed keys (a third less work than a probe per key).
@@ -119,19 +174,27 @@ class Mark:
             " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x{span}"
             # rows quarantined in this batch, under whichever job name: never loaded, never marked
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)"
-            " RETURNING k.key) INSERT INTO pg_temp.etl_reached SELECT key FROM m"
+            " RETURNING k.key, s.{flag} IS TRUE AS kept, {encoded} IS DISTINCT FROM k.key AS rekeyed),"
+            " odd AS (INSERT INTO pg_temp.etl_unkept SELECT key, rekeyed FROM m WHERE NOT kept OR rekeyed)"
+            " SELECT count(*) FROM m"
         ).format(src=qualified(job), flag=sql.Identifier(job.processed_column), s=schema, keys=keys,
-                 matches=key.matches("s", sql.SQL("k.key")), span=span)
+                 matches=key.matches("s", sql.SQL("k.key")), span=span, encoded=key.encode("s"))
 
     def _update(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
-                positions: tuple[int, int] | None, raised: list[tuple[int, str]]) -> int:
-        """Mark the batch (or `positions` of it); on a refusal, halves under savepoints. Returns rows reached."""
+                positions: tuple[int, int] | None, raised: list[tuple[int, str]], beyond: _Beyond) -> int:
+        """Mark the batch (or `positions` of it); on a refusal, halves under savepoints. Returns rows reached.
+
+        What each statement that went through did to the source beyond the rows it reached is
+        added to `beyond` (a statement rolled back to its savepoint changed nothing).
+        """
         params = {"batch": batch.batch_id, "job": self.store.job.name}
         if positions:
             params.update(first=positions[0], last=positions[1])
         cur.execute("SAVEPOINT etl_mark")
         try:
+            before = source.changes_in_transaction(cur, self.store.job)
             cur.execute(self._statement(shape, positions is not None), params)
+            reached = int(cur.fetchone()[0])  # type: ignore[index]
         except psycopg2.Error as exc:
             if cur.connection.closed or isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
                 raise
@@ -144,11 +207,11 @@ class Mark:
                     raise _Raised from None
                 return 0
             middle = (first + last) // 2
-            return (self._update(cur, batch, shape, (first, middle), raised)
-                    + self._update(cur, batch, shape, (middle + 1, last), raised))
-        reached = cur.rowcount
+            return (self._update(cur, batch, shape, (first, middle), raised, beyond)
+                    + self._update(cur, batch, shape, (middle + 1, last), raised, beyond))
+        beyond.add(before, source.changes_in_transaction(cur, self.store.job), reached)
         cur.execute("RELEASE SAVEPOINT etl_mark")
-        return int(reached)
+        return reached
 
     def _set_aside_raised(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
                           raised: list[tuple[int, str]]) -> list[tuple[str, str]]:
@@ -161,21 +224,23 @@ class Mark:
             found.extend((str(row[0]), reason) for row in cur.fetchall())
         return found
 
-    def _set_aside_stuck(self, cur: psycopg2.extensions.cursor, batch: Batch,
-                         shape: SourceShape) -> tuple[list[str], list[str]]:
-        """Find the batch's rows the mark did not stick on, and set them aside as loaded-not-marked."""
+    def _refused(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape) -> list[str]:
+        """Batch rows the UPDATE did not reach although unchanged: still the claimed xmin (a reached row
+        has a new one), not flagged, not quarantined. Looked for only when fewer rows were reached
+        than the batch has."""
         job, schema = self.store.job, self.store.schema
         cur.execute(sql.SQL(
-            "SELECT k.key, r.key IS NOT NULL FROM {s}.batches b"
-            " CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x) JOIN {src} s ON {matches}"
-            " LEFT JOIN pg_temp.etl_reached r ON r.key = k.key"
-            " WHERE b.batch_id = %(batch)s AND s.{flag} IS NOT TRUE AND (r.key IS NOT NULL OR s.xmin = k.x)"
+            "SELECT k.key FROM {s}.batches b CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
+            " JOIN {src} s ON {matches} WHERE b.batch_id = %(batch)s AND s.xmin = k.x AND s.{flag} IS NOT TRUE"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)"
         ).format(s=schema, src=qualified(job), flag=sql.Identifier(job.processed_column),
                  matches=shape.key.matches("s", sql.SQL("k.key"))), {"batch": batch.batch_id})
-        stuck = cur.fetchall()
-        reset = [str(key) for key, reached in stuck if reached]
-        refused = [str(key) for key, reached in stuck if not reached]
+        return [str(row[0]) for row in cur.fetchall()]
+
+    def _set_aside_stuck(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
+                         reset: list[str], refused: list[str]) -> None:
+        """Set aside, as loaded-not-marked, the batch's rows the mark did not stick on."""
+        job = self.store.job
         for keys, kind, reason in ((reset, "reset", "the mark was set back to false in its own transaction"),
                                    (refused, "refused", "the mark did not reach the row although it had not"
                                                         " changed since the claim")):
@@ -183,7 +248,6 @@ class Mark:
                 cur.execute(self._aside(shape, sql.SQL("k.key"), kind, keys=True),
                             {"batch": batch.batch_id, "job": job.name, "keys": keys,
                              "reason": f"loaded, not marked: {reason}"})
-        return reset, refused
 
     def _aside(self, shape: SourceShape, key: sql.Composable, kind: str, keys: bool = False) -> sql.Composable:
         """INSERT of batch rows into the quarantine as loaded (kind), with the row's xmin now."""
@@ -198,6 +262,18 @@ class Mark:
             " RETURNING key"
         ).format(s=self.store.schema, key=key, kind=sql.Literal(kind), pick=pick, src=qualified(job),
                  matches=shape.key.matches("s", key))
+
+
+def beyond_mark(job: JobConfig, batch_id: int, beyond: str, rekeyed: list[str], blockers: list[str]) -> str:
+    """Why the job stops when marking a batch changed more than its rows' flag (it was rolled back)."""
+    table = ".".join(job.source_table)
+    what = f"changed the key of reached rows (e.g. {', '.join(rekeyed)})" if rekeyed else beyond
+    found = "; ".join(blockers) if blockers else "no trigger or rule on UPDATE is found now"
+    return (f"marking batch {batch_id} on {table} did more than set {job.processed_column}: in the same transaction"
+            f" something {what}. On the source: {found}. The mark was rolled back: the batch stays loaded in"
+            f" ClickHouse and nothing of it is loaded again; the job stops until that trigger leaves the service's"
+            f" mark alone (e.g. fire it only WHEN (old.{job.processed_column} IS NOT DISTINCT FROM"
+            f" new.{job.processed_column})), and the next run then marks the batch")
 
 
 def not_kept(job: JobConfig, where: str, reset: int, refused: int, blockers: list[str]) -> str:

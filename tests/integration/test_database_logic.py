@@ -108,9 +108,94 @@ CREATE FUNCTION skip() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
   IF new.id % 10 = 0 THEN RETURN NULL; END IF; RETURN new; END $$;
 CREATE TRIGGER t_skip BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION skip();
 """
+# a BEFORE trigger that sets the flag to NULL on every fifth row
+TO_NULL = """
+ALTER TABLE src ALTER COLUMN processed DROP NOT NULL;
+CREATE FUNCTION to_null() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.id % 5 = 0 THEN new.processed := NULL; END IF; RETURN new; END $$;
+CREATE TRIGGER t_null BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION to_null();
+"""
+# a BEFORE trigger that skips every seventh row from inside an exception block (a subtransaction)
+SKIP_IN_BLOCK = """
+CREATE FUNCTION guarded() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  BEGIN
+    IF new.id % 7 = 0 THEN RAISE EXCEPTION 'no'; END IF;
+  EXCEPTION WHEN others THEN RETURN NULL;
+  END;
+  RETURN new; END $$;
+CREATE TRIGGER t_guard BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION guarded();
+"""
 FIXES = {"t_dirty": "DROP TRIGGER t_dirty ON src; CREATE TRIGGER t_dirty BEFORE UPDATE ON src FOR EACH ROW"
                     " WHEN (old.processed IS NOT DISTINCT FROM new.processed) EXECUTE FUNCTION dirty()",
-         "t_undo": "DROP TRIGGER t_undo ON src", "t_skip": "DROP TRIGGER t_skip ON src"}
+         "t_undo": "DROP TRIGGER t_undo ON src", "t_skip": "DROP TRIGGER t_skip ON src",
+         "t_null": "DROP TRIGGER t_null ON src", "t_guard": "DROP TRIGGER t_guard ON src"}
+
+# Triggers whose work in the mark's transaction goes beyond the flag of the batch's rows.
+BEYOND = {
+    "t_undo": UNDO,
+    # a statement trigger that sets the flag back on every fourth row it was fired for
+    "t_stmt": """
+CREATE FUNCTION stmt_reset() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  UPDATE src SET processed = false FROM newtab WHERE src.id = newtab.id AND newtab.id % 4 = 0 AND src.processed;
+  RETURN NULL; END $$;
+CREATE TRIGGER t_stmt AFTER UPDATE ON src REFERENCING NEW TABLE AS newtab
+  FOR EACH STATEMENT WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION stmt_reset();
+""",
+    # a statement trigger that re-opens rows of an earlier batch
+    "t_reopen": """
+CREATE FUNCTION stmt_reopen() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  UPDATE src SET processed = false FROM newtab WHERE src.id = newtab.id - 20 AND src.processed AND src.id % 2 = 0;
+  RETURN NULL; END $$;
+CREATE TRIGGER t_reopen AFTER UPDATE ON src REFERENCING NEW TABLE AS newtab
+  FOR EACH STATEMENT WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION stmt_reopen();
+""",
+    # a deferred constraint trigger: it would fire at COMMIT
+    "t_late": """
+CREATE FUNCTION undo_late() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.processed AND NOT old.processed AND new.id % 3 = 0 THEN
+    UPDATE src SET processed = false WHERE id = new.id; END IF;
+  RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER t_late AFTER UPDATE ON src DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION undo_late();
+""",
+    # updates the row itself, then drops the mark
+    "t_bounce": """
+ALTER TABLE src ADD COLUMN touched timestamptz;
+CREATE FUNCTION bounce() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.processed AND NOT old.processed AND new.id % 10 = 0 THEN
+    UPDATE src SET touched = clock_timestamp() WHERE id = new.id;
+    RETURN NULL;
+  END IF;
+  RETURN new; END $$;
+CREATE TRIGGER t_bounce BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION bounce();
+""",
+    # marks child rows (never loaded) processed with their parent
+    "t_cascade": """
+ALTER TABLE src ADD COLUMN parent bigint;
+UPDATE src SET parent = id - 30 WHERE id % 2 = 0 AND id > 30;
+CREATE FUNCTION cascade_done() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.processed AND NOT old.processed THEN
+    UPDATE src SET processed = true WHERE parent = new.id AND NOT processed; END IF;
+  RETURN NULL; END $$;
+CREATE TRIGGER t_cascade AFTER UPDATE OF processed ON src FOR EACH ROW
+  WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION cascade_done();
+""",
+    # gives a marked row another key
+    "t_rekey": """
+CREATE FUNCTION rekey() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.processed AND NOT old.processed AND new.id % 10 = 0 THEN new.id := new.id + 1000000; END IF;
+  RETURN new; END $$;
+CREATE TRIGGER t_rekey BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION rekey();
+""",
+    # writes a history row into the source itself
+    "t_history": """
+CREATE FUNCTION history() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF new.processed AND NOT old.processed THEN
+    INSERT INTO src (id, amount, name) VALUES (new.id + 1000000, new.amount, 'history'); END IF;
+  RETURN new; END $$;
+CREATE TRIGGER t_history AFTER UPDATE ON src FOR EACH ROW WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION history();
+""",
+}
 
 
 def loaded_once(world: World) -> tuple[int, int]:
@@ -128,8 +213,9 @@ def requeue(settings: Settings) -> list[str]:
 
 @pytest.mark.parametrize(("logic", "trigger", "kind", "set_aside"), [
     (DIRTY, "t_dirty", "set back to false", 1000),
-    (UNDO, "t_undo", "set back to false", 333),
+    (TO_NULL, "t_null", "set back to false", 200),
     (SKIP, "t_skip", "not reached by the mark", 100),
+    (SKIP_IN_BLOCK, "t_guard", "not reached by the mark", 142),
 ])
 def test_a_mark_that_does_not_stick_stops_the_job_and_nothing_loads_twice(world: World, logic: str, trigger: str,
                                                                         kind: str, set_aside: int) -> None:
@@ -158,6 +244,33 @@ def test_a_mark_that_does_not_stick_stops_the_job_and_nothing_loads_twice(world:
     assert (done.status, done.rows_loaded, done.rows_marked) == (OK, 100, 100)
     assert marked(world) == (1100, 1100)
     assert loaded_once(world) == (1100, 1100)
+
+
+@pytest.mark.parametrize("trigger", sorted(BEYOND))
+def test_a_mark_that_changes_more_than_the_flag_is_rolled_back_and_nothing_loads_twice(world: World,
+                                                                                      trigger: str) -> None:
+    world.make_source(60)
+    world.sql(BEYOND[trigger])
+    settings = world.settings(batch_size="20")
+    lines: list[str] = []
+    checks.check(settings, lines.append)
+    assert any(f"trigger {trigger}" in line for line in lines), lines
+    first = run_job(settings, settings.jobs[0])
+    assert first.status == FAILED and trigger in first.message, first.message
+    assert "did more than set processed" in first.message and "rolled back" in first.message
+    assert "loaded again" in first.message and "requeue" not in first.message
+    assert loaded_once(world)[0] == loaded_once(world)[1]
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
+    flagged = marked(world)[0]
+    again = run_job(settings, settings.jobs[0])  # the loaded batch is marked again, never loaded again
+    assert (again.status, again.rows_loaded) == (FAILED, 0) and trigger in again.message
+    assert marked(world)[0] == flagged
+    world.sql(f"DROP TRIGGER {trigger} ON src")
+    done = run_job(settings, settings.jobs[0])
+    assert done.status == OK, done.message
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
+    rows, unique = loaded_once(world)
+    assert rows == unique and world.sql("SELECT count(*) FROM src") == [(unique,)]
 
 
 def test_requeue_before_the_fix_keeps_the_rows_aside(world: World) -> None:
