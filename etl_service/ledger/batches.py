@@ -27,7 +27,7 @@ from typing import Any
 
 from psycopg2 import sql
 
-from etl_service.ledger.store import HELD, SAME_SOURCE, Store
+from etl_service.ledger.store import ELSEWHERE, HELD, SAME_SOURCE, Store
 from etl_service.source import SourceShape, generation, qualified, row_bytes
 
 _BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
@@ -111,7 +111,8 @@ class Batches:
             if skip_foreign else sql.SQL("")
         order = sql.SQL(", ").join(sql.Identifier(f"o{i}") for i in range(len(key.columns)))
         query = sql.SQL(
-            "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + HELD + ")"
+            "WITH held AS MATERIALIZED (SELECT unnest(b.keys) AS key FROM {s}.batches b" + HELD + "),"
+            " aside AS MATERIALIZED (SELECT q.key FROM {s}.quarantine q WHERE " + ELSEWHERE + ")"
             " INSERT INTO {s}.batches (job, origin, source, flag, state, keys, xmins, row_count, chunk_size,"
             " generation, key_columns, source_oid, chunk_ends)"
             " SELECT %(job)s, %(job)s, %(source)s, %(flag)s, 'claimed', array_agg(n.k ORDER BY {order}),"
@@ -130,6 +131,7 @@ class Batches:
             " FROM (SELECT {encoded} AS k, s.xmin AS x, {size} AS size, {ordered} FROM {src} s"
             " WHERE s.{flag} = false AND {not_null}{above}{held}"
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.job = %(job)s AND q.key = {encoded})"
+            " AND NOT EXISTS (SELECT 1 FROM aside a WHERE a.key = {encoded})"
             " ORDER BY {row} LIMIT %(limit)s) o WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) n"
             " HAVING count(*) > 0"
             " RETURNING " + _BATCH_COLUMNS

@@ -68,7 +68,7 @@ class _Raised(Exception):
 
 
 @dataclass
-class _Beyond:
+class Beyond:
     """Changes the marking statements made to the source beyond updating the rows they reached."""
 
     updated: int = 0
@@ -112,7 +112,7 @@ class Mark:
             if shape.range_join:
                 cur.execute(RANGE_JOIN)
             raised: list[tuple[int, str]] = []
-            beyond = _Beyond()
+            beyond = Beyond()
             try:
                 marked = self._update(cur, batch, shape, None, raised, beyond)
             except _Raised:
@@ -181,7 +181,7 @@ class Mark:
                  matches=key.matches("s", sql.SQL("k.key")), span=span, encoded=key.encode("s"))
 
     def _update(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
-                positions: tuple[int, int] | None, raised: list[tuple[int, str]], beyond: _Beyond) -> int:
+                positions: tuple[int, int] | None, raised: list[tuple[int, str]], beyond: Beyond) -> int:
         """Mark the batch (or `positions` of it); on a refusal, halves under savepoints. Returns rows reached.
 
         What each statement that went through did to the source beyond the rows it reached is

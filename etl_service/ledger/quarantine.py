@@ -14,10 +14,12 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from etl_service.errors import SourceError
+from etl_service import source
+from etl_service.errors import MarkNotKept, SourceError
 from etl_service.keys import Key
 from etl_service.ledger.batches import Batch
-from etl_service.ledger.store import Store
+from etl_service.ledger.mark import Beyond
+from etl_service.ledger.store import MINE, Store
 from etl_service.source import SourceShape, pg_errors, qualified
 
 
@@ -89,24 +91,28 @@ class Quarantine:
         """Release quarantined rows (all of the job's, or `keys`) so the next run claims them again.
 
         A row that failed is released: the next run claims and loads it. A row set aside as loaded
-        but not marked is in ClickHouse: it is marked now, in the state it was loaded in, never
-        loaded again; if its mark still does not stick it stays, and if it has changed since, it
-        is released (its new version is loaded like any change).
+        but not marked is in ClickHouse: it is marked now, never loaded again, if its data is what
+        was loaded (the same xmin, or every column but the flag unchanged: an operator who set a
+        NULL flag to false has not changed the row); if its mark still does not stick it stays; if
+        its data has changed since, it is released (its new version is loaded like any change).
         A row whose batch is unfinished stays quarantined: that batch is marked without it, and
         releasing it first would let the mark flag a row that never reached ClickHouse.
+        Rows set aside as loaded under an earlier name of this job (same table and flag) count as
+        the job's own.
         """
         wanted = [self._canonical(key, k) for k in keys] if keys else None
         where = sql.SQL(" AND q.key = ANY(%(keys)s)") if wanted is not None else sql.SQL("")
-        params = {"job": self.store.job.name, "keys": wanted}
-        marked, stuck = self._mark_loaded(key, where, params)
+        params = {**self.store.names(), "keys": wanted}
+        mine = sql.SQL(MINE).format(s=self.store.schema)
+        marked, stuck = self._mark_loaded(key, mine, where, params)
         rows = self.store.run("requeue quarantined rows", sql.SQL(
-            "DELETE FROM {s}.quarantine q WHERE q.job = %(job)s{where} AND NOT EXISTS (SELECT 1 FROM {s}.batches b"
+            "DELETE FROM {s}.quarantine q WHERE {mine}{where} AND NOT EXISTS (SELECT 1 FROM {s}.batches b"
             " WHERE b.batch_id = q.batch_id AND b.state <> 'done') AND NOT q.key = ANY(%(stuck)s)"
-            " RETURNING q.key").format(s=self.store.schema, where=where), {**params, "stuck": stuck})
+            " RETURNING q.key").format(s=self.store.schema, mine=mine, where=where), {**params, "stuck": stuck})
         held = self.store.run("look for quarantined rows of unfinished batches", sql.SQL(
             "SELECT q.key, b.batch_id, b.state FROM {s}.quarantine q JOIN {s}.batches b ON b.batch_id = q.batch_id"
-            " WHERE q.job = %(job)s{where} AND b.state <> 'done' ORDER BY b.batch_id, q.key").format(
-                s=self.store.schema, where=where), params)
+            " WHERE {mine}{where} AND b.state <> 'done' ORDER BY b.batch_id, q.key").format(
+                s=self.store.schema, mine=mine, where=where), params)
         gone = {str(r[0]) for r in rows}
         released = sorted(gone - set(marked))
         waiting = {str(r[0]) for r in held}
@@ -115,57 +121,80 @@ class Quarantine:
         return Requeued(released, sorted(gone & set(marked)), sorted(stuck), unknown,
                         [f"{r[0]} (batch {r[1]}, {r[2]})" for r in held])
 
-    def _mark_loaded(self, key: Key, where: sql.Composable, params: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """Mark the rows set aside as loaded that have not changed since; (marked keys, keys still not kept)."""
+    def _mark_loaded(self, key: Key, mine: sql.Composable, where: sql.Composable,
+                     params: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """Mark the rows set aside as loaded whose data is what was loaded; (marked keys, keys still not kept).
+
+        Still not kept: a row whose data is unchanged but whose flag is not true after the mark
+        (reset again, or not reached). A mark that changes more than those rows' flag (a trigger's
+        other work) is rolled back: MarkNotKept.
+        """
         job, conn = self.store.job, self.store.conn
         flag = sql.Identifier(job.processed_column)
-        loaded = sql.SQL("FROM {s}.quarantine q WHERE q.job = %(job)s{where} AND q.kind <> 'failed'").format(
-            s=self.store.schema, where=where)
-        mark = sql.SQL("UPDATE {src} s SET {flag} = true {loaded} AND {matches} AND s.xmin = q.row_xmin{one}"
-                       " RETURNING q.key")
+        matches = key.matches("s", sql.SQL("q.key"))
+        # the row as it was loaded: its xmin then, or every column but the flag as it was then
+        same = sql.SQL("(s.xmin = q.row_xmin OR (to_jsonb(s) - %(flag)s) = (q.row - %(flag)s))")
+        loaded = sql.SQL("FROM {s}.quarantine q WHERE {mine}{where} AND q.kind <> 'failed'").format(
+            s=self.store.schema, mine=mine, where=where)
+        mark = sql.SQL("UPDATE {src} s SET {flag} = true {loaded} AND {matches} AND {same}{one} RETURNING q.key")
         with pg_errors("mark rows set aside as loaded", conn), conn.cursor() as cur:
+            cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            beyond = Beyond()
             cur.execute("SAVEPOINT etl_requeue")
             try:
+                before = source.changes_in_transaction(cur, job)
                 cur.execute(mark.format(src=qualified(job), flag=flag, loaded=loaded, one=sql.SQL(""),
-                                        matches=key.matches("s", sql.SQL("q.key"))), params)
-                tried, refused = [str(r[0]) for r in cur.fetchall()], list[str]()
+                                        matches=matches, same=same), params)
+                tried = [str(r[0]) for r in cur.fetchall()]
+                beyond.add(before, source.changes_in_transaction(cur, job), len(tried))
             except psycopg2.DatabaseError:  # PostgreSQL still refuses some: one at a time, the rest go
                 cur.execute("ROLLBACK TO SAVEPOINT etl_requeue")
-                tried, refused = self._mark_one_by_one(cur, mark.format(
+                tried = self._mark_one_by_one(cur, mark.format(
                     src=qualified(job), flag=flag, loaded=loaded, one=sql.SQL(" AND q.key = %(one)s"),
-                    matches=key.matches("s", sql.SQL("q.key"))), loaded, params)
-            cur.execute(sql.SQL("UPDATE {s}.quarantine q SET row_xmin = s.xmin FROM {src} s WHERE q.job = %(job)s"
-                                " AND q.key = ANY(%(tried)s) AND {matches} AND s.{flag} IS NOT TRUE RETURNING q.key")
-                        .format(s=self.store.schema, src=qualified(job), flag=flag,
-                                matches=key.matches("s", sql.SQL("q.key"))), {**params, "tried": tried})
+                    matches=matches, same=same), loaded, params, beyond)
+            if beyond:
+                conn.rollback()
+                raise MarkNotKept(f"requeue: marking the rows set aside as loaded did more than set {flag.string}:"
+                                  f" something {beyond.describe()} in the same transaction. On the source:"
+                                  f" {'; '.join(source.mark_blockers(conn, job)) or 'no trigger on UPDATE is found'}."
+                                  " Nothing was marked and nothing is loaded again; they stay set aside until that"
+                                  " trigger leaves the service's mark alone")
+            # not kept: unchanged but not flagged (tried and reset, or never reached); their xmin is kept up to date
+            cur.execute(sql.SQL(
+                "UPDATE {s}.quarantine q SET row_xmin = s.xmin FROM {src} s WHERE {mine}{where} AND q.kind <> 'failed'"
+                " AND {matches} AND s.{flag} IS NOT TRUE AND (q.key = ANY(%(tried)s) OR {same}) RETURNING q.key")
+                .format(s=self.store.schema, src=qualified(job), flag=flag, mine=mine, where=where,
+                        matches=matches, same=same), {**params, "tried": tried})
             stuck = [str(r[0]) for r in cur.fetchall()]
             conn.commit()
-        return sorted(set(tried) - set(stuck)), stuck + refused
+        return sorted(set(tried) - set(stuck)), stuck
 
-    @staticmethod
-    def _mark_one_by_one(cur: Any, mark: sql.Composable, loaded: sql.Composable,
-                         params: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """(keys marked, keys whose mark PostgreSQL refused): each row in a savepoint of its own."""
+    def _mark_one_by_one(self, cur: Any, mark: sql.Composable, loaded: sql.Composable, params: dict[str, Any],
+                         beyond: Beyond) -> list[str]:
+        """Keys marked, each row in a savepoint of its own (a row PostgreSQL refuses stays unmarked)."""
         cur.execute(sql.SQL("SELECT q.key {loaded}").format(loaded=loaded), params)
         tried: list[str] = []
-        refused: list[str] = []
         for (one,) in cur.fetchall():
             cur.execute("SAVEPOINT etl_requeue_one")
             try:
+                before = source.changes_in_transaction(cur, self.store.job)
                 cur.execute(mark, {**params, "one": one})
-                tried.extend(str(r[0]) for r in cur.fetchall())
+                done = [str(r[0]) for r in cur.fetchall()]
+                beyond.add(before, source.changes_in_transaction(cur, self.store.job), len(done))
+                tried.extend(done)
                 cur.execute("RELEASE SAVEPOINT etl_requeue_one")
             except psycopg2.DatabaseError:
                 cur.execute("ROLLBACK TO SAVEPOINT etl_requeue_one")
-                refused.append(str(one))
-        return tried, refused
+        return tried
 
     def stuck(self) -> tuple[int, int, list[str]]:
         """Rows whose mark did not stick: (how many were reset, how many refused, a few keys)."""
         rows = self.store.run("look for rows whose mark did not stick", sql.SQL(
             "SELECT count(*) FILTER (WHERE kind = 'reset') OVER (), count(*) FILTER (WHERE kind = 'refused') OVER (),"
-            " key FROM {s}.quarantine WHERE job = %s AND kind IN ('reset', 'refused')"
-            " ORDER BY quarantined_at DESC, key LIMIT 5").format(s=self.store.schema), (self.store.job.name,))
+            " key FROM {s}.quarantine q WHERE {mine} AND kind IN ('reset', 'refused')"
+            " ORDER BY quarantined_at DESC, key LIMIT 5").format(s=self.store.schema,
+                                                                 mine=sql.SQL(MINE).format(s=self.store.schema)),
+            self.store.names())
         if not rows:
             return 0, 0, []
         return int(rows[0][0]), int(rows[0][1]), [str(r[2]) for r in rows]
@@ -183,9 +212,12 @@ class Quarantine:
 
     def summary(self, limit: int = 5) -> tuple[int, list[tuple[Any, ...]]]:
         """How many rows of this job are quarantined, and the most recent few (key, reason, when)."""
+        mine = sql.SQL(MINE).format(s=self.store.schema)
         count = self.store.run("count quarantine", sql.SQL(
-            "SELECT count(*) FROM {s}.quarantine WHERE job = %s").format(s=self.store.schema), (self.store.job.name,))
+            "SELECT count(*) FROM {s}.quarantine q WHERE {mine}").format(s=self.store.schema, mine=mine),
+            self.store.names())
         recent = self.store.run("read quarantine", sql.SQL(
-            "SELECT key, reason, quarantined_at FROM {s}.quarantine WHERE job = %s"
-            " ORDER BY quarantined_at DESC LIMIT %s").format(s=self.store.schema), (self.store.job.name, limit))
+            "SELECT key, reason, quarantined_at FROM {s}.quarantine q WHERE {mine}"
+            " ORDER BY quarantined_at DESC LIMIT %(limit)s").format(s=self.store.schema, mine=mine),
+            {**self.store.names(), "limit": limit})
         return int(count[0][0]), recent

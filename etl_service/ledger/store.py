@@ -20,6 +20,15 @@ SAME_SOURCE = "(b.source = %(source)s OR b.source_oid = to_regclass(%(quoted)s):
 # batches holding one key at once would each see the other's mark as an update and load it again.
 # Parameters: job, source, quoted.
 HELD = " WHERE b.state <> 'done' AND b.job <> %(job)s AND (b.source IS NULL OR " + SAME_SOURCE + ")"
+# Rows set aside as loaded (in ClickHouse, not marked) by another job name on this job's table and
+# flag: the job under an earlier name. They are never claimed again, and this job shows and
+# requeues them as its own. Alias q for the quarantine; {s} the schema. Parameters: job, flag,
+# source, quoted.
+ELSEWHERE = ("(q.job <> %(job)s AND q.kind <> 'failed' AND EXISTS (SELECT 1 FROM {s}.batches qb"
+             " WHERE qb.batch_id = q.batch_id AND qb.flag = %(flag)s"
+             " AND (qb.source = %(source)s OR qb.source_oid = to_regclass(%(quoted)s)::oid)))")
+# The job's quarantined rows: its own, and those ELSEWHERE.
+MINE = "(q.job = %(job)s OR " + ELSEWHERE + ")"
 
 
 class Store:

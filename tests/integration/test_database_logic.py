@@ -361,6 +361,59 @@ def test_a_mark_that_raises_for_every_row_leaves_the_batch_loaded_with_the_reaso
     assert loaded_once(world) == (100, 100)
 
 
+def test_requeue_before_the_fix_keeps_rows_the_mark_did_not_reach_aside(world: World) -> None:
+    world.make_source(100)
+    world.sql(SKIP)
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).status == FAILED
+    said = requeue(settings)
+    assert any("10 row(s) already in ClickHouse still cannot be marked" in s for s in said), said
+    assert world.sql("SELECT count(*) FROM etl.quarantine WHERE kind = 'refused'") == [(10,)]
+    assert run_job(settings, settings.jobs[0]).rows_loaded == 0
+    assert loaded_once(world) == (100, 100)
+    world.sql(FIXES["t_skip"])
+    said = requeue(settings)
+    assert any("10 row(s) already in ClickHouse marked processed, not loaded again" in s for s in said), said
+    assert marked(world) == (100, 100) and loaded_once(world) == (100, 100)
+
+
+def test_rows_set_aside_under_an_old_job_name_are_not_loaded_under_the_new_one(world: World) -> None:
+    world.make_source(50)
+    world.sql(DIRTY)
+    old = world.settings(job_name="orders")
+    assert run_job(old, old.jobs[0]).status == FAILED
+    new = world.settings(job_name="orders_v2")
+    renamed = run_job(new, new.jobs[0])
+    assert renamed.status == FAILED and renamed.rows_loaded == 0 and "t_dirty" in renamed.message
+    shown: list[str] = []
+    report.status(new, shown.append)
+    assert any("50" in line and "quarantine" in line for line in shown), shown
+    world.sql(FIXES["t_dirty"])
+    said = requeue(new)
+    assert any("50 row(s) already in ClickHouse marked processed" in s for s in said), said
+    world.add_rows(51, 60)
+    done = run_job(new, new.jobs[0])
+    assert (done.status, done.rows_loaded) == (OK, 10)
+    assert marked(world) == (60, 60) and loaded_once(world) == (60, 60)
+
+
+def test_a_flag_set_to_null_by_a_trigger_then_to_false_by_the_operator_is_marked_not_loaded_again(
+        world: World) -> None:
+    world.make_source(100)
+    world.sql(TO_NULL)
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).status == FAILED
+    assert world.sql("SELECT count(*) FROM etl.quarantine WHERE kind = 'reset'") == [(20,)]
+    world.sql("UPDATE src SET processed = false WHERE processed IS NULL")  # what the NULL-flag note says to do
+    world.sql(FIXES["t_null"])
+    said = requeue(settings)
+    assert any("20 row(s) already in ClickHouse marked processed, not loaded again" in s for s in said), said
+    assert run_job(settings, settings.jobs[0]).rows_loaded == 0
+    assert marked(world) == (100, 100) and loaded_once(world) == (100, 100)
+    world.sql("UPDATE src SET processed = false, name = 'changed' WHERE id = 5")  # a real change loads again
+    assert run_job(settings, settings.jobs[0]).rows_loaded == 1
+
+
 # --- a NULL flag is neither processed nor hidden ----------------------------------------------
 
 def test_rows_with_a_null_flag_do_not_move_and_are_counted_and_shown(world: World) -> None:
