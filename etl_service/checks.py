@@ -16,8 +16,9 @@ from psycopg2 import sql
 
 from etl_service import clickhouse, cron, sink, source, target
 from etl_service.config import JobConfig, Settings
-from etl_service.errors import ConfigError, EtlError, TransientError
+from etl_service.errors import ConfigError, EtlError, MarkNotKept, TransientError
 from etl_service.ledger import Ledger, schema
+from etl_service.ledger.mark import not_kept
 from etl_service.ledger.runs import null_flag_fix
 
 Print = Callable[[str], None]
@@ -149,6 +150,10 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
                          f" not false, they are never claimed; to send them,"
                          f" {null_flag_fix('.'.join(job.source_table), job.processed_column)}")
         if ledger_exists(conn, settings.ledger_schema):
+            reset, refused, stuck = ledger.quarantine.stuck()
+            if reset or refused:  # the job is stopped until the cause is fixed and the rows requeued
+                raise MarkNotKept(not_kept(job, f"an earlier mark (e.g. of {key.label} = {', '.join(stuck)})", reset,
+                                           refused, source.mark_blockers(conn, job)))
             for other in ledger.others.held_elsewhere(key):  # ConfigError if another consumer uses another key
                 lines.append(f"note: batch {other.batch_id} of job {other.job!r} (flag {other.flag}) holds keys of"
                              " this source, which this job skips until it is done (see `status`)")

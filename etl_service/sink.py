@@ -224,7 +224,8 @@ def check_ready_query(client: Client, query: str) -> None:
     params = {"batch_id": 0} if "{batch_id" in query else None
     try:
         with ch_errors("describe the readiness query"):
-            rows = client.query(f"DESCRIBE ({query})", parameters=params).result_rows
+            # on lines of their own: a trailing `-- comment` must not swallow the parenthesis
+            rows = client.query(f"DESCRIBE (\n{query.strip().rstrip(';')}\n)", parameters=params).result_rows
     except SinkError:
         return
     if not rows:

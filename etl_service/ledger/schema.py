@@ -89,31 +89,41 @@ CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
 """
 
 
-# Columns every version of each ledger table has had: a table of that name without them is not ours.
-_OURS = {"batches": ("state", "keys"), "quarantine": ("key", "reason"), "runs": ("status", "rows_marked"),
-         "target_shapes": ("columns",)}
+# Columns (and their types) every version of each ledger table has had: a table of that name
+# without them, or a view, is not ours.
+_OURS = {
+    "batches": {"batch_id": "bigint", "job": "text", "state": "text", "keys": "text[]", "xmins": "xid[]",
+                "row_count": "integer", "chunk_size": "integer", "chunks_loaded": "integer"},
+    "quarantine": {"job": "text", "key": "text", "batch_id": "bigint", "reason": "text"},
+    "runs": {"run_id": "bigint", "job": "text", "started_at": "timestamp with time zone", "status": "text",
+             "rows_marked": "bigint"},
+    "target_shapes": {"job": "text", "target": "text", "columns": "jsonb"},
+}
 _NOT_OURS = """
-SELECT t.name, c.col FROM unnest(%(tables)s::text[], %(columns)s::text[]) AS c(name, col)
-JOIN (SELECT unnest(%(tables)s::text[]) AS name) t USING (name)
-WHERE to_regclass(format('%%I.%%I', %(schema)s::text, t.name)) IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text,
-                  t.name)) AND a.attname = c.col AND NOT a.attisdropped)
-LIMIT 1
+SELECT c.name, c.col, c.type, rel.relkind::text, format_type(a.atttypid, a.atttypmod)
+FROM unnest(%(tables)s::text[], %(columns)s::text[], %(types)s::text[]) WITH ORDINALITY AS c(name, col, type, n)
+JOIN pg_class rel ON rel.oid = to_regclass(format('%%I.%%I', %(schema)s::text, c.name))
+LEFT JOIN pg_attribute a ON a.attrelid = rel.oid AND a.attname = c.col AND NOT a.attisdropped
+WHERE rel.relkind <> 'r' OR a.attname IS NULL OR format_type(a.atttypid, a.atttypmod) <> c.type
+ORDER BY c.n LIMIT 1
 """
 
 
 def check_not_foreign(conn: Connection, schema_name: str) -> None:
-    """ConfigError naming ETL_LEDGER_SCHEMA when a table there has a ledger table's name but is not one."""
-    pairs = [(table, column) for table, columns in _OURS.items() for column in columns]
+    """ConfigError naming ETL_LEDGER_SCHEMA when a relation there has a ledger table's name but is not one."""
+    found_in = [(table, column, kind) for table, columns in _OURS.items() for column, kind in columns.items()]
     with pg_errors("look for the ledger", conn), conn.cursor() as cur:
-        cur.execute(_NOT_OURS, {"tables": [t for t, _ in pairs], "columns": [c for _, c in pairs],
-                                "schema": schema_name})
+        cur.execute(_NOT_OURS, {"tables": [t for t, _, _ in found_in], "columns": [c for _, c, _ in found_in],
+                                "types": [k for _, _, k in found_in], "schema": schema_name})
         found = cur.fetchone()
     conn.rollback()
     if found:
-        raise ConfigError("ETL_LEDGER_SCHEMA", f"{schema_name}.{found[0]} exists but is not the service's ledger"
-                          f" table (it has no column {found[1]})", "point ETL_LEDGER_SCHEMA at a schema of its own"
-                          " (the service creates it), or move that table elsewhere")
+        table, column, wanted, relkind, actual = found
+        why = ("it is not a table" if relkind != "r" else f"it has no column {column}" if actual is None
+               else f"its column {column} is {actual}, not {wanted}")
+        raise ConfigError("ETL_LEDGER_SCHEMA", f"{schema_name}.{table} exists but is not the service's ledger"
+                          f" table ({why})", "point ETL_LEDGER_SCHEMA at a schema of its own"
+                          " (the service creates it), or move that relation elsewhere")
 
 
 def ensure(store: Store) -> None:
