@@ -13,7 +13,10 @@ are handled the same way.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,38 +31,71 @@ _PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _INT64 = (-(2**63), 2**63 - 1)
 # Ranges in seconds since 1970 (UTC), and in days for the date types.
 _DATETIME_SECONDS = (0, 4_294_967_295)  # 1970-01-01 .. 2106-02-07 06:28:15
-_DATETIME64_SECONDS = (-2_208_988_800, 10_413_791_999)  # 1900-01-01 .. 2299-12-31 23:59:59 (and its fraction)
-_DATE_DAYS = {"Date": (0, 65_535), "Date32": (-25_567, 120_529)}  # to 2149-06-06; 1900-01-01 .. 2299-12-31
+_DATE_DAYS = (0, 65_535)  # Date: 1970-01-01 .. 2149-06-06
 _FLOAT32_MAX = 3.4028234663852886e38
 _EXACT_INT = {"Float32": 2**24, "Float64": 2**53}  # integers beyond these may not be held exactly
 
 
-def first_misfit(data: pa.Table, target_types: dict[str, str]) -> str | None:
+@dataclass(frozen=True)
+class Ranges:
+    """The date and time ranges of the server's extended types (they widened in ClickHouse 26.x)."""
+
+    date32_days: tuple[int, int] = (-25_567, 120_529)  # 1900-01-01 .. 2299-12-31
+    datetime64_seconds: tuple[int, int] = (-2_208_988_800, 10_413_791_999)  # the same, to the second
+
+
+NARROW = Ranges()
+# What the server keeps of the widest dates: it clamps what it cannot hold to its range's ends.
+RANGES_QUERY = ("SELECT toInt32(toDate32('0001-01-01')), toInt32(toDate32('9999-12-31')),"
+                " toUnixTimestamp64Second(toDateTime64('0001-01-01 00:00:00', 0, 'UTC')),"
+                " toUnixTimestamp64Second(toDateTime64('9999-12-31 23:59:59', 0, 'UTC'))")
+
+
+def ranges_from(row: Sequence[Any]) -> Ranges:
+    """The server's ranges from its answer to RANGES_QUERY."""
+    return Ranges((int(row[0]), int(row[1])), (int(row[2]), int(row[3])))
+
+
+def unwrap(ch_type: str) -> tuple[str, bool]:
+    """(the type inside Nullable / LowCardinality in any order, whether it takes NULL)."""
+    nullable = False
+    while True:
+        for wrapper in ("Nullable(", "LowCardinality("):
+            if ch_type.startswith(wrapper) and ch_type.endswith(")"):
+                nullable = nullable or wrapper == "Nullable("
+                ch_type = ch_type[len(wrapper):-1]
+                break
+        else:
+            return ch_type, nullable
+
+
+def first_misfit(data: pa.Table, target_types: dict[str, str], ranges: Ranges = NARROW) -> str | None:
     """A sentence describing the first value that would not arrive intact, or None if all fit."""
     for name in data.column_names:
         ch_type = target_types.get(name)
         if ch_type is None:
             continue
-        problem = _column_misfit(data.column(name), ch_type)
+        problem = _column_misfit(data.column(name), ch_type, ranges)
         if problem:
             return f"column {name!r}: {problem}"
     return None
 
 
-def _column_misfit(column: pa.ChunkedArray, ch_type: str) -> str | None:
-    nullable = ch_type.startswith("Nullable(")
-    inner = ch_type[len("Nullable("):-1] if nullable else ch_type
-    inner = inner.removeprefix("LowCardinality(").removesuffix(")") if inner.startswith("LowCardinality(") \
-        else inner
+def _column_misfit(column: pa.ChunkedArray, ch_type: str, ranges: Ranges) -> str | None:
+    inner, nullable = unwrap(ch_type)
     if not nullable and column.null_count and not inner.startswith(("Array(", "Map(", "Tuple(")):
         return f"NULL into non-Nullable {ch_type}"
     if column.null_count == len(column):
         return None
     kind = column.type
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and inner.startswith("Array("):
+        elements = pa.chunked_array([chunk.flatten() for chunk in column.chunks], kind.value_type)
+        problem = _column_misfit(elements, inner[len("Array("):-1], ranges) if len(elements) else None
+        return f"an element: {problem}" if problem else None
     if pa.types.is_integer(kind) or pa.types.is_decimal(kind):
         return _range_misfit(column, inner) or _digits_misfit(column, inner)
     if pa.types.is_timestamp(kind) or pa.types.is_date32(kind):
-        return _time_misfit(column, inner)
+        return _time_misfit(column, inner, ranges)
     if pa.types.is_floating(kind):
         return _float_misfit(column, inner)
     if pa.types.is_string(kind) or pa.types.is_binary(kind):
@@ -87,6 +123,8 @@ def _range_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
 
 def _digits_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     """Digits after the point that the target would drop: a Decimal of smaller scale, an integer, a float."""
+    if pa.types.is_decimal(column.type) and inner in _EXACT_INT:
+        return _decimal_float_misfit(column, inner)
     if not pa.types.is_decimal(column.type):
         exact = _EXACT_INT.get(inner)
         if exact is None:
@@ -107,7 +145,22 @@ def _digits_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     return None
 
 
-def _time_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
+def _decimal_float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
+    """A decimal into Float32 / Float64: it fits if the float, written with the decimal's digits, is the decimal."""
+    as_float = pc.cast(column, pa.float64())
+    if inner == "Float32":
+        as_float = pc.cast(pc.cast(as_float, pa.float32(), safe=False), pa.float64())
+        bad = pc.invert(pc.is_finite(as_float))
+        if pc.any(bad).as_py():
+            return f"value {_first(column, bad)} does not fit Float32 (it would be stored as inf)"
+    back = pc.cast(as_float, column.type, safe=False)
+    bad = pc.not_equal(back, column)
+    if pc.any(bad).as_py():
+        return f"value {_first(column, bad)} is not held exactly by {inner}"
+    return None
+
+
+def _time_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | None:
     """Dates and times out of the target type's range, or finer than it keeps."""
     if pa.types.is_date32(column.type):
         ticks, per_second = pc.multiply(pc.cast(pc.cast(column, pa.int32()), pa.int64()), _DAY_SECONDS), 1
@@ -115,11 +168,11 @@ def _time_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
         ticks, per_second = pc.cast(column, pa.int64()), _PER_SECOND[column.type.unit]
     digits = _DATETIME64.match(inner)
     if digits:
-        (low, high), keep = _DATETIME64_SECONDS, max(1, per_second // 10 ** int(digits[1]))
+        (low, high), keep = ranges.datetime64_seconds, max(1, per_second // 10 ** int(digits[1]))
     elif inner.startswith("DateTime"):
         (low, high), keep = _DATETIME_SECONDS, per_second
-    elif inner in _DATE_DAYS:
-        first, last = _DATE_DAYS[inner]
+    elif inner in ("Date", "Date32"):
+        first, last = _DATE_DAYS if inner == "Date" else ranges.date32_days
         (low, high), keep = (first * _DAY_SECONDS, (last + 1) * _DAY_SECONDS - 1), _DAY_SECONDS * per_second
     else:
         return None
@@ -143,13 +196,25 @@ def _float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
         if pc.any(bad).as_py():
             return f"value {_first(column, bad)} does not fit Float32 (it would be stored as inf or 0)"
         return None
-    if _INT.match(inner) or _DECIMAL.match(inner):
-        whole = _INT.match(inner) is not None
-        bad = pc.invert(pc.is_finite(column))
-        if whole:
-            bad = pc.or_(bad, pc.not_equal(pc.floor(column), column))
-        if pc.any(bad).as_py():
-            return f"value {_first(column, bad)} is not held exactly by {inner}"
+    bounds = _bounds(inner)
+    if bounds is None:
+        return None
+    bad = pc.invert(pc.is_finite(column))
+    if pc.any(bad).as_py():
+        return f"value {_first(column, bad)} is not held exactly by {inner}"
+    low, high = float(bounds[0]), float(bounds[1])
+    bad = pc.or_(pc.less(column, low), pc.greater(column, high))
+    if pc.any(bad).as_py():
+        return f"value {_first(column, bad)} does not fit {inner}"
+    match = _DECIMAL.match(inner)
+    if match:  # the float, written with the Decimal's digits, is the same float again
+        scale = int(match[2])
+        written = pc.cast(pc.cast(column, pa.decimal128(38, scale), safe=False), pa.float64())
+        bad = pc.not_equal(written, pc.cast(column, pa.float64()))
+    else:
+        bad = pc.not_equal(pc.floor(column), column)
+    if pc.any(bad).as_py():
+        return f"value {_first(column, bad)} is not held exactly by {inner}"
     return None
 
 

@@ -227,7 +227,7 @@ class BatchLoader:
         data = transform.apply(data, job.transform, shape.key_targets)
         if not data.num_rows:
             return 0
-        misfit = fit.first_misfit(data, self.target.types)
+        misfit = fit.first_misfit(data, self.target.types, self.target.ranges)
         if misfit:
             raise BadSinkValues(f"{misfit} in {settings.clickhouse.database}.{job.target_table}")
         sent = sink.insert_chunk(client, settings.clickhouse.database, job.target_table, data,

@@ -21,7 +21,7 @@ from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 from loguru import logger
 
-from etl_service import target
+from etl_service import fit, target
 from etl_service.clickhouse import ch_errors
 from etl_service.errors import ConfigError, SinkError
 from etl_service.source import SourceShape
@@ -213,6 +213,16 @@ def insert_chunk(client: Client, database: str, table: str, data: pa.Table, batc
 
 
 _ANSWER_TYPE = re.compile(r"^(Bool|U?Int\d+|Float\d+|Decimal(\d+)?\(.*\)|Nothing)$")
+
+
+def time_ranges(client: Client) -> fit.Ranges:
+    """The dates and times the server's Date32 and DateTime64 hold (wider since ClickHouse 26.x)."""
+    try:
+        with ch_errors("read the server's date ranges"):
+            row = client.query(fit.RANGES_QUERY).result_rows[0]
+    except SinkError:  # a server that cannot answer: assume the narrower ranges (values are set aside, never changed)
+        return fit.NARROW
+    return fit.ranges_from(row)
 
 
 def check_ready_query(client: Client, query: str) -> None:

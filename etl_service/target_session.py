@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from etl_service import clickhouse, sink, target
+from etl_service import clickhouse, fit, sink, target
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import EtlError
 from etl_service.ledger.shapes import TargetShapes
@@ -35,6 +35,7 @@ class TargetSession:
         self.client: Any = None  # open once `connect` succeeded
         self.types: dict[str, str] = {}  # the target's column -> type, once prepared
         self.replicated = False  # a Replicated engine: a count may reach a replica still fetching parts
+        self.ranges = fit.NARROW  # what the server's Date32 and DateTime64 hold, once prepared
         self.created = False  # this attempt made the target (a loaded batch must go again)
 
     @property
@@ -89,6 +90,7 @@ class TargetSession:
             info = self._evolve(client, info, shape, database, table)
         self.types = info.columns
         self.replicated = "Replicated" in info.engine
+        self.ranges = sink.time_ranges(client)
 
     def _evolve(self, client: Any, info: target.TargetInfo, shape: SourceShape, database: str,
                 table: str) -> target.TargetInfo:

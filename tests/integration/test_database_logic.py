@@ -545,3 +545,23 @@ def test_a_policy_that_hides_rows_from_select_is_named_and_what_it_shows_moves_o
         assert marked(world) == (15, 20)
     finally:
         world.sql("DROP OWNED BY etl_seen; DROP ROLE etl_seen")
+
+
+def test_dates_the_server_holds_arrive_as_they_are(world: World) -> None:
+    """chDB 26.9's Date32 and DateTime64 hold 0001-01-01 .. 9999-12-31: nothing of that is set aside."""
+    world.sql("""CREATE TABLE src (id bigint PRIMARY KEY, d date, ts timestamp, processed boolean NOT NULL DEFAULT false);
+                 INSERT INTO src VALUES (1, '1850-06-01', '1850-06-01 12:00'), (2, '2500-01-01', '2500-01-01 00:00'),
+                 (3, '2026-01-01', '2026-01-01 00:00:00.123456'), (4, '0001-01-01', '0001-01-01 00:00'),
+                 (5, '9999-12-31', '9999-12-31 23:59:59.999999')""")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    if world.ch_rows("SELECT toInt32(toDate32('0001-01-01'))") != [(-719_162,)]:  # a server before the wider range
+        assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 1, 4), result.message
+        assert {key for key, reason in world.sql("SELECT key, reason FROM etl.quarantine")
+                if "out of the range" in reason} == {"1", "2", "4", "5"}
+        return
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 5, 0), result.message
+    assert world.ch_rows(f"SELECT id, toString(d), toString(ts) FROM {world.target()} ORDER BY id") == [
+        (1, "1850-06-01", "1850-06-01 12:00:00.000000"), (2, "2500-01-01", "2500-01-01 00:00:00.000000"),
+        (3, "2026-01-01", "2026-01-01 00:00:00.123456"), (4, "0001-01-01", "0001-01-01 00:00:00.000000"),
+        (5, "9999-12-31", "9999-12-31 23:59:59.999999")]

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
-from etl_service.fit import first_misfit
+from etl_service.fit import Ranges, first_misfit
 
 TS = pa.timestamp("us", tz="UTC")
 
@@ -42,6 +42,19 @@ def misfit(values: list[object], arrow: pa.DataType, ch_type: str) -> str | None
     (["é"], pa.string(), "FixedString(1)", "longer than FixedString(1)"),
     ([1000], pa.int64(), "Int8", "does not fit Int8"),
     ([None], pa.int64(), "Int64", "NULL into non-Nullable"),
+    ([None], pa.string(), "LowCardinality(String)", "NULL into non-Nullable"),
+    # floats into decimals and integers: range and digits
+    ([1.2345], pa.float64(), "Decimal(10, 2)", "not held exactly by Decimal(10, 2)"),
+    ([3e9], pa.float64(), "Decimal(10, 2)", "does not fit Decimal(10, 2)"),
+    ([3e9], pa.float64(), "Int32", "does not fit Int32"),
+    ([-1.0], pa.float64(), "UInt8", "does not fit UInt8"),
+    # decimals into floats
+    ([Decimal("1e39")], pa.decimal256(40, 0), "Float32", "does not fit Float32"),
+    ([Decimal("123456789.123")], pa.decimal128(12, 3), "Float32", "not held exactly by Float32"),
+    ([Decimal("12345678901234567.89")], pa.decimal128(20, 2), "Float64", "not held exactly by Float64"),
+    # the elements of arrays
+    ([[1, 2], [300]], pa.list_(pa.int64()), "Array(Int8)", "an element: value 300 does not fit Int8"),
+    ([[1, None]], pa.list_(pa.int64()), "Array(Int8)", "an element: NULL into non-Nullable Int8"),
 ])
 def test_values_a_narrower_type_would_change_are_found(values: list[object], arrow: pa.DataType, ch_type: str,
                                                        said: str) -> None:
@@ -67,6 +80,14 @@ def test_values_a_narrower_type_would_change_are_found(values: list[object], arr
     (["abc", "é"], pa.string(), "FixedString(3)"),
     (["anything"], pa.string(), "String"),
     ([127, -128], pa.int64(), "Int8"),
+    ([None, "x"], pa.string(), "LowCardinality(Nullable(String))"),
+    ([None, "x"], pa.string(), "Nullable(LowCardinality(String))"),
+    ([0.1, 1.25, -99999999.99], pa.float64(), "Decimal(10, 2)"),
+    ([2147483647.0], pa.float64(), "Int32"),
+    ([Decimal("1.10"), Decimal("-2.5")], pa.decimal128(12, 2), "Float32"),
+    ([Decimal("123456789.123")], pa.decimal128(12, 3), "Float64"),
+    ([[1, 2], [], None], pa.list_(pa.int64()), "Array(Int8)"),
+    ([[1, None]], pa.list_(pa.int64()), "Array(Nullable(Int8))"),
 ])
 def test_values_a_type_holds_exactly_pass(values: list[object], arrow: pa.DataType, ch_type: str) -> None:
     assert misfit(values, arrow, ch_type) is None
@@ -77,3 +98,20 @@ def test_the_first_misfit_names_the_column_and_the_value() -> None:
                                                                datetime(2400, 1, 1, tzinfo=UTC)], TS)})
     found = first_misfit(data, {"ok": "Int64", "when": "DateTime('UTC')"})
     assert found is not None and found.startswith("column 'when': value 2400-01-01 00:00:00+00:00 is out of the range")
+
+
+WIDE = Ranges((-719_162, 2_932_896), (-62_135_596_800, 253_402_300_799))  # 0001-01-01 .. 9999-12-31
+
+
+@pytest.mark.parametrize(("value", "arrow", "ch_type"), [
+    (date(1, 1, 1), pa.date32(), "Date32"),
+    (date(9999, 12, 31), pa.date32(), "Date32"),
+    (datetime(1, 1, 1, tzinfo=UTC), TS, "DateTime64(6, 'UTC')"),
+    (datetime(2500, 1, 1, tzinfo=UTC), TS, "DateTime64(6, 'UTC')"),
+])
+def test_the_ranges_are_the_servers(value: object, arrow: pa.DataType, ch_type: str) -> None:
+    """A server that holds 0001..9999 takes what an older one (1900..2299) would clamp."""
+    data = pa.table({"v": pa.array([value], arrow)})
+    assert first_misfit(data, {"v": ch_type}, WIDE) is None
+    found = first_misfit(data, {"v": ch_type})
+    assert found is not None and "out of the range" in found
