@@ -549,7 +549,8 @@ def test_a_policy_that_hides_rows_from_select_is_named_and_what_it_shows_moves_o
 
 def test_dates_the_server_holds_arrive_as_they_are(world: World) -> None:
     """chDB 26.9's Date32 and DateTime64 hold 0001-01-01 .. 9999-12-31: nothing of that is set aside."""
-    world.sql("""CREATE TABLE src (id bigint PRIMARY KEY, d date, ts timestamp, processed boolean NOT NULL DEFAULT false);
+    world.sql("""CREATE TABLE src (id bigint PRIMARY KEY, d date, ts timestamp,
+                                   processed boolean NOT NULL DEFAULT false);
                  INSERT INTO src VALUES (1, '1850-06-01', '1850-06-01 12:00'), (2, '2500-01-01', '2500-01-01 00:00'),
                  (3, '2026-01-01', '2026-01-01 00:00:00.123456'), (4, '0001-01-01', '0001-01-01 00:00'),
                  (5, '9999-12-31', '9999-12-31 23:59:59.999999')""")
