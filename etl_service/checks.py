@@ -42,7 +42,7 @@ def ping_ch(settings: Settings) -> str:
     try:
         version = str(sink.query_rows(client, "SELECT version()")[0][0])
         notes = sink.check_insert_settings(client)
-        return version + "".join(f"; {note}" for note in notes)
+        return version + (f" ({'; '.join(notes)})" if notes else "")
     finally:
         clickhouse.release(client)
 
@@ -58,7 +58,7 @@ def wait_until_reachable(settings: Settings, stop: threading.Event, max_delay: f
     while not stop.is_set():
         try:
             pg_version, ch_version = ping(settings)
-            logger.info("PostgreSQL {} and ClickHouse {} reachable", pg_version, ch_version)
+            logger.info("reachable: PostgreSQL {}, ClickHouse {}", pg_version, ch_version)
             return True
         except TransientError as exc:
             logger.error("{} — retrying in {:.1f}s", exc, delay)
