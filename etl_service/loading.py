@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import pyarrow as pa
+
 from etl_service import fit, metrics, sink, source, transform
 from etl_service.badrows import BadRows
 from etl_service.context import STOPPED, WAITING, Outcome, RunContext
 from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError
 from etl_service.ledger import Batch, Ledger, MarkResult
 from etl_service.marker import Marker
+from etl_service.reconcile import Reconciler
 from etl_service.source import SourceShape
 from etl_service.target_session import TargetSession
 
@@ -44,6 +47,9 @@ class BatchLoader:
         self.bad = bad
         self.marker = marker
         self.marked = marked
+        self.reconcile = Reconciler(ctx, ledger, target)
+        self._detected = False  # whether this run has looked for batch ids the ledger lost
+        self.timelines: list[tuple[int, int]] = []  # the server's timelines (rows' source versions), once read
 
     def process(self, shape: SourceShape, batch: Batch, fresh: bool = False) -> None:
         """One batch through every step; raises Outcome when it must stop short.
@@ -52,6 +58,10 @@ class BatchLoader:
         """
         ctx = self.ctx
         shape = self._shape_of(batch, shape)
+        if not self._detected:  # once per run, and only in a run that loads: an idle run asks ClickHouse nothing
+            self.timelines = self.ledger.timelines.see()
+            self.reconcile.detect(shape, batch.batch_id if fresh else None)
+            self._detected = True
         if fresh:
             batch = self._own_id(shape, batch)
         bt0 = ctx.clock()
@@ -195,6 +205,19 @@ class BatchLoader:
         self.ledger.batches.set_loaded(batch)
         return total
 
+    def _transform(self, data: pa.Table, shape: SourceShape) -> pa.Table:
+        """The user's transform, if any, on the rows without their versions; each kept row gets its own back."""
+        if not self.job.transform:
+            return data
+        versions = data.select([*shape.key_targets, sink.VERSION_COLUMN])
+        out = transform.apply(data.drop_columns([sink.VERSION_COLUMN]), self.job.transform, shape.key_targets)
+        if sink.VERSION_COLUMN in out.column_names or not out.num_rows:
+            return out
+        keys = out.select(list(shape.key_targets)).cast(versions.select(list(shape.key_targets)).schema)
+        rows = keys.append_column("__row", pa.array(range(out.num_rows)))
+        found = rows.join(versions, list(shape.key_targets), join_type="left outer").sort_by("__row")
+        return out.append_column(sink.VERSION_COLUMN, found.column(sink.VERSION_COLUMN))
+
     def _load_range(self, shape: SourceShape, batch: Batch, first: int, last: int, split: set[str]) -> int:
         """Load key positions [first, last]; on bad rows, split in halves until each bad row is alone.
 
@@ -221,16 +244,19 @@ class BatchLoader:
     def _insert_range(self, shape: SourceShape, batch: Batch, first: int, last: int) -> int:
         settings, job = self.ctx.settings, self.job
         client = self.target.connect(shape)
-        data = source.extract_chunk(self.conn, job, shape, settings.ledger_schema, batch.batch_id, first, last)
+        data = source.extract_chunk(self.conn, job, shape, settings.ledger_schema, batch.batch_id, first, last,
+                                    self.timelines)
         self.ctx.faults.reached("mid_extract")
         metrics.ROWS.labels(job.name, "extracted").inc(data.num_rows)
-        data = transform.apply(data, job.transform, shape.key_targets)
+        data = self.reconcile.drop_held(data, shape, batch.batch_id)
+        data = self._transform(data, shape)
         if not data.num_rows:
             return 0
         misfit = fit.first_misfit(data, self.target.types, self.target.ranges)
         if misfit:
             raise BadSinkValues(f"{misfit} in {settings.clickhouse.database}.{job.target_table}")
         sent = sink.insert_chunk(client, settings.clickhouse.database, job.target_table, data,
-                                 batch.batch_id, batch.range_token(first, last), self.target.has_batch_column)
+                                 batch.batch_id, batch.range_token(first, last), self.target.has_batch_column,
+                                 self.target.has_version_column)
         metrics.ROWS.labels(job.name, "loaded").inc(sent)
         return sent

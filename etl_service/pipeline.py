@@ -205,6 +205,8 @@ class Run:
             claimed = ledger.batches.claim(shape, after, skip_foreign=bool(held))
             if claimed is None:
                 if after is None:
+                    marker.settle()
+                    loader.reconcile.finish()  # every unprocessed row has been claimed
                     break
                 after = None  # end of the key range: look again from the start for late rows
                 continue

@@ -21,12 +21,13 @@ from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 from loguru import logger
 
-from etl_service import fit, target
+from etl_service import fit, source, target
 from etl_service.clickhouse import ch_errors
 from etl_service.errors import ConfigError, SinkError
 from etl_service.source import SourceShape
 
 BATCH_COLUMN = "_etl_batch"
+VERSION_COLUMN = source.VERSION_COLUMN  # each row's source version
 # How many recent insert tokens a MergeTree remembers; far more than chunks in flight.
 DEDUP_WINDOW = 10000
 
@@ -202,8 +203,13 @@ def check_insert_settings(client: Client) -> list[str]:
 
 
 def insert_chunk(client: Client, database: str, table: str, data: pa.Table, batch_id: int, token: str,
-                 with_batch_column: bool) -> int:
-    """Insert one chunk; a repeat with the same token is dropped by ClickHouse. Returns rows sent."""
+                 with_batch_column: bool, with_version_column: bool = True) -> int:
+    """Insert one chunk; a repeat with the same token is dropped by ClickHouse. Returns rows sent.
+
+    `data` may carry the rows' source versions (VERSION_COLUMN): sent where the target has the column.
+    """
+    if VERSION_COLUMN in data.column_names and not with_version_column:
+        data = data.drop_columns([VERSION_COLUMN])
     if with_batch_column:
         data = data.append_column(BATCH_COLUMN, _repeat_uint64(batch_id, data.num_rows))
     settings = {"insert_deduplication_token": token, **insert_settings(client)}
@@ -213,6 +219,39 @@ def insert_chunk(client: Client, database: str, table: str, data: pa.Table, batc
 
 
 _ANSWER_TYPE = re.compile(r"^(Bool|U?Int\d+|Float\d+|Decimal(\d+)?\(.*\)|Nothing)$")
+
+
+def rows_above(client: Client, database: str, table: str, batch_id: int) -> tuple[int, int]:
+    """(rows, highest batch id) of the target's rows of batches above `batch_id`.
+
+    The batch column's minmax skip index answers it without reading rows when there are none.
+    """
+    with ch_errors(f"look for batches above {batch_id} in {database}.{table}"):
+        row = client.query(f"SELECT count(), max({BATCH_COLUMN}) FROM {table_name(database, table)}"
+                           f" WHERE {BATCH_COLUMN} > {{b:UInt64}}", parameters={"b": batch_id}).result_rows[0]
+    return int(row[0]), int(row[1] or 0)
+
+
+# Key types whose values bind as query parameters (the others are compared without a key range).
+_RANGE_TYPES = re.compile(r"^(U?Int\d+|String|UUID|Date|Date32)$")
+
+
+def held_rows(client: Client, database: str, table: str, keys: tuple[str, ...], columns: list[str],
+              bounds: tuple[Any, Any], lead_type: str, above: int, upto: int) -> list[tuple[Any, ...]]:
+    """The target's rows of batches (above, upto] in the key range `bounds` of the first key column
+    `keys[0]`: their `columns`."""
+    inner = fit.unwrap(lead_type)[0]
+    cols = ", ".join(quote_identifier(c) for c in columns)
+    query = (f"SELECT {cols} FROM {table_name(database, table)}"
+             f" WHERE {BATCH_COLUMN} > {{above:UInt64}} AND {BATCH_COLUMN} <= {{upto:UInt64}}")
+    params: dict[str, Any] = {"above": above, "upto": upto}
+    if _RANGE_TYPES.match(inner):
+        lead = quote_identifier(keys[0])
+        query += f" AND {lead} >= {{lo:{inner}}} AND {lead} <= {{hi:{inner}}}"
+        params.update(lo=bounds[0], hi=bounds[1])
+    with ch_errors(f"read the rows {database}.{table} holds of batches {above + 1}..{upto}"):
+        rows = client.query(query, parameters=params).result_rows
+    return [tuple(r) for r in rows]
 
 
 def time_ranges(client: Client) -> fit.Ranges:

@@ -557,12 +557,51 @@ def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
 RANGE_JOIN = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'"
 
 
+# Each row's source version, the last column of every extracted chunk: the transaction that last
+# wrote the row as a 64-bit id (its 32-bit xmin widened by the snapshot's epoch) in the low 48
+# bits, and the timeline that transaction belongs to (`ledger.timelines`) in the bits above, so
+# that no failover or restore makes two versions of a row look the same or an older one look
+# newer. A row keeps its version until it is written again.
+VERSION_COLUMN = "_etl_version"
+VERSION_MASK = (1 << 48) - 1  # the transaction id part of a version
+_XID8 = "v.top - ((v.top - s.xmin::text::bigint) & 4294967295)"  # xmin widened by the snapshot's epoch
+_VERSION_BASE = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS top"
+
+
+def _version(timelines: list[tuple[int, int]]) -> sql.Composable:
+    """The version of row `s`: its timeline (the last one whose first id is at most its xid) and its xid."""
+    if not timelines:
+        return sql.SQL("(" + _XID8 + ")")
+    case = sql.SQL(" ").join(sql.SQL("WHEN x.x8 >= {} THEN {}").format(sql.Literal(first), sql.Literal(tl))
+                             for tl, first in reversed(timelines))
+    return sql.SQL("((CASE {} ELSE {} END)::bigint << 48 | x.x8)").format(case, sql.Literal(timelines[0][0]))
+
+
+def timeline_now(conn: Connection) -> tuple[int, int]:
+    """(the server's timeline, a transaction id no lower than the first one written on it if it is new).
+
+    The checkpoint taken at promotion has the new timeline and the next id then; failing that, the
+    next id now.
+    """
+    with pg_errors("read the server's timeline", conn), conn.cursor() as cur:
+        cur.execute("SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int,"
+                    " c.timeline_id, c.next_xid, pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+                    " FROM pg_control_checkpoint() c")
+        timeline, checkpoint_timeline, next_xid, top = cur.fetchone()  # type: ignore[misc]
+    conn.rollback()
+    if checkpoint_timeline == timeline and next_xid:
+        epoch, xid = (int(part) for part in str(next_xid).split(":"))
+        return int(timeline), min(epoch << 32 | xid, int(top))
+    return int(timeline), int(top)
+
+
 def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: str,
-                  batch_id: int, first: int, last: int) -> pa.Table:
+                  batch_id: int, first: int, last: int, timelines: list[tuple[int, int]] | None = None) -> pa.Table:
     """Stream keys [first, last] (1-based positions in the batch) out with COPY, parse into Arrow.
 
     Only rows whose xmin still equals the claimed one are extracted: a row changed since the
-    claim is left for the next batch, which will load its new version.
+    claim is left for the next batch, which will load its new version. The last column is each
+    row's source version (VERSION_COLUMN).
     Under the table's lock, the columns are checked first: SourceChanged if they are no longer
     the ones this run prepared the target for.
     """
@@ -575,9 +614,9 @@ def extract_chunk(conn: Connection, job: JobConfig, shape: SourceShape, ledger: 
             raise SourceChanged(f"{name} changed its columns during the run: starting over with the new ones")
         if shape.range_join:  # the planner takes the claimed keys for 10 rows: one probe each, else
             cur.execute(RANGE_JOIN)
-        cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last), buf)
+        cur.copy_expert(_chunk_query(job, shape, ledger, batch_id, first, last, timelines or []), buf)
     conn.commit()
-    return parse_csv(buf.getbuffer(), shape)  # a view: the chunk's text is not copied again
+    return parse_csv(buf.getbuffer(), shape, versioned=True)  # a view: the chunk's text is not copied again
 
 
 def _columns_changed(cur: psycopg2.extensions.cursor, job: JobConfig, shape: SourceShape, name: str) -> bool:
@@ -591,7 +630,7 @@ def _columns_changed(cur: psycopg2.extensions.cursor, job: JobConfig, shape: Sou
 
 
 def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int, first: int,
-                 last: int) -> sql.Composable:
+                 last: int, timelines: list[tuple[int, int]]) -> sql.Composable:
     # The claimed keys are sorted, so the chunk is the key range keys[first]..keys[last]: one
     # index range scan merged with the claimed keys is about twice as fast as a lookup per key.
     # (Bounds from the array, not min()/max(): uuid, for one, has no min().)
@@ -604,8 +643,9 @@ def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int,
         "COPY (WITH k AS MATERIALIZED (SELECT {parts}, u.x FROM {ledger}.batches b,"
         " unnest(b.keys[{first}:{last}], b.xmins[{first}:{last}]) AS u(key, x) WHERE b.batch_id = {batch}),"
         " r AS (SELECT b.keys[{first}] AS lo, b.keys[{last}] AS hi FROM {ledger}.batches b"
-        " WHERE b.batch_id = {batch})"
-        " SELECT {exprs} FROM {src} s JOIN k ON {joined} AND s.xmin = k.x"
+        " WHERE b.batch_id = {batch}), v AS MATERIALIZED (" + _VERSION_BASE + ")"
+        " SELECT {exprs}, {version} FROM {src} s JOIN k ON {joined} AND s.xmin = k.x CROSS JOIN v"
+        " CROSS JOIN LATERAL (SELECT " + _XID8 + " AS x8) x"
         " WHERE s.{flag} = false AND {above_lo} AND {below_hi})"
         " TO STDOUT WITH (FORMAT csv)"
     ).format(
@@ -616,16 +656,19 @@ def _chunk_query(job: JobConfig, shape: SourceShape, ledger: str, batch_id: int,
         src=qualified(job), joined=joined, flag=sql.Identifier(job.processed_column),
         above_lo=key.compare("s", ">=", sql.SQL("(SELECT lo FROM r)")),
         below_hi=key.compare("s", "<=", sql.SQL("(SELECT hi FROM r)")),
-        batch=sql.Literal(batch_id),
+        batch=sql.Literal(batch_id), version=_version(timelines),
     )
 
 
-def parse_csv(data: bytes | memoryview, shape: SourceShape) -> pa.Table:
-    """Parse PostgreSQL's COPY CSV into an Arrow table with exact types, named by target column."""
-    names = [c.name for c in shape.columns]
+def parse_csv(data: bytes | memoryview, shape: SourceShape, versioned: bool = False) -> pa.Table:
+    """Parse PostgreSQL's COPY CSV into an Arrow table with exact types, named by target column.
+
+    `versioned`: the last field of each line is the row's source version (VERSION_COLUMN, UInt64).
+    """
+    names = [c.name for c in shape.columns] + ([VERSION_COLUMN] if versioned else [])
     if not data:
-        return pa.table({t: pa.array([], c.arrow_type) for c, t in zip(shape.columns, shape.targets,
-                                                                         strict=True)})
+        empty = {t: pa.array([], c.arrow_type) for c, t in zip(shape.columns, shape.targets, strict=True)}
+        return pa.table({**empty, VERSION_COLUMN: pa.array([], pa.uint64())} if versioned else empty)
     try:
         return _parse_csv(data, shape, names)
     except (pa.ArrowException, ValueError) as exc:
@@ -649,7 +692,7 @@ def _read_csv(data: bytes | memoryview, shape: SourceShape, names: list[str], bl
         read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
-            column_types={c.name: c.csv_type for c in shape.columns},
+            column_types={**{c.name: c.csv_type for c in shape.columns}, VERSION_COLUMN: pa.uint64()},
             true_values=["t"], false_values=["f"],
             # COPY CSV writes NULL as an empty unquoted field and '' as "".
             null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False,
@@ -659,4 +702,6 @@ def _read_csv(data: bytes | memoryview, shape: SourceShape, names: list[str], bl
     for i, col in enumerate(shape.columns):
         arr = table.column(i).combine_chunks()
         arrays.append(col.convert(arr) if col.convert else arr)
-    return pa.Table.from_arrays(arrays, names=list(shape.targets))
+    extra = [VERSION_COLUMN] if len(names) > len(shape.columns) else []
+    arrays.extend(table.column(VERSION_COLUMN).combine_chunks() for _ in extra)
+    return pa.Table.from_arrays(arrays, names=list(shape.targets) + extra)

@@ -199,6 +199,7 @@ def create_ddl(table: str, shape: SourceShape, source: str, cluster: str = "", w
     cols = [f"{_quote(t)} {c.ch_column_type(is_key=(t in keys))}" for c, t in zip(shape.columns, shape.targets,
                                                                                      strict=True)]
     cols.append("`_etl_batch` UInt64")
+    cols.append("`_etl_version` UInt64")  # the row's source version (see source.VERSION)
     cols.append(f"INDEX {BATCH_INDEX} `_etl_batch` TYPE minmax GRANULARITY 1")
     order = _quote(keys[0]) if len(keys) == 1 else f"({', '.join(map(_quote, keys))})"
     if cluster:

@@ -43,6 +43,11 @@ class TargetSession:
         """Whether rows carry their batch id (the load check counts by it)."""
         return sink.BATCH_COLUMN in self.types
 
+    @property
+    def has_version_column(self) -> bool:
+        """Whether rows carry their source version (`source.VERSION_COLUMN`)."""
+        return sink.VERSION_COLUMN in self.types
+
     def connect(self, shape: SourceShape) -> Any:
         """The client, connected and the target prepared on first need."""
         if self.client is None:
@@ -86,6 +91,12 @@ class TargetSession:
             self.log.warning(accepted)
         for line in sink.doubling_views(client, views):
             _warn_once(self.log, line)
+        if info.created_by_service and sink.VERSION_COLUMN not in info.columns:  # made before versions were kept
+            sink.run_statement(client, f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS `{sink.VERSION_COLUMN}` UInt64")
+            self.log.info("added {} to {}.{}: rows loaded from now on carry their source version (older rows: 0)",
+                          sink.VERSION_COLUMN, database, table)
+            described = sink.describe_target(client, database, table)
+            info = described[0] if described else info
         if not self.job.transform:  # a transform decides its own columns: ClickHouse checks them at insert
             info = self._evolve(client, info, shape, database, table)
         self.types = info.columns

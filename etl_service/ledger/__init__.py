@@ -11,6 +11,8 @@ One package, one module per thing that changes:
     others      other jobs' unfinished batches on the same source: skip, adopt, release
     runs        run records, backlog, lag and what waits
     shapes      the source types each target was last brought in step with
+    reconcile   batch ids ClickHouse holds that the ledger lost, until reconciled
+    timelines   the server's timelines, each with its first transaction id (rows' source versions)
 
 A `Ledger` opens all of them on one connection (which also holds the job's lock).
 """
@@ -24,12 +26,14 @@ from etl_service.ledger.lock import Lock
 from etl_service.ledger.mark import Mark, MarkResult
 from etl_service.ledger.others import ForeignBatch, OtherJobs
 from etl_service.ledger.quarantine import Quarantine
+from etl_service.ledger.reconcile import Reconciles, Span
 from etl_service.ledger.runs import Health, Runs
 from etl_service.ledger.shapes import TargetShapes
 from etl_service.ledger.store import Store
+from etl_service.ledger.timelines import Timelines
 from etl_service.source import Connection
 
-__all__ = ["Batch", "ForeignBatch", "Health", "Ledger", "MarkResult"]
+__all__ = ["Batch", "ForeignBatch", "Health", "Ledger", "MarkResult", "Span"]
 
 
 class Ledger:
@@ -48,6 +52,8 @@ class Ledger:
         self.others = OtherJobs(store)
         self.runs = Runs(store)
         self.shapes = TargetShapes(store)
+        self.reconcile = Reconciles(store)
+        self.timelines = Timelines(store)
 
     def ensure_schema(self) -> None:
         """Create the ledger's tables if absent, or bring them forward (idempotent)."""

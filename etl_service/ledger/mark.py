@@ -140,6 +140,13 @@ class Mark:
                 "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
                 " keys = '{{}}', xmins = '{{}}' WHERE batch_id = %s AND state = 'loaded'").format(s=self.store.schema),
                 (marked, batch.batch_id))
+            if cur.rowcount == 0:  # the batch left the ledger while it was loaded (truncated, dropped, released)
+                conn.rollback()
+                ledger = self.store.schema.string
+                raise SourceError(f"batch {batch.batch_id} is no longer in the ledger as loaded (was {ledger}.batches"
+                                  " truncated, the schema dropped, or the batch released?): its mark is rolled back."
+                                  " Its rows are in ClickHouse; the next run finds ClickHouse holding batch ids the"
+                                  " ledger lost and marks those rows without loading them again")
             quarantined = self._quarantined(cur, batch)
             before_commit()
             conn.commit()

@@ -79,6 +79,24 @@ ALTER TABLE {schema}.quarantine ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFA
     ADD COLUMN IF NOT EXISTS row_xmin xid;
 -- The source column types each job's target was last brought in step with: a type that differs
 -- from it is a change at the source (one that matches is the operator's choice, left alone).
+-- Batch ids ClickHouse held beyond the ledger's highest when found (the ledger lost history):
+-- until a run has claimed every unprocessed row, rows ClickHouse holds there are not loaded again.
+CREATE TABLE IF NOT EXISTS {schema}.reconcile (
+    job       text        NOT NULL,
+    target    text        NOT NULL,
+    above     bigint      NOT NULL,
+    upto      bigint      NOT NULL,
+    rows_held bigint      NOT NULL,
+    matched   bigint      NOT NULL DEFAULT 0,
+    since     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, target)
+);
+-- The PostgreSQL timelines seen, each with a transaction id no lower than its first (ledger.timelines).
+CREATE TABLE IF NOT EXISTS {schema}.timelines (
+    timeline  integer     PRIMARY KEY,
+    first_xid bigint      NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
     job        text        NOT NULL,
     target     text        NOT NULL,
@@ -98,6 +116,8 @@ _OURS = {
     "runs": {"run_id": "bigint", "job": "text", "started_at": "timestamp with time zone", "status": "text",
              "rows_marked": "bigint"},
     "target_shapes": {"job": "text", "target": "text", "columns": "jsonb"},
+    "reconcile": {"job": "text", "target": "text", "above": "bigint", "upto": "bigint"},
+    "timelines": {"timeline": "integer", "first_xid": "bigint"},
 }
 _NOT_OURS = """
 SELECT c.name, c.col, c.type, rel.relkind::text, format_type(a.atttypid, a.atttypmod)
@@ -142,10 +162,13 @@ def ensure(store: Store) -> None:
         " OR (attrelid = to_regclass(%(t)s) AND attname = 'columns')"
         " OR (attrelid = to_regclass(%(qb)s) AND attname = 'batch_id')"
         " OR (attrelid = to_regclass(%(q)s) AND attname = 'kind')"
-        " OR (attrelid = to_regclass(%(r)s) AND attname = 'message'))"),
+        " OR (attrelid = to_regclass(%(r)s) AND attname = 'message')"
+        " OR (attrelid = to_regclass(%(rc)s) AND attname = 'matched')"
+        " OR (attrelid = to_regclass(%(tl)s) AND attname = 'first_xid'))"),
         {"b": f"{quoted}.batches", "q": f"{quoted}.quarantine", "r": f"{quoted}.runs",
-         "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch"})
-    if present[0][0] < 8:
+         "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch", "rc": f"{quoted}.reconcile",
+         "tl": f"{quoted}.timelines"})
+    if present[0][0] < 10:
         check_not_foreign(store.conn, store.schema.string)
         store.run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=store.schema))
         # Batches recorded before batches named their source: this job's own are on its source.

@@ -17,7 +17,7 @@ import pytest
 from etl_service import checks
 from etl_service.config import load
 from etl_service.embedded import EmbeddedPostgres, Standby, postgres
-from etl_service.pipeline import FAILED, run_job
+from etl_service.pipeline import FAILED, OK, run_job
 
 from .conftest import World
 from .helpers import chdb_query, cli, running, stop, wait_for, write_env
@@ -106,3 +106,33 @@ def test_a_daemon_on_a_multi_host_dsn_carries_on_after_the_primary_dies(world: W
     assert sql(standby.uri, "SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)]
     text = log.read_text()
     assert "PostgreSQL" in text and ("retry" in text or "unavailable" in text.lower()), text[-3000:]
+
+
+@pytest.mark.slow
+def test_a_failover_that_lost_the_last_loads_and_marks_ends_exact(world: World,
+                                                                 pair: tuple[EmbeddedPostgres, Standby]) -> None:
+    primary, standby = pair
+    add_rows(primary.uri, 1, 600)
+    on_primary = load(environ={**world.env(), "PG_DSN": primary.uri, "ETL_BATCH_SIZE": "300"})
+    first = run_job(on_primary, on_primary.jobs[0])
+    assert first.rows_marked == 600, first.message
+    add_rows(primary.uri, 601, 1000)  # the standby gets them, unprocessed
+    standby.catch_up(primary.uri)
+    standby.cut_off()  # from here on the standby misses every commit
+    sql(primary.uri, "INSERT INTO src SELECT g, g, 'lost', now(), false FROM generate_series(1001, 1100) g")
+    assert run_job(on_primary, on_primary.jobs[0]).rows_marked == 500  # loaded and marked, then lost
+    primary.kill()
+    standby.promote()
+    sql(standby.uri, "INSERT INTO src SELECT g, g, 'new', now(), false FROM generate_series(1001, 1050) g")
+    on_standby = load(environ={**world.env(), "PG_DSN": standby.uri, "ETL_BATCH_SIZE": "300"})
+    after = run_job(on_standby, on_standby.jobs[0])
+    # 601..1000 were in ClickHouse already (their marks were lost): marked, not loaded again;
+    # 1001..1050 were written again on the new primary, as other rows: loaded
+    assert (after.status, after.rows_loaded, after.rows_marked) == (OK, 50, 450), after.message
+    rows = world.ch_rows(f"SELECT id, name FROM {world.target()} ORDER BY id, name")
+    assert [r for r in rows if int(r[0]) <= 1000] == [(i, f"row {i}") for i in range(1, 1001)]
+    assert [r for r in rows if int(r[0]) > 1000 and r[1] == "new"] == [(i, "new") for i in range(1001, 1051)]
+    assert len([r for r in rows if r[1] == "lost"]) == 100  # what the lost primary wrote stays, never deleted
+    assert sql(standby.uri, "SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
+    add_rows(standby.uri, 2001, 2100)
+    assert run_job(on_standby, on_standby.jobs[0]).rows_loaded == 100

@@ -13,10 +13,10 @@ from typing import Any
 import psycopg2
 import pytest
 
-from etl_service import checks, clickhouse
+from etl_service import checks, clickhouse, sink
 from etl_service.config import Settings
 from etl_service.errors import ConfigError
-from etl_service.pipeline import FAILED, OK, run_job
+from etl_service.pipeline import FAILED, OK, WAITING, run_job
 
 from .conftest import World
 from .test_pipeline import ch_summary, marked
@@ -129,3 +129,73 @@ def test_a_ledger_that_lost_its_history_never_reuses_a_batch_id(world: World, lo
     world.add_rows(1501, 1600)
     assert run_job(settings, settings.jobs[0]).rows_marked == 100  # later ids follow on
     assert world.ch_rows(f"SELECT max(_etl_batch) FROM {world.target()}") == [(6,)]
+
+
+# --- the ledger's history lost while rows are in flight: reconciled, never loaded twice ------------
+
+def _waiting(world: World, rows: int) -> Settings:
+    """`rows` rows loaded and waiting for a readiness answer that does not come (not marked)."""
+    world.make_source(rows)
+    world.backend.ch().command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    world.backend.ch().command(f"CREATE TABLE {world.target('ready')} (ok UInt8) ENGINE = MergeTree ORDER BY ok")
+    settings = world.settings(batch_size="400", ready_query=f"SELECT count() > 0 FROM {world.target('ready')}",
+                              ready_timeout="0.3", ready_poll_interval="0.05")
+    first = run_job(settings, settings.jobs[0])
+    assert first.status == WAITING and first.rows_loaded == 400, first.message
+    return settings
+
+
+@pytest.mark.parametrize("loss", ["TRUNCATE etl.batches", "DROP SCHEMA etl CASCADE"])
+def test_rows_in_flight_when_the_ledger_lost_them_are_marked_not_loaded_again(world: World, loss: str) -> None:
+    settings = _waiting(world, 1000)
+    world.sql(loss)
+    world.backend.ch().command(f"INSERT INTO {world.target('ready')} VALUES (1)")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 1000), result.message
+    assert result.rows_loaded == 600  # the 400 in ClickHouse were found there, not sent again
+    assert ch_summary(world) == (1000, 1000, 1000 * 1001 // 2)
+    assert marked(world) == (1000, 1000)
+    assert world.sql("SELECT count(*) FROM etl.reconcile") == [(0,)]  # reconciled: closed after the drain
+    world.add_rows(1001, 1100)
+    assert run_job(settings, settings.jobs[0]).rows_loaded == 100
+
+
+def test_the_batches_table_truncated_under_a_waiting_batch_stops_its_mark(world: World) -> None:
+    """Truncated while the batch waits for readiness, in the same run: its mark is rolled back, and
+    the next run marks its rows without loading them again."""
+    world.make_source(300)
+    world.backend.ch().command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    truncate = ("SELECT count() > 0 FROM system.one WHERE (SELECT 1) = 1 AND {batch_id:UInt64} > 0")
+    settings = world.settings(ready_query=truncate)
+    original = sink.is_ready
+
+    def truncated_while_waiting(*args: Any, **kwargs: Any) -> bool:
+        world.sql("TRUNCATE etl.batches")
+        return original(*args, **kwargs)
+
+    sink.is_ready = truncated_while_waiting  # type: ignore[assignment]
+    try:
+        first = run_job(settings, settings.jobs[0])
+    finally:
+        sink.is_ready = original  # type: ignore[assignment]
+    assert first.status == FAILED and "no longer in the ledger" in first.message, first.message
+    assert marked(world) == (0, 300)
+    again = run_job(settings, settings.jobs[0])
+    assert (again.status, again.rows_loaded, again.rows_marked) == (OK, 0, 300), again.message
+    assert ch_summary(world) == (300, 300, 300 * 301 // 2)
+
+
+def test_every_row_carries_its_source_version(world: World) -> None:
+    world.make_source(50)
+    world.sql("UPDATE src SET name = 'changed' WHERE id <= 10")
+    xmins = {int(i): int(x) for i, x in world.sql(  # as loaded: the mark writes the rows again
+        "SELECT id, (pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+        " - ((pg_snapshot_xmax(pg_current_snapshot())::text::bigint - xmin::text::bigint) & 4294967295))"
+        " FROM src WHERE id IN (1, 50)")}
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).rows_marked == 50
+    versions = dict(world.ch_rows(f"SELECT id, _etl_version FROM {world.target()} WHERE id IN (1, 50)"))
+    timeline = int(world.sql("SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int")
+                   [0][0])
+    assert versions == {1: timeline << 48 | xmins[1], 50: timeline << 48 | xmins[50]}
+    assert xmins[1] != xmins[50]  # id 1 was written again by the UPDATE: a newer version

@@ -118,11 +118,12 @@ def test_create_ddl_single_node_and_cluster() -> None:
                             (*SOURCE.columns[:1], map_column("tenant", "int4", "integer", False, "N", None)),
                             ("id", "tenant"))
     assert create_ddl("`db`.`t`", composite, "public.src") == (
-        "CREATE TABLE IF NOT EXISTS `db`.`t` (`id` Int64, `tenant` Int32, `_etl_batch` UInt64,"
+        "CREATE TABLE IF NOT EXISTS `db`.`t` (`id` Int64, `tenant` Int32, `_etl_batch` UInt64, `_etl_version` UInt64,"
         " INDEX _etl_batch_minmax `_etl_batch` TYPE minmax GRANULARITY 1) ENGINE = MergeTree ORDER BY (`tenant`, `id`)"
         " SETTINGS non_replicated_deduplication_window = 10000 COMMENT 'etl-service: created from public.src'")
     assert create_ddl("`db`.`t`", SOURCE, "public.o'brien", cluster="main") == (
         "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `main` (`id` Int64, `qty` Nullable(Int64),"
-        " `note` Nullable(String), `_etl_batch` UInt64, INDEX _etl_batch_minmax `_etl_batch` TYPE minmax GRANULARITY 1)"
+        " `note` Nullable(String), `_etl_batch` UInt64, `_etl_version` UInt64,"
+        " INDEX _etl_batch_minmax `_etl_batch` TYPE minmax GRANULARITY 1)"
         " ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}') ORDER BY `id`"
         " SETTINGS replicated_deduplication_window = 10000 COMMENT 'etl-service: created from public.o\\'brien'")
