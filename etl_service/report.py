@@ -52,7 +52,7 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
             since = (datetime.now(UTC) - health.last_success).total_seconds() if health.last_success else None
             data.update(backlog=health.backlog, lag_seconds=round(health.lag_seconds, 1), waiting=health.waiting,
                         seconds_since_success=None if since is None else round(since, 1))
-            _ledger_part(ledger, shape.key, data)
+            _ledger_part(ledger, shape.key, data, settings.clickhouse.database)
         else:
             data["backlog"] = ledger.runs.backlog()
     except EtlError as exc:
@@ -63,7 +63,7 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
     return data
 
 
-def _ledger_part(ledger: Ledger, key: Key, data: dict[str, Any]) -> None:
+def _ledger_part(ledger: Ledger, key: Key, data: dict[str, Any], database: str) -> None:
     data["unfinished"] = [{"batch": b.batch_id, "state": b.state, "rows": b.row_count}
                           for b in ledger.batches.unfinished()]
     data["foreign"] = [{"batch": f.batch_id, "job": f.job, "state": f.state, "rows": f.row_count,
@@ -72,6 +72,10 @@ def _ledger_part(ledger: Ledger, key: Key, data: dict[str, Any]) -> None:
     data["held_by_other_consumers"] = [
         {"batch": h.batch_id, "job": h.job, "flag": h.flag, "state": h.state, "rows": h.row_count}
         for h in ledger.others.held_elsewhere(key) if h.flag not in (None, ledger.job.processed_column)]
+    span = ledger.reconcile.open_span(f"{database}.{ledger.job.target_table}")
+    data["reconciling"] = None if span is None else {
+        "batches": [span.above + 1, span.upto], "rows_there_when_found": span.rows, "since": span.since,
+        "matched": span.matched}
     count, recent = ledger.quarantine.summary(QUARANTINE_SHOWN)
     data["quarantined"] = count
     data["quarantine"] = [{"key": key, "reason": reason, "at": when} for key, reason, when in recent]
@@ -107,6 +111,12 @@ def _render(job: dict[str, Any], out: Print) -> None:
         out(f"  batch {held['batch']} of job {held['job']!r} (flag {held['flag']}, {held['state']}) holds"
             f" {held['rows']} key(s): this job skips them until it is done; if that job is gone for good,"
             f" `release --batch {held['batch']} --job {job['job']} --force`")
+    if job.get("reconciling"):
+        span = job["reconciling"]
+        out(f"  reconciling with ClickHouse since {span['since']:%Y-%m-%d %H:%M:%S}: the ledger had lost batches"
+            f" {span['batches'][0]}..{span['batches'][1]} ({span['rows_there_when_found']} rows in ClickHouse);"
+            f" {span['matched']} row(s) found there so far were marked, not loaded again (closes after a run that"
+            " claims every unprocessed row)")
     count = job["quarantined"]
     out(f"  quarantined rows: {count}" + (" (release with `requeue` after fixing them)" if count else ""))
     for row in job["quarantine"]:

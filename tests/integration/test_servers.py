@@ -8,15 +8,19 @@ Replicated table can run here; the Replicated branch is unit-tested.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
 import pytest
+from loguru import logger
 
-from etl_service import checks, clickhouse, sink
+from etl_service import checks, clickhouse, report, sink
 from etl_service.config import Settings
 from etl_service.errors import ConfigError
-from etl_service.pipeline import FAILED, OK, WAITING, run_job
+from etl_service.pipeline import FAILED, OK, STOPPED, WAITING, run_job
 
 from .conftest import World
 from .test_pipeline import ch_summary, marked
@@ -145,14 +149,32 @@ def _waiting(world: World, rows: int) -> Settings:
     return settings
 
 
+@contextlib.contextmanager
+def _stop_after_first_batch() -> Iterator[threading.Event]:
+    """A stop event, set once a batch of the run has been marked (the run then stops as asked)."""
+    stop = threading.Event()
+    handler = logger.add(lambda message: stop.set() if " done: " in message else None, level="INFO",
+                         format="{message}")
+    try:
+        yield stop
+    finally:
+        logger.remove(handler)
+
+
 @pytest.mark.parametrize("loss", ["TRUNCATE etl.batches", "DROP SCHEMA etl CASCADE"])
 def test_rows_in_flight_when_the_ledger_lost_them_are_marked_not_loaded_again(world: World, loss: str) -> None:
     settings = _waiting(world, 1000)
     world.sql(loss)
     world.backend.ch().command(f"INSERT INTO {world.target('ready')} VALUES (1)")
+    with _stop_after_first_batch() as stop:
+        stopped = run_job(settings, settings.jobs[0], stop=stop)
+    assert stopped.status == STOPPED and stopped.rows_marked < 1000, stopped.message
+    shown: list[str] = []
+    report.status(settings, shown.append)  # a span stays open until a run has claimed every row
+    assert any("reconciling with ClickHouse" in line and "batches 1..1" in line for line in shown), shown
     result = run_job(settings, settings.jobs[0])
-    assert (result.status, result.rows_marked) == (OK, 1000), result.message
-    assert result.rows_loaded == 600  # the 400 in ClickHouse were found there, not sent again
+    assert (result.status, result.rows_marked + stopped.rows_marked) == (OK, 1000), result.message
+    assert result.rows_loaded + stopped.rows_loaded == 600  # the 400 in ClickHouse were found there, not sent again
     assert ch_summary(world) == (1000, 1000, 1000 * 1001 // 2)
     assert marked(world) == (1000, 1000)
     assert world.sql("SELECT count(*) FROM etl.reconcile") == [(0,)]  # reconciled: closed after the drain
