@@ -154,6 +154,11 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
             if reset or refused:  # the job is stopped until the cause is fixed and the rows requeued
                 raise MarkNotKept(not_kept(job, f"an earlier mark (e.g. of {key.label} = {', '.join(stuck)})", reset,
                                            refused, source.mark_blockers(conn, job)))
+            span = ledger.reconcile.open_span(f"{settings.clickhouse.database}.{job.target_table}")
+            if span:
+                lines.append(f"note: reconciling with ClickHouse since {span.since:%Y-%m-%d %H:%M:%S}: the ledger had"
+                             f" lost batches {span.above + 1}..{span.upto} ({span.rows} rows in ClickHouse); rows"
+                             " found there are marked, not loaded again, until a run has claimed every row")
             for other in ledger.others.held_elsewhere(key):  # ConfigError if another consumer uses another key
                 lines.append(f"note: batch {other.batch_id} of job {other.job!r} (flag {other.flag}) holds keys of"
                              " this source, which this job skips until it is done (see `status`)")

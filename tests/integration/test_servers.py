@@ -172,6 +172,9 @@ def test_rows_in_flight_when_the_ledger_lost_them_are_marked_not_loaded_again(wo
     shown: list[str] = []
     report.status(settings, shown.append)  # a span stays open until a run has claimed every row
     assert any("reconciling with ClickHouse" in line and "batches 1..1" in line for line in shown), shown
+    said: list[str] = []
+    checks.check(settings, said.append)
+    assert any("note reconciling with ClickHouse" in line for line in said), said
     result = run_job(settings, settings.jobs[0])
     assert (result.status, result.rows_marked + stopped.rows_marked) == (OK, 1000), result.message
     assert result.rows_loaded + stopped.rows_loaded == 600  # the 400 in ClickHouse were found there, not sent again
