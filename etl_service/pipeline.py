@@ -206,7 +206,7 @@ class Run:
             if claimed is None:
                 if after is None:
                     marker.settle()
-                    loader.reconcile.finish()  # every unprocessed row has been claimed
+                    loader.reconcile.finish(shape)  # every unprocessed row has been claimed
                     break
                 after = None  # end of the key range: look again from the start for late rows
                 continue

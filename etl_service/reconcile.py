@@ -26,12 +26,17 @@ from uuid import UUID
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from psycopg2 import sql
 
 from etl_service import sink
 from etl_service.context import RunContext
 from etl_service.ledger import Ledger, Span
-from etl_service.source import SourceShape
+from etl_service.source import SourceShape, qualified
 from etl_service.target_session import TargetSession
+
+# A span of at most this many rows is compared with the source when it closes (rows ClickHouse
+# holds that the source no longer has); a larger one (a dropped ledger: every batch) is not.
+GONE_LIMIT = 200_000
 
 
 class Reconciler:
@@ -97,16 +102,42 @@ class Reconciler:
                 "key and source version" if versioned else "key")
         return data.filter(pa.array(keep))
 
-    def finish(self) -> None:
-        """Every unprocessed row has been claimed since the span opened: close it."""
-        if self.span is None:
+    def finish(self, shape: SourceShape) -> None:
+        """Every unprocessed row has been claimed since the span opened: say what ClickHouse holds that the
+        source no longer has (rows the lost primary wrote), then close the span."""
+        span = self.span
+        if span is None:
             return
         done = self.ledger.reconcile.open_span(self.name)
-        self.ledger.reconcile.close(self.name)
         self.ctx.log.info("reconciled with {}: {} row(s) ClickHouse already held were marked without loading them"
                           " again (batches {}..{}, {} rows there when found)", self.name,
-                          done.matched if done else 0, self.span.above + 1, self.span.upto, self.span.rows)
+                          done.matched if done else 0, span.above + 1, span.upto, span.rows)
+        gone = self._gone(shape, span)
+        if gone:
+            count, batches = gone
+            note = (f"{count} row(s) of batches {', '.join(map(str, batches[:10]))} in {self.name} are no longer in the"
+                    f" source (written by a primary that was lost, or deleted since): they stay in ClickHouse")
+            self.ctx.log.warning(note)
+            self.ctx.result.message = "; ".join(filter(None, [self.ctx.result.message, note]))
+        self.ledger.reconcile.close(self.name)
         self.span = None
+
+    def _gone(self, shape: SourceShape, span: Span) -> tuple[int, list[int]] | None:
+        """(rows of the span whose key the source no longer has, their batch ids); None if not counted
+        (a key of several columns, or a span too large to read at once)."""
+        if len(shape.key_targets) != 1 or span.rows > GONE_LIMIT or not self.target.has_batch_column:
+            return None
+        rows = sink.span_keys(self.target.connect(shape), self.db, self.table, shape.key_targets[0],
+                              span.above, span.upto)
+        if not rows:
+            return None
+        found = self.ledger.store.run("look for the span's keys at the source", sql.SQL(
+            "SELECT k FROM unnest(%s::text[]) AS k WHERE NOT EXISTS (SELECT 1 FROM {src} s WHERE s.{key}::text = k)")
+            .format(src=qualified(self.ctx.job), key=sql.Identifier(shape.key.names[0])),
+            ([str(_norm(key)) for key, _ in rows],))
+        missing = {str(r[0]) for r in found}
+        batches = sorted({int(batch) for key, batch in rows if str(_norm(key)) in missing})
+        return (len(missing), batches) if missing else None
 
 
 def _norm(value: Any) -> Any:

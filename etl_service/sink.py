@@ -254,6 +254,15 @@ def held_rows(client: Client, database: str, table: str, keys: tuple[str, ...], 
     return [tuple(r) for r in rows]
 
 
+def span_keys(client: Client, database: str, table: str, key: str, above: int, upto: int) -> list[tuple[Any, int]]:
+    """(key, batch id) of the target's rows of batches (above, upto]."""
+    with ch_errors(f"read the keys {database}.{table} holds of batches {above + 1}..{upto}"):
+        rows = client.query(f"SELECT {quote_identifier(key)}, {BATCH_COLUMN} FROM {table_name(database, table)}"
+                            f" WHERE {BATCH_COLUMN} > {{above:UInt64}} AND {BATCH_COLUMN} <= {{upto:UInt64}}",
+                            parameters={"above": above, "upto": upto}).result_rows
+    return [(r[0], int(r[1])) for r in rows]
+
+
 def time_ranges(client: Client) -> fit.Ranges:
     """The dates and times the server's Date32 and DateTime64 hold (wider since ClickHouse 26.x)."""
     try:

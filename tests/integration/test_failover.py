@@ -129,6 +129,7 @@ def test_a_failover_that_lost_the_last_loads_and_marks_ends_exact(world: World,
     # 601..1000 were in ClickHouse already (their marks were lost): marked, not loaded again;
     # 1001..1050 were written again on the new primary, as other rows: loaded
     assert (after.status, after.rows_loaded, after.rows_marked) == (OK, 50, 450), after.message
+    assert "50 row(s) of batches 4 in" in after.message and "no longer in the source" in after.message
     rows = world.ch_rows(f"SELECT id, name FROM {world.target()} ORDER BY id, name")
     assert [r for r in rows if int(r[0]) <= 1000] == [(i, f"row {i}") for i in range(1, 1001)]
     assert [r for r in rows if int(r[0]) > 1000 and r[1] == "new"] == [(i, "new") for i in range(1001, 1051)]
