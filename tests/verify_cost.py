@@ -4,7 +4,8 @@
 
 Builds a trigger table the way the service does (with and without the minmax skip index on
 the batch column), fills it with `--rows` rows in batches of `--batch`, then times the count of
-one batch (what verification runs before every mark) and the target description (what every
+one batch (what verification runs before every mark), the look for batch ids above the ledger's
+highest (what the first load of every run asks: reconcile) and the target description (what every
 run that loads rows reads). Medians of 20; figures, not assertions.
 """
 
@@ -54,6 +55,10 @@ def main() -> None:
             count = timed(lambda n=name, b=middle: sink.batch_rows(client, "d", n, b))
             assert sink.batch_rows(client, "d", name, middle) == args.batch
             print(f"{name:8} count of one batch of {args.batch:,} in {args.rows:,} rows: {count:6.1f} ms")
+            top = args.rows // args.batch
+            above = timed(lambda n=name, t=top: sink.rows_above(client, "d", n, t))
+            assert sink.rows_above(client, "d", name, top) == (0, 0)
+            print(f"{name:8} look for batch ids above the ledger's highest (none, the normal case): {above:6.1f} ms")
         describe = timed(lambda: sink.describe_target(client, "d", "indexed"))
         print(f"describe the target (engine, settings, columns, views): {describe:6.1f} ms")
         client.close()
