@@ -54,8 +54,9 @@ class ClickHouseTarget:
 # ClickHouse error codes that blame the inserted values, not the statement: the chunk is split
 # to find the rows, which are quarantined (CANNOT_PARSE_*, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND,
 # CANNOT_CONVERT_TYPE, INCORRECT_DATA, TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE,
-# CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_UUID, DECIMAL_OVERFLOW, ...).
-DATA_ERROR_CODES = {6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 376, 407, 691}
+# CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_UUID, DECIMAL_OVERFLOW, CANNOT_PARSE_BOOL,
+# CANNOT_PARSE_IPV4 / IPV6, ATTEMPT_TO_READ_AFTER_EOF for a truncated array text, ...).
+DATA_ERROR_CODES = {6, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 376, 407, 467, 675, 676, 691}
 _CODE = re.compile(r"(?:Code:|error code) (\d+)")
 # Refusals no retry can cure (authentication, unknown user or database, missing grants): the
 # settings or the server's grants must change. code -> (variable, fix).

@@ -100,6 +100,7 @@ class Quarantine:
         Rows set aside as loaded under an earlier name of this job (same table and flag) count as
         the job's own.
         """
+        keys = list(dict.fromkeys(keys)) if keys else keys  # a key asked for twice is one key
         wanted = [self._canonical(key, k) for k in keys] if keys else None
         where = sql.SQL(" AND q.key = ANY(%(keys)s)") if wanted is not None else sql.SQL("")
         params = {**self.store.names(), "keys": wanted}
@@ -136,7 +137,8 @@ class Quarantine:
         same = sql.SQL("(s.xmin = q.row_xmin OR (to_jsonb(s) - %(flag)s) = (q.row - %(flag)s))")
         loaded = sql.SQL("FROM {s}.quarantine q WHERE {mine}{where} AND q.kind <> 'failed'").format(
             s=self.store.schema, mine=mine, where=where)
-        mark = sql.SQL("UPDATE {src} s SET {flag} = true {loaded} AND {matches} AND {same}{one} RETURNING q.key")
+        mark = sql.SQL("UPDATE {src} s SET {flag} = true {loaded} AND {matches} AND {same}{one}"
+                       " RETURNING q.key, {encoded} IS DISTINCT FROM q.key")
         with pg_errors("mark rows set aside as loaded", conn), conn.cursor() as cur:
             cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
             beyond = Beyond()
@@ -144,18 +146,20 @@ class Quarantine:
             try:
                 before = source.changes_in_transaction(cur, job)
                 cur.execute(mark.format(src=qualified(job), flag=flag, loaded=loaded, one=sql.SQL(""),
-                                        matches=matches, same=same), params)
-                tried = [str(r[0]) for r in cur.fetchall()]
+                                        matches=matches, same=same, encoded=key.encode("s")), params)
+                done = cur.fetchall()
+                tried, rekeyed = [str(r[0]) for r in done], [str(r[0]) for r in done if r[1]]
                 beyond.add(before, source.changes_in_transaction(cur, job), len(tried))
             except psycopg2.DatabaseError:  # PostgreSQL still refuses some: one at a time, the rest go
                 cur.execute("ROLLBACK TO SAVEPOINT etl_requeue")
-                tried = self._mark_one_by_one(cur, mark.format(
+                tried, rekeyed = self._mark_one_by_one(cur, mark.format(
                     src=qualified(job), flag=flag, loaded=loaded, one=sql.SQL(" AND q.key = %(one)s"),
-                    matches=matches, same=same), loaded, params, beyond)
-            if beyond:
+                    matches=matches, same=same, encoded=key.encode("s")), loaded, params, beyond)
+            if beyond or rekeyed:
                 conn.rollback()
+                what = f"changed the key of {', '.join(rekeyed[:5])}" if rekeyed else beyond.describe()
                 raise MarkNotKept(f"requeue: marking the rows set aside as loaded did more than set {flag.string}:"
-                                  f" something {beyond.describe()} in the same transaction. On the source:"
+                                  f" something {what} in the same transaction. On the source:"
                                   f" {'; '.join(source.mark_blockers(conn, job)) or 'no trigger on UPDATE is found'}."
                                   " Nothing was marked and nothing is loaded again; they stay set aside until that"
                                   " trigger leaves the service's mark alone")
@@ -170,22 +174,25 @@ class Quarantine:
         return sorted(set(tried) - set(stuck)), stuck
 
     def _mark_one_by_one(self, cur: Any, mark: sql.Composable, loaded: sql.Composable, params: dict[str, Any],
-                         beyond: Beyond) -> list[str]:
-        """Keys marked, each row in a savepoint of its own (a row PostgreSQL refuses stays unmarked)."""
+                         beyond: Beyond) -> tuple[list[str], list[str]]:
+        """(keys marked, keys whose key the mark changed), each row in a savepoint of its own (a row
+        PostgreSQL refuses stays unmarked)."""
         cur.execute(sql.SQL("SELECT q.key {loaded}").format(loaded=loaded), params)
         tried: list[str] = []
+        rekeyed: list[str] = []
         for (one,) in cur.fetchall():
             cur.execute("SAVEPOINT etl_requeue_one")
             try:
                 before = source.changes_in_transaction(cur, self.store.job)
                 cur.execute(mark, {**params, "one": one})
-                done = [str(r[0]) for r in cur.fetchall()]
+                done = cur.fetchall()
                 beyond.add(before, source.changes_in_transaction(cur, self.store.job), len(done))
-                tried.extend(done)
+                tried.extend(str(r[0]) for r in done)
+                rekeyed.extend(str(r[0]) for r in done if r[1])
                 cur.execute("RELEASE SAVEPOINT etl_requeue_one")
             except psycopg2.DatabaseError:
                 cur.execute("ROLLBACK TO SAVEPOINT etl_requeue_one")
-        return tried
+        return tried, rekeyed
 
     def stuck(self) -> tuple[int, int, list[str]]:
         """Rows whose mark did not stick: (how many were reset, how many refused, a few keys)."""

@@ -566,3 +566,41 @@ def test_dates_the_server_holds_arrive_as_they_are(world: World) -> None:
         (1, "1850-06-01", "1850-06-01 12:00:00.000000"), (2, "2500-01-01", "2500-01-01 00:00:00.000000"),
         (3, "2026-01-01", "2026-01-01 00:00:00.123456"), (4, "0001-01-01", "0001-01-01 00:00:00.000000"),
         (5, "9999-12-31", "9999-12-31 23:59:59.999999")]
+
+
+@pytest.mark.parametrize(("ch_type", "good", "bad"), [
+    ("IPv4", "10.0.0.1", "10.0.0.1/8"),
+    ("IPv6", "::1", "not-an-address"),
+    ("Bool", "true", "maybe"),
+    ("Array(Int32)", "[1, 2]", "[1,"),
+])
+def test_a_value_the_target_type_cannot_parse_is_quarantined_and_the_rest_moves(world: World, ch_type: str,
+                                                                                 good: str, bad: str) -> None:
+    world.sql(f"""CREATE TABLE src (id bigint PRIMARY KEY, v text, processed boolean NOT NULL DEFAULT false);
+                  INSERT INTO src SELECT g, CASE WHEN g = 7 THEN '{bad}' ELSE '{good}' END, false
+                  FROM generate_series(1, 20) g""")
+    ch = world.backend.ch()
+    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    ch.command(f"CREATE TABLE {world.target()} (id Int64, v {ch_type}, _etl_batch UInt64, _etl_version UInt64)"
+               " ENGINE = MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 1000")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 19, 1), result.message
+    assert world.sql("SELECT key FROM etl.quarantine") == [("7",)]
+    assert world.ch_rows(f"SELECT count(), countIf(id = 7) FROM {world.target()}") == [(19, 0)]
+
+
+def test_requeue_sees_a_trigger_that_changes_the_key_and_marks_nothing(world: World) -> None:
+    world.make_source(20)
+    world.sql(TO_NULL)
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).status == FAILED  # ids 5, 10, 15, 20 set aside
+    world.sql("""DROP TRIGGER t_null ON src;
+                 CREATE FUNCTION rekey() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                   IF new.processed AND old.processed IS NOT TRUE THEN new.id := new.id + 1000; END IF;
+                   RETURN new; END $$;
+                 CREATE TRIGGER t_rekey BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION rekey()""")
+    said = requeue(settings)
+    assert any("changed the key of" in s and "t_rekey" in s for s in said), said
+    assert world.sql("SELECT count(*) FROM src WHERE id > 1000") == [(0,)]
+    assert world.sql("SELECT count(*) FROM etl.quarantine WHERE kind = 'reset'") == [(4,)]
