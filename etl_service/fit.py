@@ -92,6 +92,8 @@ def _column_misfit(column: pa.ChunkedArray, ch_type: str, ranges: Ranges) -> str
         elements = pa.chunked_array([chunk.flatten() for chunk in column.chunks], kind.value_type)
         problem = _column_misfit(elements, inner[len("Array("):-1], ranges) if len(elements) else None
         return f"an element: {problem}" if problem else None
+    if pa.types.is_integer(kind) and inner.startswith("Enum"):
+        return _enum_misfit(column, inner)
     if pa.types.is_integer(kind) or pa.types.is_decimal(kind):
         return _range_misfit(column, inner) or _digits_misfit(column, inner)
     if pa.types.is_timestamp(kind) or pa.types.is_date32(kind):
@@ -191,10 +193,11 @@ def _float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     if inner == "Float32":
         finite = pc.is_finite(column)
         size = pc.abs(column)
+        # beyond the largest, or below the smallest normal Float32 (kept with fewer digits, or as 0)
         bad = pc.and_(finite, pc.or_(pc.greater(size, _FLOAT32_MAX), pc.and_(pc.greater(size, 0),
-                                                                              pc.less(size, 1.401298464324817e-45))))
+                                                                              pc.less(size, 1.1754943508222875e-38))))
         if pc.any(bad).as_py():
-            return f"value {_first(column, bad)} does not fit Float32 (it would be stored as inf or 0)"
+            return f"value {_first(column, bad)} does not fit Float32 (it would be stored as inf, or rounded to 0)"
         return None
     bounds = _bounds(inner)
     if bounds is None:
@@ -228,7 +231,26 @@ def _string_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     return None
 
 
+def _enum_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
+    """A number into an Enum must be one of its values (ClickHouse stores any, then cannot show it)."""
+    values = [int(v) for v in re.findall(r"=\s*(-?\d+)", inner)]
+    if not values:
+        return None
+    bad = pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column, value_set=pa.array(values, column.type))))
+    if pc.any(bad).as_py():
+        return f"value {_first(column, bad)} is not a value of {inner}"
+    return None
+
+
+# Numbers ClickHouse takes as a Bool, seconds (DateTime) or days (Date) and would otherwise clamp.
+_NUMBER_AS = {"Bool": (0, 1), "Date": (0, 65_535)}
+
+
 def _bounds(ch_type: str) -> tuple[int | Decimal, int | Decimal] | None:
+    if ch_type in _NUMBER_AS:
+        return _NUMBER_AS[ch_type]
+    if ch_type == "DateTime" or ch_type.startswith("DateTime("):
+        return _DATETIME_SECONDS
     match = _INT.match(ch_type)
     if match:
         bits = int(match[2])
