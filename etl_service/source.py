@@ -306,6 +306,13 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
         raise ConfigError("ETL_SOURCE_TABLE", f"{name} has child tables by inheritance: its key is unique in the"
                           " parent only, and reading it reads the children too", "point the job at a partitioned"
                           " table, or at each child table with a job of its own")
+    cur.execute(_BLIND_COUNTERS, {"table": name})
+    if cur.fetchone()[0]:  # type: ignore[index]
+        raise ConfigError("PG_DSN / PG_HOST", f"track_counts is off for the service's sessions, and {name} has"
+                          " triggers on UPDATE: the service reads PostgreSQL's row counters to see what they do when"
+                          " it marks rows (a trigger that sets rows back would load them again)",
+                          "turn it back on for the database or role (ALTER DATABASE … RESET track_counts, ALTER ROLE"
+                          " … RESET track_counts; it is on by default)")
     cur.execute(_UPDATE_RULES, {"table": name})
     rules = [str(r[0]) for r in cur.fetchall()]
     if rules:
@@ -457,6 +464,16 @@ SELECT format('row security policy %%I (%%s) on %%s', p.polname,
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
 WHERE p.polrelid IN (SELECT oid FROM t) AND c.relrowsecurity AND p.polcmd IN ('w', '*')
 ORDER BY 1
+"""
+
+
+# track_counts off (the per-transaction row counters the mark reads stay at 0) on a table whose
+# triggers could act on a mark.
+_BLIND_COUNTERS = """
+SELECT current_setting('track_counts') = 'off' AND EXISTS (
+  SELECT 1 FROM pg_trigger tg WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D' AND tg.tgtype & 16 = 16
+    AND tg.tgrelid IN (SELECT to_regclass(%(table)s) UNION SELECT relid FROM pg_partition_tree(to_regclass(%(table)s))
+                       UNION SELECT relid FROM pg_partition_ancestors(to_regclass(%(table)s))))
 """
 
 

@@ -604,3 +604,17 @@ def test_requeue_sees_a_trigger_that_changes_the_key_and_marks_nothing(world: Wo
     assert any("changed the key of" in s and "t_rekey" in s for s in said), said
     assert world.sql("SELECT count(*) FROM src WHERE id > 1000") == [(0,)]
     assert world.sql("SELECT count(*) FROM etl.quarantine WHERE kind = 'reset'") == [(4,)]
+
+
+def test_row_counters_turned_off_with_triggers_on_the_source_is_a_configuration_error(world: World) -> None:
+    world.make_source(30)
+    world.sql(BEYOND["t_reopen"])
+    database = psycopg2.extensions.parse_dsn(world.pg_dsn)["dbname"]
+    world.sql(f"ALTER DATABASE {database} SET track_counts = off")
+    try:
+        settings = world.settings()
+        result = run_job(settings, settings.jobs[0])
+        assert (result.status, result.permanent, result.rows_loaded) == (FAILED, True, 0), result.message
+        assert "track_counts is off" in result.message
+    finally:
+        world.sql(f"ALTER DATABASE {database} RESET track_counts")
