@@ -39,7 +39,7 @@ from etl_service import source
 from etl_service.config import JobConfig
 from etl_service.errors import MarkNotKept, SourceError
 from etl_service.ledger.batches import Batch
-from etl_service.ledger.store import Store
+from etl_service.ledger.store import SAME_SOURCE, Store
 from etl_service.source import RANGE_JOIN, SourceShape, pg_errors, qualified
 
 # Rows of one batch whose mark may raise alone before the mark takes the cause as systematic.
@@ -98,13 +98,15 @@ class Mark:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._odd_table = False  # the session's table of reached rows whose mark did not stay exists
+        self._others: list[str] | None = None  # other jobs' flags on this table, once read
 
     def run(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> MarkResult:
         """Mark `batch` (see the module docstring); commits unless something raised."""
         conn = self.store.conn
+        self._other_flags()  # read (and committed) before the mark's transaction begins
         with pg_errors(f"mark batch {batch.batch_id} done", conn), conn.cursor() as cur:
             if not self._odd_table:
-                cur.execute("CREATE TEMP TABLE IF NOT EXISTS etl_unkept (key text, rekeyed boolean)"
+                cur.execute("CREATE TEMP TABLE IF NOT EXISTS etl_unkept (key text, rekeyed boolean, reopened boolean)"
                             " ON COMMIT DELETE ROWS")
                 conn.commit()
                 self._odd_table = True
@@ -123,16 +125,21 @@ class Mark:
                                   " marks it once that is fixed") from None
             if shape.range_join:
                 cur.execute("SET LOCAL enable_nestloop = on")  # the checks below probe a few keys each
-            cur.execute("SELECT key, rekeyed FROM pg_temp.etl_unkept ORDER BY key")
+            cur.execute("SELECT key, rekeyed, reopened FROM pg_temp.etl_unkept ORDER BY key")
             unkept = cur.fetchall()
-            rekeyed = [str(key) for key, moved in unkept if moved]
-            if beyond or rekeyed:
+            rekeyed = [str(key) for key, moved, _ in unkept if moved]
+            reopened = [str(key) for key, _, other in unkept if other]
+            if beyond or rekeyed or reopened:
                 conn.rollback()
-                raise MarkNotKept(beyond_mark(self.store.job, batch.batch_id, beyond.describe(), rekeyed[:5],
+                what = (f"changed the key of reached rows (e.g. {', '.join(rekeyed[:5])})" if rekeyed else
+                        f"set another job's flag ({', '.join(self._other_flags())}) back to false on rows it had"
+                        f" marked (e.g. {', '.join(reopened[:5])}): that job would load them again" if reopened
+                        else beyond.describe())
+                raise MarkNotKept(beyond_mark(self.store.job, batch.batch_id, what,
                                               source.mark_blockers(conn, self.store.job)))
             raised_keys = self._set_aside_raised(cur, batch, shape, raised)
             quarantined = self._quarantined(cur, batch)
-            reset = [str(key) for key, _ in unkept]
+            reset = [str(key) for key, _, _ in unkept]
             refused = self._refused(cur, batch, shape) if marked + quarantined < batch.row_count else []
             self._set_aside_stuck(cur, batch, shape, reset, refused)
             marked -= len(reset)  # the UPDATE reached them, but the flag did not stay
@@ -175,17 +182,36 @@ class Mark:
                                               " WHERE batch_id = %(batch)s)").format(schema)),
         ) if shape.range_join and not sliced else sql.SQL("")
         keys = sql.SQL("b.keys[%(first)s:%(last)s], b.xmins[%(first)s:%(last)s]" if sliced else "b.keys, b.xmins")
+        # Another job's flag on this table set back by the mark's triggers: the row before the
+        # UPDATE (a subquery in RETURNING reads the statement's snapshot) against the row after it.
+        others = self._other_flags()
+        reopened = sql.SQL("(SELECT {} FROM {} o WHERE {})").format(
+            sql.SQL(" OR ").join(sql.SQL("(o.{f} IS TRUE AND s.{f} IS NOT TRUE)").format(f=sql.Identifier(f))
+                                 for f in others),
+            qualified(job), key.matches("o", sql.SQL("k.key"))) if others else sql.SQL("false")
         return sql.SQL(
             "WITH m AS (UPDATE {src} AS s SET {flag} = true FROM {s}.batches b"
             " CROSS JOIN LATERAL unnest({keys}) AS k(key, x)"
             " WHERE b.batch_id = %(batch)s AND {matches} AND s.xmin = k.x{span}"
             # rows quarantined in this batch, under whichever job name: never loaded, never marked
             " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)"
-            " RETURNING k.key, s.{flag} IS TRUE AS kept, {encoded} IS DISTINCT FROM k.key AS rekeyed),"
-            " odd AS (INSERT INTO pg_temp.etl_unkept SELECT key, rekeyed FROM m WHERE NOT kept OR rekeyed)"
+            " RETURNING k.key, s.{flag} IS TRUE AS kept, {encoded} IS DISTINCT FROM k.key AS rekeyed,"
+            " coalesce({reopened}, false) AS reopened),"
+            " odd AS (INSERT INTO pg_temp.etl_unkept SELECT key, rekeyed, reopened FROM m"
+            " WHERE NOT kept OR rekeyed OR reopened)"
             " SELECT count(*) FROM m"
         ).format(src=qualified(job), flag=sql.Identifier(job.processed_column), s=schema, keys=keys,
-                 matches=key.matches("s", sql.SQL("k.key")), span=span, encoded=key.encode("s"))
+                 matches=key.matches("s", sql.SQL("k.key")), span=span, encoded=key.encode("s"), reopened=reopened)
+
+    def _other_flags(self) -> list[str]:
+        """The flags other jobs have claimed rows of this table by, that the table still has."""
+        if self._others is None:
+            rows = self.store.run("read the other jobs' flags on this table", sql.SQL(
+                "SELECT DISTINCT b.flag FROM {s}.batches b JOIN pg_attribute a ON a.attrelid = to_regclass(%(quoted)s)"
+                " AND a.attname = b.flag AND NOT a.attisdropped WHERE b.flag <> %(flag)s AND " + SAME_SOURCE
+                + " ORDER BY 1").format(s=self.store.schema), self.store.names())
+            self._others = [str(r[0]) for r in rows]
+        return self._others
 
     def _update(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
                 positions: tuple[int, int] | None, raised: list[tuple[int, str]], beyond: Beyond) -> int:
@@ -271,10 +297,9 @@ class Mark:
                  matches=shape.key.matches("s", key))
 
 
-def beyond_mark(job: JobConfig, batch_id: int, beyond: str, rekeyed: list[str], blockers: list[str]) -> str:
+def beyond_mark(job: JobConfig, batch_id: int, what: str, blockers: list[str]) -> str:
     """Why the job stops when marking a batch changed more than its rows' flag (it was rolled back)."""
     table = ".".join(job.source_table)
-    what = f"changed the key of reached rows (e.g. {', '.join(rekeyed)})" if rekeyed else beyond
     found = "; ".join(blockers) if blockers else "no trigger or rule on UPDATE is found now"
     return (f"marking batch {batch_id} on {table} did more than set {job.processed_column}: in the same transaction"
             f" something {what}. On the source: {found}. The mark was rolled back: the batch stays loaded in"

@@ -618,3 +618,37 @@ def test_row_counters_turned_off_with_triggers_on_the_source_is_a_configuration_
         assert "track_counts is off" in result.message
     finally:
         world.sql(f"ALTER DATABASE {database} RESET track_counts")
+
+
+TWO_JOBS = ('[jobs.a]\nsource_table = "src"\nprocessed_column = "pa"\ntarget_table = "dst_a"\ncolumns = "id, v"\n\n'
+            '[jobs.b]\nsource_table = "src"\nprocessed_column = "pb"\ntarget_table = "dst_b"\ncolumns = "id, v"\n')
+
+
+@pytest.mark.parametrize("trigger", [
+    # a dirty-row trigger for both consumers, with the WHEN the advice gives job a
+    """CREATE FUNCTION dirty() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+         IF new IS DISTINCT FROM old THEN new.pa := false; new.pb := false; END IF; RETURN new; END $$;
+       CREATE TRIGGER t_two BEFORE UPDATE ON src FOR EACH ROW WHEN (old.pa IS NOT DISTINCT FROM new.pa)
+         EXECUTE FUNCTION dirty()""",
+    # b's mark tells a to send the row again, leaving b's own flag alone
+    """CREATE FUNCTION redo_a() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN new.pa := false; RETURN new; END $$;
+       CREATE TRIGGER t_two BEFORE UPDATE OF pb ON src FOR EACH ROW WHEN (new.pb AND NOT old.pb)
+         EXECUTE FUNCTION redo_a()""",
+])
+def test_a_mark_that_sets_another_jobs_flag_back_is_rolled_back(world: World, trigger: str) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, v text, pa boolean NOT NULL DEFAULT false,"
+              " pb boolean NOT NULL DEFAULT false); INSERT INTO src SELECT g, 'v' || g, false, false"
+              f" FROM generate_series(1, 50) g; {trigger}")
+    jobs = world.tmp / "jobs.toml"
+    jobs.write_text(TWO_JOBS)
+    settings = load(environ={**world.env(), "ETL_JOBS_FILE": str(jobs)})
+    a, b = settings.jobs
+    assert run_job(settings, a).rows_marked == 50
+    second = run_job(settings, b)
+    assert second.status == FAILED and "another job's flag (pa)" in second.message, second.message
+    assert world.sql("SELECT count(*) FILTER (WHERE pa), count(*) FILTER (WHERE pb) FROM src") == [(50, 0)]
+    assert run_job(settings, a).rows_loaded == 0  # a's rows stay marked: nothing to load again
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target('dst_a')}") == [(50, 50)]
+    world.sql("DROP TRIGGER t_two ON src")
+    assert run_job(settings, b).rows_marked == 50
+    assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target('dst_b')}") == [(50, 50)]
