@@ -94,5 +94,5 @@ def test_target_types_follow_the_documented_mapping(world: World) -> None:
         "dt": "Nullable(Date32)", "ts": "Nullable(DateTime64(6))", "tstz": "Nullable(DateTime64(6, 'UTC'))",
         "u": "Nullable(UUID)", "j": "Nullable(String)", "jb": "Nullable(String)", "by": "Nullable(String)",
         "ai": "Array(Nullable(Int32))", "at": "Array(Nullable(String))", "an": "Array(Nullable(Decimal(6, 2)))",
-        "ad": "Array(Nullable(Date32))", "iv": "Nullable(String)", "_etl_batch": "UInt64",
+        "ad": "Array(Nullable(Date32))", "iv": "Nullable(String)", "_etl_batch": "UInt64", "_etl_version": "UInt64",
     }
