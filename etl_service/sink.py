@@ -277,7 +277,9 @@ def check_ready_query(client: Client, query: str) -> None:
     """ConfigError if the readiness query's first column cannot be a yes or no (a String, an Array, …).
 
     Asked of the query's type (`DESCRIBE (query)`), so it is found even while the query has no row
-    for the batch. A query DESCRIBE cannot wrap is left to the answers themselves (`readiness`).
+    for the batch. A query DESCRIBE cannot wrap is run once as it is: one ClickHouse cannot parse
+    (a FORMAT clause, a typo) is a ConfigError too; one that fails otherwise (a table not made yet)
+    is left to the answers themselves (`readiness`).
     """
     params = {"batch_id": 0} if "{batch_id" in query else None
     try:
@@ -285,6 +287,14 @@ def check_ready_query(client: Client, query: str) -> None:
             # on lines of their own: a trailing `-- comment` must not swallow the parenthesis
             rows = client.query(f"DESCRIBE (\n{query.strip().rstrip(';')}\n)", parameters=params).result_rows
     except SinkError:
+        try:
+            with ch_errors("run the readiness query"):
+                client.query(query, parameters=params)
+        except SinkError as exc:
+            if "Code: 62" in str(exc) or "SYNTAX_ERROR" in str(exc):
+                raise ConfigError("ETL_READY_QUERY", f"ClickHouse cannot parse it: {exc}",
+                                  "write one SELECT without a FORMAT clause, e.g. SELECT count() = 0 FROM … WHERE"
+                                  " batch = {batch_id:UInt64} AND NOT done") from None
         return
     if not rows:
         return

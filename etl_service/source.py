@@ -367,6 +367,11 @@ def _key(table: str, job: JobConfig, unique: list[tuple[str, ...]], by_name: dic
     wanted = set(job.source_key)
     if len(wanted) != len(job.source_key):
         raise ConfigError("ETL_SOURCE_KEY", f"names a column twice: {', '.join(job.source_key)}")
+    if job.processed_column in wanted:
+        raise ConfigError("ETL_SOURCE_KEY", f"the key of {table} includes the flag {job.processed_column}: marking a"
+                          " row would change its key (a table partitioned by its flag has to include it)",
+                          "use a table whose key does not include the flag (a table partitioned by the flag cannot be"
+                          " a source: partition it by another column)")
     for columns in unique:
         if set(columns) == wanted:
             return Key(tuple(KeyColumn(c, by_name[c][2], bool(by_name[c][3])) for c in columns))

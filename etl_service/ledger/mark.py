@@ -142,6 +142,8 @@ class Mark:
             reset = [str(key) for key, _, _ in unkept]
             refused = self._refused(cur, batch, shape) if marked + quarantined < batch.row_count else []
             self._set_aside_stuck(cur, batch, shape, reset, refused)
+            if marked + quarantined + len(refused) < batch.row_count:
+                self._set_aside_hidden(cur, batch, shape)
             marked -= len(reset)  # the UPDATE reached them, but the flag did not stay
             cur.execute(sql.SQL(
                 "UPDATE {s}.batches SET state = 'done', done_at = now(), rows_marked = %s,"
@@ -269,6 +271,25 @@ class Mark:
         ).format(s=schema, src=qualified(job), flag=sql.Identifier(job.processed_column),
                  matches=shape.key.matches("s", sql.SQL("k.key"))), {"batch": batch.batch_id})
         return [str(row[0]) for row in cur.fetchall()]
+
+    def _set_aside_hidden(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape) -> None:
+        """Under row security, set aside the batch's rows this role no longer sees (a policy that hides them
+        now): they are in ClickHouse, and when they show again unchanged they must not look new. A row
+        deleted since looks the same, and `requeue` lets it go. The job goes on."""
+        job, schema = self.store.job, self.store.schema
+        cur.execute(sql.SQL(
+            "INSERT INTO {s}.quarantine (job, key, batch_id, reason, kind, row_xmin)"
+            " SELECT %(job)s, k.key, b.batch_id, %(reason)s, 'hidden', k.x"
+            " FROM {s}.batches b CROSS JOIN LATERAL unnest(b.keys, b.xmins) AS k(key, x)"
+            " WHERE b.batch_id = %(batch)s AND row_security_active(%(table)s::regclass)"
+            " AND NOT EXISTS (SELECT 1 FROM {src} s WHERE {matches})"
+            " AND NOT EXISTS (SELECT 1 FROM {s}.quarantine q WHERE q.batch_id = b.batch_id AND q.key = k.key)"
+            " ON CONFLICT (job, key) DO UPDATE SET batch_id = EXCLUDED.batch_id, reason = EXCLUDED.reason,"
+            " row = NULL, quarantined_at = now(), kind = 'hidden', row_xmin = EXCLUDED.row_xmin"
+        ).format(s=schema, src=qualified(job), matches=shape.key.matches("s", sql.SQL("k.key"))),
+            {"job": job.name, "batch": batch.batch_id, "table": self.store.quoted_source(),
+             "reason": "loaded, not marked: row security hid the row from the service's role at the mark (or it"
+                       " was deleted); `requeue` marks it if it shows again unchanged"})
 
     def _set_aside_stuck(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
                          reset: list[str], refused: list[str]) -> None:

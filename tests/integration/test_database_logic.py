@@ -5,6 +5,7 @@ database imposes, triggers and row security on the source, narrower target types
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import psycopg2.extensions
 import pytest
@@ -30,6 +31,7 @@ def flags_table(world: World) -> str:
 @pytest.mark.parametrize(("query", "said"), [
     ("SELECT status FROM {flags} WHERE batch = {{batch_id:UInt64}}", "answers String (status)"),  # a word per batch
     ("SELECT status FROM {flags} WHERE batch = {{batch_id:UInt64}} -- the word", "answers String (status)"),
+    ("SELECT 1 FORMAT JSON", "cannot parse it"),
     ("SELECT avg(x) FROM {flags} WHERE batch = 999", "answered NaN"),  # avg() over no rows
     ("SELECT [1, 2]", "answers Array(UInt8)"),
     ("SELECT toNullable(toLowCardinality(toString(1)))", "answers LowCardinality(Nullable(String))"),
@@ -652,3 +654,37 @@ def test_a_mark_that_sets_another_jobs_flag_back_is_rolled_back(world: World, tr
     world.sql("DROP TRIGGER t_two ON src")
     assert run_job(settings, b).rows_marked == 50
     assert world.ch_rows(f"SELECT count(), uniqExact(id) FROM {world.target('dst_b')}") == [(50, 50)]
+
+
+def test_rows_row_security_hides_between_load_and_mark_are_not_loaded_again(world: World,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from etl_service.ledger import mark as mark_module
+
+    world.make_source(30)
+    database = psycopg2.extensions.parse_dsn(world.pg_dsn)["dbname"]
+    world.sql("CREATE ROLE etl_hid LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO etl_hid;"
+              f" GRANT CREATE, USAGE ON SCHEMA public TO etl_hid; GRANT CREATE ON DATABASE {database} TO etl_hid;"
+              " CREATE TABLE hide (id bigint PRIMARY KEY); GRANT SELECT ON hide TO etl_hid;"
+              " ALTER TABLE src ENABLE ROW LEVEL SECURITY;"
+              " CREATE POLICY p ON src FOR ALL USING (NOT EXISTS (SELECT 1 FROM hide h WHERE h.id = src.id))")
+    original = mark_module.Mark.run
+
+    def hidden_at_the_mark(self: Any, batch: Any, shape: Any, before_commit: Any) -> Any:
+        world.sql("INSERT INTO hide SELECT g FROM generate_series(1, 5) g ON CONFLICT DO NOTHING")
+        return original(self, batch, shape, before_commit)
+
+    try:
+        settings = load(environ={**world.env(), "PG_DSN": psycopg2.extensions.make_dsn(world.pg_dsn, user="etl_hid")})
+        monkeypatch.setattr(mark_module.Mark, "run", hidden_at_the_mark)
+        first = run_job(settings, settings.jobs[0])
+        monkeypatch.setattr(mark_module.Mark, "run", original)
+        assert (first.status, first.rows_marked) == (OK, 25), first.message
+        world.sql("DELETE FROM hide")
+        again = run_job(settings, settings.jobs[0])
+        assert again.rows_loaded == 0, again.message  # seen again: in ClickHouse already
+        assert loaded_once(world) == (30, 30)
+        said = requeue(settings)
+        assert any("5 row(s) already in ClickHouse marked processed" in s for s in said), said
+        assert marked(world) == (30, 30) and loaded_once(world) == (30, 30)
+    finally:
+        world.sql("DROP OWNED BY etl_hid CASCADE; DROP ROLE etl_hid")
