@@ -224,3 +224,21 @@ def test_every_row_carries_its_source_version(world: World) -> None:
                    [0][0])
     assert versions == {1: timeline << 48 | xmins[1], 50: timeline << 48 | xmins[50]}
     assert xmins[1] != xmins[50]  # id 1 was written again by the UPDATE: a newer version
+
+
+def test_a_ledger_restored_from_an_older_copy_neither_doubles_nor_sticks(world: World) -> None:
+    """The ledger's tables put back as they were two runs ago (a restore from an older dump): the
+    batch they hold as unfinished is finished without loading anything twice, and later rows move."""
+    settings = _waiting(world, 1000)  # batch 1 loaded, waiting for readiness
+    world.sql("CREATE SCHEMA old_copy; CREATE TABLE old_copy.batches AS SELECT * FROM etl.batches;"
+              " CREATE TABLE old_copy.quarantine AS SELECT * FROM etl.quarantine")
+    world.backend.ch().command(f"INSERT INTO {world.target('ready')} VALUES (1)")
+    assert run_job(settings, settings.jobs[0]).rows_marked == 1000
+    world.sql("TRUNCATE etl.batches, etl.quarantine; INSERT INTO etl.batches SELECT * FROM old_copy.batches;"
+              " INSERT INTO etl.quarantine SELECT * FROM old_copy.quarantine")  # the older copy is back
+    world.add_rows(1001, 1200)
+    result = run_job(settings, settings.jobs[0])
+    assert result.status == OK, result.message
+    assert ch_summary(world) == (1200, 1200, 1200 * 1201 // 2)
+    assert marked(world) == (1200, 1200)
+    assert world.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)]
