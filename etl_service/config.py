@@ -61,6 +61,8 @@ class JobConfig:
     schema_changes: str
     verify_load: bool
     lag_column: str
+    target_mode: str = "append"
+    deleted_column: str = ""
 
     def trigger(self) -> CrontabTrigger:
         """The APScheduler trigger for this job's schedule (validated at load): crontab(5) semantics."""
@@ -443,6 +445,13 @@ SECTIONS = (
              " is then the exact age of the oldest unprocessed row (rows where it is NULL are not counted). Empty,"
              " or NULL in every unprocessed row: the age of the oldest unfinished batch, or the time since a run"
              " last ended with nothing left to claim."),
+        _job("ETL_TARGET_MODE", "append", "append: every version of a row is a row of its own (each carries"
+             " _etl_version). latest: an auto-created target is a ReplacingMergeTree on the key versioned by"
+             " _etl_version, so SELECT … FINAL gives the source's current rows (docs/clickhouse.md, \"Rows that"
+             " change\").", partial(_Getter.choice, allowed=("append", "latest"))),
+        _job("ETL_DELETED_COLUMN", "", "With ETL_TARGET_MODE=latest: a boolean column of the source that marks a row"
+             " deleted (a soft delete). Such a row becomes a deleted row in the target (_etl_deleted = 1), which FINAL"
+             " leaves out; setting it back to false brings the row back.", _Getter.raw),
     )),
     Section("Several jobs", "", (
         Setting("ETL_JOBS_FILE", "", "A TOML file with one [jobs.NAME] table per job (see config/jobs.example.toml)."
@@ -528,6 +537,12 @@ def _job_from(name: str, get: _Getter) -> JobConfig:
     values = {setting.key: get.read(setting) for setting in JOB_SETTINGS}
     table = values["source_table"][1]
     _check_schedule(get.name("ETL_SCHEDULE"), get.name("ETL_TIMEZONE"), values["schedule"], values["timezone"])
+    if values["deleted_column"]:
+        check_identifier(get.name("ETL_DELETED_COLUMN"), values["deleted_column"])
+        if values["target_mode"] != "latest":
+            raise ConfigError(get.name("ETL_DELETED_COLUMN"), "a deleted column needs ETL_TARGET_MODE=latest (in"
+                              " append mode every version is kept, deleted or not)",
+                              "set ETL_TARGET_MODE=latest, or leave ETL_DELETED_COLUMN empty")
     return JobConfig(**{**values, "name": name or table, "target_table": values["target_table"] or table,
                         "chunk_size": min(values["batch_size"], values["chunk_size"])})
 

@@ -16,8 +16,9 @@ import dataclasses
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from etl_service import fit, metrics, sink, source, transform
+from etl_service import fit, metrics, sink, source, target, transform
 from etl_service.badrows import BadRows
 from etl_service.context import STOPPED, WAITING, Outcome, RunContext
 from etl_service.errors import BadSinkValues, ConfigError, EtlError, RowError
@@ -61,6 +62,8 @@ class BatchLoader:
         if not self._detected:  # once per run, and only in a run that loads: an idle run asks ClickHouse nothing
             self.timelines = self.ledger.timelines.see()
             self.reconcile.detect(shape, batch.batch_id if fresh else None)
+            if self.job.target_mode == "latest":
+                self._versions_forward(shape)
             self._detected = True
         if fresh:
             batch = self._own_id(shape, batch)
@@ -86,6 +89,26 @@ class BatchLoader:
                 ".".join(self.job.source_table), batch.batch_id, batch.row_count)
         failed = self.bad.failed - failed_before
         self.marker.submit(batch, shape, lambda done, mark: self.marked(done, mark, failed, bt0))
+
+    def _versions_forward(self, shape: SourceShape) -> None:
+        """Latest mode: ConfigError if the target holds source versions newer than anything this PostgreSQL
+        has written (a database restored into a new cluster restarts its transaction ids): the rows loaded
+        now would lose to the older ones in FINAL."""
+        client = self.target.connect(shape)
+        if sink.VERSION_COLUMN not in self.target.types:
+            return
+        db, table = self.ctx.settings.clickhouse.database, self.job.target_table
+        held = sink.max_version(client, db, table)
+        now = (self.timelines[-1][0] << 48 | source.next_xid(self.conn)) if self.timelines else 0
+        if now and held > now:
+            raise ConfigError("ETL_TARGET_MODE", f"{db}.{table} holds source versions up to {held} (timeline"
+                              f" {held >> 48}, transaction {held & source.VERSION_MASK}), newer than anything this"
+                              f" PostgreSQL has written yet (timeline {now >> 48}, next transaction"
+                              f" {now & source.VERSION_MASK}): was the database restored into a new cluster? Rows"
+                              " loaded now would lose to older ones in FINAL",
+                              f"rebuild the target from the source: TRUNCATE TABLE {db}.{table}, then UPDATE"
+                              f" {'.'.join(self.job.source_table)} SET {self.job.processed_column} = false (every"
+                              " row is loaded once, with its new version)")
 
     def _own_id(self, shape: SourceShape, batch: Batch) -> Batch:
         """Batch ids never repeat in the target: a fresh batch whose id ClickHouse already holds rows of
@@ -206,17 +229,30 @@ class BatchLoader:
         return total
 
     def _transform(self, data: pa.Table, shape: SourceShape) -> pa.Table:
-        """The user's transform, if any, on the rows without their versions; each kept row gets its own back."""
-        if not self.job.transform:
-            return data
-        versions = data.select([*shape.key_targets, sink.VERSION_COLUMN])
-        out = transform.apply(data.drop_columns([sink.VERSION_COLUMN]), self.job.transform, shape.key_targets)
-        if sink.VERSION_COLUMN in out.column_names or not out.num_rows:
+        """The user's transform, if any, on the rows without the service's own columns (_etl_version,
+        _etl_deleted); each kept row gets its own back."""
+        own = [name for name in data.column_names if name.startswith("_etl_")]
+        if not self.job.transform or not own:
+            return transform.apply(data, self.job.transform, shape.key_targets)
+        kept = data.select([*shape.key_targets, *own])
+        out = transform.apply(data.drop_columns(own), self.job.transform, shape.key_targets)
+        own = [name for name in own if name not in out.column_names]
+        if not own or not out.num_rows:
             return out
-        keys = out.select(list(shape.key_targets)).cast(versions.select(list(shape.key_targets)).schema)
+        keys = out.select(list(shape.key_targets)).cast(kept.select(list(shape.key_targets)).schema)
         rows = keys.append_column("__row", pa.array(range(out.num_rows)))
-        found = rows.join(versions, list(shape.key_targets), join_type="left outer").sort_by("__row")
-        return out.append_column(sink.VERSION_COLUMN, found.column(sink.VERSION_COLUMN))
+        found = rows.join(kept, list(shape.key_targets), join_type="left outer").sort_by("__row")
+        for name in own:
+            out = out.append_column(name, found.column(name))
+        return out
+
+    def _deleted(self, data: pa.Table, shape: SourceShape) -> pa.Table:
+        """With ETL_DELETED_COLUMN, each row's _etl_deleted (1: deleted at the source) for the target's FINAL."""
+        if not self.job.deleted_column or target.DELETED_COLUMN not in self.target.types:
+            return data
+        name = dict(zip((c.name for c in shape.columns), shape.targets, strict=True))[self.job.deleted_column]
+        flags = pc.fill_null(data.column(name), False)
+        return data.append_column(target.DELETED_COLUMN, pc.cast(flags, pa.uint8()))
 
     def _load_range(self, shape: SourceShape, batch: Batch, first: int, last: int, split: set[str]) -> int:
         """Load key positions [first, last]; on bad rows, split in halves until each bad row is alone.
@@ -249,12 +285,13 @@ class BatchLoader:
         self.ctx.faults.reached("mid_extract")
         metrics.ROWS.labels(job.name, "extracted").inc(data.num_rows)
         data = self.reconcile.drop_held(data, shape, batch.batch_id)
-        data = self._transform(data, shape)
+        data = self._transform(self._deleted(data, shape), shape)
         if not data.num_rows:
             return 0
         misfit = fit.first_misfit(data, self.target.types, self.target.ranges)
         if misfit:
             raise BadSinkValues(f"{misfit} in {settings.clickhouse.database}.{job.target_table}")
+        data = data.drop_columns([c for c in data.column_names if c.startswith("_etl_") and c not in self.target.types])
         sent = sink.insert_chunk(client, settings.clickhouse.database, job.target_table, data,
                                  batch.batch_id, batch.range_token(first, last), self.target.has_batch_column,
                                  self.target.has_version_column)

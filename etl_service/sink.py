@@ -50,9 +50,9 @@ def target_columns(client: Client, database: str, table: str) -> dict[str, str] 
 
 
 def create_target(client: Client, database: str, table: str, shape: SourceShape, source: str,
-                  cluster: str = "") -> str:
+                  cluster: str = "", latest: bool = False, deleted: bool = False) -> str:
     """Create the trigger table from the source types, sorted by the key; returns the DDL that was run."""
-    ddl = target.create_ddl(table_name(database, table), shape, source, cluster, DEDUP_WINDOW)
+    ddl = target.create_ddl(table_name(database, table), shape, source, cluster, DEDUP_WINDOW, latest, deleted)
     with ch_errors(f"create target table {database}.{table}"):
         client.command(ddl)
     return ddl
@@ -261,6 +261,13 @@ def span_keys(client: Client, database: str, table: str, key: str, above: int, u
                             f" WHERE {BATCH_COLUMN} > {{above:UInt64}} AND {BATCH_COLUMN} <= {{upto:UInt64}}",
                             parameters={"above": above, "upto": upto}).result_rows
     return [(r[0], int(r[1])) for r in rows]
+
+
+def max_version(client: Client, database: str, table: str) -> int:
+    """The highest source version the target holds (0 when empty)."""
+    with ch_errors(f"read the highest source version in {database}.{table}"):
+        rows = client.query(f"SELECT max({VERSION_COLUMN}) FROM {table_name(database, table)}").result_rows
+    return int(rows[0][0] or 0)
 
 
 def time_ranges(client: Client) -> fit.Ranges:

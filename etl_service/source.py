@@ -324,6 +324,9 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
     _check_named_columns(name, job, by_name)
     key = _key(name, job, unique, by_name)
     pairs = job.columns or tuple((r[0], r[0]) for r in rows if r[0] != job.processed_column)
+    if job.deleted_column and job.deleted_column not in {src for src, _ in pairs}:
+        raise ConfigError("ETL_DELETED_COLUMN", f"{job.deleted_column!r} is not one of the columns moved",
+                          f"add it to ETL_COLUMNS (\"…, {job.deleted_column}\")")
     _check_moved_columns(name, pairs, key, by_name)
     columns = tuple(map_column(src, by_name[src][1], by_name[src][2], by_name[src][3], by_name[src][4],
                                by_name[src][5]) for src, _ in pairs)
@@ -341,6 +344,9 @@ def _check_named_columns(name: str, job: JobConfig, by_name: dict[str, tuple[Any
                           f"columns are: {', '.join(by_name)}")
     if by_name[job.processed_column][1] != "bool":
         raise ConfigError("ETL_PROCESSED_COLUMN", f"column {job.processed_column!r} must be boolean")
+    if job.deleted_column and by_name.get(job.deleted_column, ("", ""))[1] != "bool":
+        raise ConfigError("ETL_DELETED_COLUMN", f"{name} has no boolean column {job.deleted_column!r}",
+                          f"name the boolean column that marks a row deleted; columns are: {', '.join(by_name)}")
     if job.lag_column and by_name.get(job.lag_column, ("", ""))[1] not in ("timestamptz", "timestamp", "date"):
         raise ConfigError("ETL_LAG_COLUMN", f"{name} has no timestamp column {job.lag_column!r}",
                           "name a timestamptz, timestamp or date column such as created_at, or leave it empty")
@@ -597,6 +603,15 @@ def _version(timelines: list[tuple[int, int]]) -> sql.Composable:
     case = sql.SQL(" ").join(sql.SQL("WHEN x.x8 >= {} THEN {}").format(sql.Literal(first), sql.Literal(tl))
                              for tl, first in reversed(timelines))
     return sql.SQL("((CASE {} ELSE {} END)::bigint << 48 | x.x8)").format(case, sql.Literal(timelines[0][0]))
+
+
+def next_xid(conn: Connection) -> int:
+    """The next transaction id the server hands out (64-bit)."""
+    with pg_errors("read the next transaction id", conn), conn.cursor() as cur:
+        cur.execute(_VERSION_BASE)
+        top = int(cur.fetchone()[0])  # type: ignore[index]
+    conn.rollback()
+    return top
 
 
 def timeline_now(conn: Connection) -> tuple[int, int]:

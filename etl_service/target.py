@@ -185,9 +185,27 @@ def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, al
 
 
 BATCH_INDEX = "_etl_batch_minmax"
+DELETED_COLUMN = "_etl_deleted"  # latest mode with a deleted column: 1 for a row deleted at the source
 
 
-def create_ddl(table: str, shape: SourceShape, source: str, cluster: str = "", window: int = 10000) -> str:
+def check_latest(info: TargetInfo, table: str, deleted: bool, columns: str) -> None:
+    """ConfigError naming ETL_TARGET_MODE unless `table` keeps the latest version of each key by _etl_version
+    (and, with a deleted column, leaves deleted rows out of FINAL by _etl_deleted)."""
+    engine_full = info.engine_full.replace("`", "")
+    versioned = re.search(r"ReplacingMergeTree\((?:'[^']*',\s*'[^']*',\s*)?_etl_version(\s*,\s*(\w+))?\)",
+                          engine_full)
+    if versioned and (not deleted or (versioned[2] == DELETED_COLUMN)):
+        return
+    wanted = "_etl_version, _etl_deleted" if deleted else "_etl_version"
+    raise ConfigError("ETL_TARGET_MODE", f"{table} ({info.engine}) does not keep the latest version of each key by"
+                      f" its source version ({wanted}): in latest mode FINAL would not give the source's current rows",
+                      f"make it a ReplacingMergeTree({wanted}) ordered by the key, e.g. CREATE TABLE new_table"
+                      f" ({columns}) ENGINE = ReplacingMergeTree({wanted}) ORDER BY <key>; INSERT INTO new_table"
+                      f" SELECT * FROM {table}; EXCHANGE TABLES new_table AND {table}; or leave ETL_TARGET_MODE=append")
+
+
+def create_ddl(table: str, shape: SourceShape, source: str, cluster: str = "", window: int = 10000,
+               latest: bool = False, deleted: bool = False) -> str:
     """The CREATE TABLE for a new target: the source's columns, the batch column with a minmax
     skip index (load verification reads a few granules), sorted by the key, deduplicating.
 
@@ -200,14 +218,20 @@ def create_ddl(table: str, shape: SourceShape, source: str, cluster: str = "", w
                                                                                      strict=True)]
     cols.append("`_etl_batch` UInt64")
     cols.append("`_etl_version` UInt64")  # the row's source version (see source.VERSION)
+    if deleted:
+        cols.append(f"`{DELETED_COLUMN}` UInt8")
     cols.append(f"INDEX {BATCH_INDEX} `_etl_batch` TYPE minmax GRANULARITY 1")
     order = _quote(keys[0]) if len(keys) == 1 else f"({', '.join(map(_quote, keys))})"
+    kind = "ReplacingMergeTree" if latest else "MergeTree"
+    versioned = ["`_etl_version`", f"`{DELETED_COLUMN}`"][:1 + deleted] if latest else []
     if cluster:
-        engine = "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')"
+        engine = (f"Replicated{kind}('/clickhouse/tables/{{shard}}/{{database}}/{{table}}', '{{replica}}'"
+                  + "".join(f", {v}" for v in versioned) + ")")
         setting = f"replicated_deduplication_window = {window}"
         where = f" ON CLUSTER {_quote(cluster)}"
     else:
-        engine, setting, where = "MergeTree", f"non_replicated_deduplication_window = {window}", ""
+        engine = kind + (f"({', '.join(versioned)})" if versioned else "")
+        setting, where = f"non_replicated_deduplication_window = {window}", ""
     comment = (CREATED_COMMENT + source).replace("\\", "\\\\").replace("'", "\\'")
     return (f"CREATE TABLE IF NOT EXISTS {table}{where} ({', '.join(cols)}) ENGINE = {engine} ORDER BY {order}"
             f" SETTINGS {setting} COMMENT '{comment}'")

@@ -79,13 +79,17 @@ class TargetSession:
         described = sink.describe_target(client, database, table)
         if described is None:
             sink.create_target(client, database, table, shape, ".".join(self.job.source_table),
-                               self.settings.clickhouse.cluster)
+                               self.settings.clickhouse.cluster, self.job.target_mode == "latest",
+                               bool(self.job.deleted_column))
             self.created = True
             self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
             described = sink.describe_target(client, database, table)
             if described is None:
                 raise EtlError(f"{name} was created but ClickHouse does not list it")
         info, views = described
+        if self.job.target_mode == "latest":
+            target.check_latest(info, name, bool(self.job.deleted_column),
+                                ", ".join(f"`{c}` {t}" for c, t in info.columns.items()))
         accepted = target.check_dedup(info, name, self.job.target_dedup)
         if accepted:
             self.log.warning(accepted)
