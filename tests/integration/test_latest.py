@@ -11,6 +11,7 @@ from etl_service.config import Settings
 from etl_service.pipeline import FAILED, OK, WAITING, run_job
 
 from .conftest import World
+from .helpers import chdb_query, cli, write_env
 
 COLUMNS = "id, amount, name"
 
@@ -128,3 +129,22 @@ def test_a_deleted_column_needs_latest_mode(world: World, mode: str) -> None:
     settings = latest(world, deleted_column="gone")
     assert run_job(settings, settings.jobs[0]).rows_marked == 10  # NULL is not deleted
     assert len(final(world)) == 10
+
+
+@pytest.mark.slow
+def test_a_crash_between_load_and_mark_with_a_merge_meanwhile_converges(world: World) -> None:
+    world.make_source(300)
+    chdb = world.tmp / "chdb-latest"
+    env_file = write_env(world, chdb, ETL_TARGET_MODE="latest", ETL_BATCH_SIZE="100")
+    assert cli("--env-file", str(env_file), "--once").returncode == 0
+    world.sql("UPDATE src SET name = 'changed', processed = false WHERE id % 2 = 0")
+    crash_file = write_env(world, chdb, "crash.env", ETL_TARGET_MODE="latest", ETL_BATCH_SIZE="100",
+                           ETL_CRASH_AT="after_ready:1")
+    crashed = cli("--env-file", str(crash_file), "--once")
+    assert crashed.returncode == -9, crashed.stderr[-2000:]  # killed after loading, before the mark
+    chdb_query(chdb, f"OPTIMIZE TABLE `{world.ch_database}`.dst FINAL")  # the old versions fold away
+    resumed = cli("--env-file", str(env_file), "--once")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = chdb_query(chdb, f"SELECT id, amount, name FROM `{world.ch_database}`.dst FINAL ORDER BY id")
+    assert [(int(i), float(a), n) for i, a, n in rows] == [(i, float(a), n) for i, a, n in current(world)]
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
