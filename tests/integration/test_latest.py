@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from etl_service import checks
 from etl_service.config import Settings
 from etl_service.pipeline import FAILED, OK, WAITING, run_job
 
@@ -103,6 +104,9 @@ def test_an_operator_made_target_that_does_not_keep_the_latest_version_is_refuse
     result = run_job(settings, settings.jobs[0])
     assert (result.status, result.permanent, result.rows_loaded) == (FAILED, True, 0)
     assert "ETL_TARGET_MODE" in result.message and "ReplacingMergeTree(_etl_version)" in result.message
+    lines: list[str] = []
+    assert not checks.check(settings, lines.append)
+    assert any(line.startswith("  FAIL ETL_TARGET_MODE") for line in lines), lines
 
 
 def test_versions_that_go_backwards_are_refused(world: World) -> None:
