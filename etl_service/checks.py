@@ -14,7 +14,7 @@ from typing import Any
 from loguru import logger
 from psycopg2 import sql
 
-from etl_service import clickhouse, cron, sink, source, target
+from etl_service import clickhouse, cron, sink, source, target, wake
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, EtlError, MarkNotKept, TransientError
 from etl_service.ledger import Ledger, schema
@@ -115,7 +115,9 @@ def _check(settings: Settings, out: Print) -> bool:
             f" on '{job.schedule}' ({job.timezone})")
         try:
             for line in _check_job(settings, job):
-                out(f"  {'note' if line.startswith('note: ') else 'ok  '} {line.removeprefix('note: ')}")
+                word = next((w for w in ("note", "FAIL") if line.startswith(f"{w}: ")), "")
+                out(f"  {word or 'ok  '} {line.removeprefix(f'{word}: ')}")
+                healthy = healthy and word != "FAIL"
         except EtlError as exc:
             out(f"  FAIL {exc}")
             healthy = False
@@ -149,6 +151,8 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
             lines.append(f"note: cannot move: {null_flags} row(s) with a NULL flag ({job.processed_column}): NULL is"
                          f" not false, they are never claimed; to send them,"
                          f" {null_flag_fix('.'.join(job.source_table), job.processed_column)}")
+        if job.wake == "notify":
+            lines.extend(wake.check_lines(conn, settings, job))
         if ledger_exists(conn, settings.ledger_schema):
             reset, refused, stuck = ledger.quarantine.stuck()
             if reset or refused:  # the job is stopped until the cause is fixed and the rows requeued

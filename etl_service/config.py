@@ -63,6 +63,8 @@ class JobConfig:
     lag_column: str
     target_mode: str = "append"
     deleted_column: str = ""
+    wake: str = "off"
+    wake_delay: float = 0.2
 
     def trigger(self) -> CrontabTrigger:
         """The APScheduler trigger for this job's schedule (validated at load): crontab(5) semantics."""
@@ -444,7 +446,9 @@ SECTIONS = (
         _job("ETL_LAG_COLUMN", "", "A timestamp column of the source rows (e.g. created_at): lag (metrics, status)"
              " is then the exact age of the oldest unprocessed row (rows where it is NULL are not counted). Empty,"
              " or NULL in every unprocessed row: the age of the oldest unfinished batch, or the time since a run"
-             " last ended with nothing left to claim."),
+             " last ended with nothing left to claim. When it is among the columns moved, each batch's"
+             " commit-to-mark time is measured from it too (the time a row was last written, e.g. updated_at,"
+             " measures what ETL_WAKE=notify buys)."),
         _job("ETL_TARGET_MODE", "append", "append: every version of a row is a row of its own (each carries"
              " _etl_version). latest: an auto-created target is a ReplacingMergeTree on the key versioned by"
              " _etl_version, so SELECT … FINAL gives the source's current rows (docs/clickhouse.md, \"Rows that"
@@ -452,6 +456,12 @@ SECTIONS = (
         _job("ETL_DELETED_COLUMN", "", "With ETL_TARGET_MODE=latest: a boolean column of the source that marks a row"
              " deleted (a soft delete). Such a row becomes a deleted row in the target (_etl_deleted = 1), which FINAL"
              " leaves out; setting it back to false brings the row back.", _Getter.raw),
+        _job("ETL_WAKE", "off", "notify: a commit that inserts or updates source rows wakes the job within about a"
+             " second (PostgreSQL LISTEN/NOTIFY; a statement trigger the service creates on the source), and the"
+             " schedule stays as a safety net. off: the schedule alone (docs/operations.md, \"Near real time\").",
+             partial(_Getter.choice, allowed=("off", "notify"))),
+        _job("ETL_WAKE_DELAY", "0.2", "With ETL_WAKE=notify: seconds a wake-up waits before the run starts, so a"
+             " burst of commits becomes one batch (0: none).", partial(_Getter.number, allow_zero=True)),
     )),
     Section("Several jobs", "", (
         Setting("ETL_JOBS_FILE", "", "A TOML file with one [jobs.NAME] table per job (see config/jobs.example.toml)."

@@ -34,6 +34,9 @@ class RunResult:
     seconds: float = 0.0
     message: str = ""
     permanent: bool = False  # failed on a configuration error: retrying cannot help (exit 78)
+    cause: str = "once"  # what started the run: once, start, schedule, wake-up, catch-up
+    wakeups: int = 0  # notifications gathered into this run (ETL_WAKE=notify)
+    latency: float | None = None  # the longest commit-to-mark of a row marked (ETL_LAG_COLUMN), seconds
 
     def line(self) -> str:
         rate = f" ({self.rows_marked / self.seconds:,.0f} rows/s)" if self.rows_marked and self.seconds else ""

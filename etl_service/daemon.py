@@ -4,6 +4,11 @@ The main thread only waits on the stop event (set by signal handlers), applies a
 SIGHUP asked for one, pings the systemd watchdog while the scheduler is healthy, and shuts the
 scheduler down on the way out; the run in progress sees the stop event and ends at the next
 chunk boundary.
+
+Jobs with ETL_WAKE=notify are also woken by commits (wake.Listener). A job runs one run at a
+time whatever started it (its `Gate`): a wake-up that arrives while it runs makes it run once
+more right after, however many arrive; one that arrives while it is idle starts a run after
+ETL_WAKE_DELAY, gathering a burst of commits into one batch.
 """
 
 from __future__ import annotations
@@ -12,17 +17,33 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent, JobSubmissionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from etl_service import checks, clickhouse, logs, metrics, systemd
+from etl_service import checks, clickhouse, logs, metrics, systemd, wake
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, TransientError
 from etl_service.pipeline import OUTCOMES, run_job
 
+
+@dataclass
+class Gate:
+    """One run of a job at a time, and whether another was asked for while it ran."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: bool = False
+    again: bool = False  # asked for while running: one more run right after
+    pending: bool = False  # a woken run is scheduled and has not started yet
+    cause: str = ""  # what asked for the run after this one (catch-up wins: it says something was missed)
+    wakeups: int = 0  # notifications since the last run started
+
+    def ask(self, cause: str) -> None:
+        self.again = True
+        self.cause = "catch-up" if "catch-up" in (cause, self.cause) else cause
 
 class Daemon:
     """Schedules every configured job and runs until `stop` is set."""
@@ -45,6 +66,9 @@ class Daemon:
         )
         self.scheduler.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         self._merged: Counter[str] = Counter()  # due runs merged into the one in progress, per job
+        self._gates: dict[str, Gate] = {}
+        self._started: set[str] = set()  # jobs whose first run (at start) has begun
+        self.listener: wake.Listener | None = None
 
     def serve(self) -> int:
         """Wait for both databases, schedule the jobs, and run until stopped. Returns the exit code."""
@@ -60,6 +84,7 @@ class Daemon:
         for job in self.settings.jobs:
             logger.info("job {} scheduled on '{}' ({}): first run now, then on schedule", job.name, job.schedule,
                         job.timezone)
+        self._listen()
         if self.settings.metrics_port:
             metrics.serve(self.settings.metrics_address, self.settings.metrics_port)
             logger.info("metrics at http://{}:{}/metrics", self.settings.metrics_address, self.settings.metrics_port)
@@ -77,6 +102,8 @@ class Daemon:
         finally:
             systemd.notify("STOPPING=1")
             logger.info("stopping: waiting for the run in progress to reach a safe point")
+            if self.listener is not None:
+                self.listener.close()
             self.scheduler.shutdown(wait=True)
             logger.info("etl-service stopped")
         return 0
@@ -101,6 +128,7 @@ class Daemon:
             else:
                 self._add(job)
         self.settings = new
+        self._listen()
         clickhouse.close_other_folders(new)  # a moved CLICK_DSN frees the old chDB folder at once
         logs.setup(new.log_level, new.log_format)
         logger.info("configuration reloaded: {} job(s): {}", len(new.jobs),
@@ -114,13 +142,69 @@ class Daemon:
         self.scheduler.add_job(self._run, trigger=job.trigger(), args=[job], id=job.name, name=job.name,
                                next_run_time=datetime.now(UTC))
 
-    def _run(self, job: JobConfig) -> None:
-        result = run_job(self.settings, job, self.stop)
-        merged = self._merged.pop(job.name, 0)
-        if merged:
-            logger.bind(job=job.name).info("this run took {:.0f}s, longer than the schedule '{}': {} due run(s) were"
-                                           " merged into it", result.seconds, job.schedule, merged)
-        systemd.notify(f"STATUS=last run: {result.line()}"[:500])
+    def _listen(self) -> None:
+        """(Re)start the listener for the jobs with ETL_WAKE=notify (none: no listener)."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        woken = [job for job in self.settings.jobs if job.wake == "notify"]
+        if woken:
+            self.listener = wake.Listener(self.settings, woken, self.wake, self.stop)
+            self.listener.start()
+
+    def wake(self, name: str, count: int, cause: str) -> None:
+        """A commit (cause wake-up) or a reconnect (catch-up) asks for a run of job `name`: coalesced."""
+        job = next((j for j in self.settings.jobs if j.name == name), None)
+        if job is None:
+            return
+        metrics.WAKEUPS.labels(name).inc(count)
+        gate = self._gates.setdefault(name, Gate())
+        with gate.lock:
+            gate.wakeups += count
+            if gate.running:
+                gate.ask(cause)
+                return
+            if gate.pending:
+                return
+            gate.pending = True
+        self.scheduler.add_job(self._run, "date", args=[job, cause], id=f"{name} (woken)", name=f"{name} (woken)",
+                               run_date=datetime.now(UTC) + timedelta(seconds=job.wake_delay),
+                               misfire_grace_time=None, replace_existing=True)
+
+    def _run(self, job: JobConfig, cause: str = "schedule") -> None:
+        """One run of `job`, then one more for each time another was asked for meanwhile."""
+        gate = self._gates.setdefault(job.name, Gate())
+        with gate.lock:
+            if cause != "schedule":
+                gate.pending = False
+            if gate.running:  # a woken run and a scheduled one met: one more run after this one
+                gate.ask(cause)
+                return
+            gate.running = True
+        if job.name not in self._started:  # the first run, at start (or when a reload added the job)
+            self._started.add(job.name)
+            cause = "start"
+        try:
+            while True:
+                with gate.lock:
+                    wakeups, gate.wakeups = gate.wakeups, 0
+                job = next((j for j in self.settings.jobs if j.name == job.name), job)  # a reload may change it
+                metrics.RUNS_STARTED.labels(job.name, cause).inc()
+                result = run_job(self.settings, job, self.stop, cause=cause, wakeups=wakeups)
+                merged = self._merged.pop(job.name, 0)
+                if merged:
+                    logger.bind(job=job.name).info("this run took {:.0f}s, longer than the schedule '{}': {} due"
+                                                   " run(s) were merged into it", result.seconds, job.schedule, merged)
+                systemd.notify(f"STATUS=last run: {result.line()}"[:500])
+                with gate.lock:
+                    if not gate.again or self.stop.is_set():
+                        break
+                    cause, gate.again, gate.cause = gate.cause, False, ""
+                if job.wake == "notify" and self.stop.wait(job.wake_delay):
+                    break
+        finally:
+            with gate.lock:
+                gate.running = False
 
     def _on_event(self, event: JobSubmissionEvent | JobExecutionEvent) -> None:
         if isinstance(event, JobSubmissionEvent):  # EVENT_JOB_MAX_INSTANCES: one line when the run ends

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,8 +32,12 @@ from etl_service.target_session import TargetSession
 # Counts of a batch below the rows sent, on a Replicated target, before they count as missing
 # (waiting 1, 2, 4, 8 and 16 s: a replica behind a load balancer catching up).
 VERIFY_WAITS = 5
-# Reports a marked batch: (batch, what the mark did, rows that failed alone in this run, start time).
-Marked = Callable[[Batch, MarkResult, int, float], None]
+# A woken job (ETL_WAKE=notify) polls readiness first after this many seconds, then doubling up to
+# ETL_READY_POLL_INTERVAL: every poll interval waited adds to a row's latency.
+WOKEN_FIRST_POLL = 0.05
+# Reports a marked batch: (batch, what the mark did, rows that failed alone in this run, start time,
+# the earliest ETL_LAG_COLUMN time among the rows loaded in this run, as Unix time, if known).
+Marked = Callable[[Batch, MarkResult, int, float, float | None], None]
 
 
 class BatchLoader:
@@ -51,6 +56,7 @@ class BatchLoader:
         self.reconcile = Reconciler(ctx, ledger, target)
         self._detected = False  # whether this run has looked for batch ids the ledger lost
         self.timelines: list[tuple[int, int]] = []  # the server's timelines (rows' source versions), once read
+        self.oldest: dict[int, float] = {}  # per batch: the earliest ETL_LAG_COLUMN time loaded in this run
 
     def process(self, shape: SourceShape, batch: Batch, fresh: bool = False) -> None:
         """One batch through every step; raises Outcome when it must stop short.
@@ -88,7 +94,8 @@ class BatchLoader:
                 " {} rows look changed and load again (an update made before the rewrite cannot be told apart)",
                 ".".join(self.job.source_table), batch.batch_id, batch.row_count)
         failed = self.bad.failed - failed_before
-        self.marker.submit(batch, shape, lambda done, mark: self.marked(done, mark, failed, bt0))
+        oldest = self.oldest.pop(batch.batch_id, None)
+        self.marker.submit(batch, shape, lambda done, mark: self.marked(done, mark, failed, bt0, oldest))
 
     def _versions_forward(self, shape: SourceShape) -> None:
         """Latest mode: ConfigError if the target holds source versions newer than anything this PostgreSQL
@@ -151,7 +158,8 @@ class BatchLoader:
         ctx, job = self.ctx, self.job
         waited = ctx.clock()
         ready = sink.await_ready(self.target.connect(shape), job.ready_query, batch.batch_id, job.ready_timeout,
-                                 job.ready_poll_interval, ctx.stop.wait, ctx.clock)
+                                 job.ready_poll_interval, ctx.stop.wait, ctx.clock,
+                                 first=WOKEN_FIRST_POLL if job.wake == "notify" else None)
         metrics.READY_WAIT_SECONDS.labels(job.name).observe(ctx.clock() - waited)
         if not ready:
             status = STOPPED if ctx.stop.is_set() else WAITING
@@ -228,6 +236,21 @@ class BatchLoader:
         self.ledger.batches.set_loaded(batch)
         return total
 
+    def _note_oldest(self, data: pa.Table, shape: SourceShape, batch_id: int) -> None:
+        """Keep the earliest ETL_LAG_COLUMN time of the batch's rows, when that column is moved (commit-to-mark)."""
+        if not self.job.lag_column or not data.num_rows:
+            return
+        name = dict(zip((c.name for c in shape.columns), shape.targets, strict=True)).get(self.job.lag_column)
+        if name is None or name not in data.column_names:
+            return
+        first = pc.min(data.column(name)).as_py()
+        if first is None:
+            return
+        if not isinstance(first, datetime):  # a date column
+            first = datetime.combine(first, datetime.min.time())
+        stamp = (first if first.tzinfo else first.replace(tzinfo=UTC)).timestamp()
+        self.oldest[batch_id] = min(stamp, self.oldest.get(batch_id, stamp))
+
     def _transform(self, data: pa.Table, shape: SourceShape) -> pa.Table:
         """The user's transform, if any, on the rows without the service's own columns (_etl_version,
         _etl_deleted); each kept row gets its own back."""
@@ -284,6 +307,7 @@ class BatchLoader:
                                     self.timelines)
         self.ctx.faults.reached("mid_extract")
         metrics.ROWS.labels(job.name, "extracted").inc(data.num_rows)
+        self._note_oldest(data, shape, batch.batch_id)
         data = self.reconcile.drop_held(data, shape, batch.batch_id)
         data = self._transform(self._deleted(data, shape), shape)
         if not data.num_rows:

@@ -32,6 +32,13 @@ WAITING = Gauge("etl_batches_waiting", "Batches loaded but not marked (waiting f
                 registry=REGISTRY)
 QUARANTINED = Gauge("etl_quarantined_rows", "Rows set aside with their reason, awaiting `requeue`", ["job"],
                     registry=REGISTRY)
+WAKEUPS = Counter("etl_wakeups", "Notifications received from commits on the source (ETL_WAKE=notify)", ["job"],
+                  registry=REGISTRY)
+RUNS_STARTED = Counter("etl_runs_started", "Runs started, by cause: start, schedule, wake-up, catch-up (after"
+                       " the listening connection came back), once", ["job", "cause"], registry=REGISTRY)
+MARK_LATENCY = Histogram("etl_commit_to_mark_seconds", "Per batch: from the oldest row's ETL_LAG_COLUMN timestamp"
+                         " (its commit, about) to the mark of its batch", ["job"],
+                         buckets=(0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 300, 1800, 3600, 86400), registry=REGISTRY)
 LAST_SUCCESS = Gauge("etl_last_success_timestamp_seconds", "When a run last succeeded (Unix time)", ["job"],
                      registry=REGISTRY)
 

@@ -223,8 +223,9 @@ class Run:
         if self.job.post_ch_sql:
             sink.run_sql(target.client, self.job.post_ch_sql)
 
-    def _marked(self, batch: Batch, mark: MarkResult, failed: int, bt0: float) -> None:
-        """Report a marked batch: `failed` of its quarantined rows failed in this run.
+    def _marked(self, batch: Batch, mark: MarkResult, failed: int, bt0: float, oldest: float | None) -> None:
+        """Report a marked batch: `failed` of its quarantined rows failed in this run; `oldest`: the
+        earliest ETL_LAG_COLUMN time (Unix) among the rows it loaded in this run, if known.
 
         MarkNotKept when the mark did not stick on some rows (they were set aside): the job stops.
         """
@@ -235,6 +236,10 @@ class Run:
         self.progress.done(marked + failed)
         metrics.ROWS.labels(self.job.name, "marked").inc(marked)
         metrics.BATCH_SECONDS.labels(self.job.name).observe(self.clock() - bt0)
+        if oldest is not None and marked:
+            latency = max(0.0, mark.at - oldest)
+            metrics.MARK_LATENCY.labels(self.job.name).observe(latency)
+            self.result.latency = max(latency, self.result.latency or 0.0)
         unmarked = batch.row_count - marked - quarantined
         notes = (f", {quarantined} quarantined" if quarantined else "") + \
             (f", {unmarked} changed since claim (left for the next batch)" if unmarked > 0 else "")
@@ -251,7 +256,7 @@ class Run:
     def _record(self, ledger: Ledger, started: datetime, t0: float, status: str, message: str) -> None:
         r = self.result
         self._quietly(lambda: ledger.runs.record(started, status, r.batches, r.rows_loaded, r.rows_marked,
-                                                 self.clock() - t0, message))
+                                                 self.clock() - t0, message, r.cause, r.wakeups, r.latency))
 
     def _quietly(self, action: Callable[[], Any]) -> None:
         """Best-effort cleanup: a broken connection must not mask the run's real outcome."""
@@ -262,10 +267,15 @@ class Run:
 
 
 def run_job(settings: Settings, job: JobConfig, stop: threading.Event | None = None,
-            clock: Callable[[], float] = time.monotonic, terminal: TextIO | None = None) -> RunResult:
+            clock: Callable[[], float] = time.monotonic, terminal: TextIO | None = None, cause: str = "once",
+            wakeups: int = 0) -> RunResult:
     """Run one job now and drain its backlog (within its time budget).
 
     `terminal`: draw a progress bar there (`--once` on a terminal) instead of logging progress lines.
+    `cause` (start, schedule, wake-up, catch-up, once) and `wakeups` (notifications gathered into
+    this run) go on record with the run.
     """
     progress = Progress(logger.bind(job=job.name), settings.progress_seconds, clock, terminal, job.name)
-    return Run(settings, job, stop or threading.Event(), clock, progress).execute()
+    run = Run(settings, job, stop or threading.Event(), clock, progress)
+    run.result.cause, run.result.wakeups = cause, wakeups
+    return run.execute()

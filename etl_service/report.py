@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from etl_service import source
+from etl_service import source, wake
 from etl_service.checks import ledger_exists
 from etl_service.config import JobConfig, Settings
 from etl_service.errors import EtlError
@@ -58,7 +58,7 @@ def _job(conn: source.Connection, settings: Settings, job: JobConfig) -> dict[st
     except EtlError as exc:
         data["error"] = str(exc)
     data["needs_attention"] = bool(data.get("error") or data.get("foreign") or data.get("quarantined")
-                                   or data.get("null_flags")
+                                   or data.get("null_flags") or data.get("wake_trigger", "present") != "present"
                                    or (data.get("runs") and data["runs"][0]["status"] == "failed"))
     return data
 
@@ -80,8 +80,14 @@ def _ledger_part(ledger: Ledger, key: Key, data: dict[str, Any], database: str) 
     data["quarantined"] = count
     data["quarantine"] = [{"key": key, "reason": reason, "at": when} for key, reason, when in recent]
     data["runs"] = [{"started_at": started, "status": st, "batches": batches, "rows_loaded": loaded,
-                     "rows_marked": marked, "seconds": round(seconds, 3), "message": message}
-                    for started, st, batches, loaded, marked, seconds, message in ledger.runs.recent()]
+                     "rows_marked": marked, "seconds": round(seconds, 3), "message": message, "cause": cause,
+                     "latency": None if latency is None else round(latency, 3)}
+                    for started, st, batches, loaded, marked, seconds, message, cause, latency in ledger.runs.recent()]
+    woken, other, wakeups, latency = ledger.runs.wakes()
+    data["last_hour"] = {"runs_woken": woken, "runs_other": other, "wakeups": wakeups,
+                         "longest_commit_to_mark": None if latency is None else round(latency, 3)}
+    if ledger.job.wake == "notify":
+        data["wake_trigger"] = wake.trigger_state(ledger.conn, ledger.job)
 
 
 def _render(job: dict[str, Any], out: Print) -> None:
@@ -123,11 +129,28 @@ def _render(job: dict[str, Any], out: Print) -> None:
         out(f"    {job['key']}={row['key']} at {row['at']:%Y-%m-%d %H:%M:%S}: {row['reason']}")
     if count > len(job["quarantine"]):
         out(f"    and {count - len(job['quarantine'])} more")
+    _render_wakes(job, out)
     out("  last runs:" if job["runs"] else "  last runs: none")
     for run in job["runs"]:
         tail = f" — {run['message']}" if run["message"] else ""
+        cause = f" ({run['cause']})" if run["cause"] else ""
+        latency = f" commit-to-mark≤{run['latency']:.2f}s" if run["latency"] is not None else ""
         out(f"    {run['started_at']:%Y-%m-%d %H:%M:%S} {run['status']:8} batches={run['batches']}"
-            f" loaded={run['rows_loaded']} marked={run['rows_marked']} {run['seconds']:.1f}s{tail}")
+            f" loaded={run['rows_loaded']} marked={run['rows_marked']} {run['seconds']:.1f}s{cause}{latency}{tail}")
+
+
+def _render_wakes(job: dict[str, Any], out: Print) -> None:
+    hour = job["last_hour"]
+    latency = hour["longest_commit_to_mark"]
+    longest = f"; longest commit-to-mark {latency:.2f}s" if latency is not None else ""
+    if "wake_trigger" in job:
+        state = job["wake_trigger"]
+        trigger = "" if state == "present" else \
+            f" — the wake-up trigger is {state}: the job runs on its schedule only (`check` says how to fix it)"
+        out(f"  wake-ups (last hour): {hour['wakeups']} notification(s) started {hour['runs_woken']} run(s),"
+            f" {hour['runs_other']} other run(s){longest}{trigger}")
+    elif latency is not None:
+        out(f"  last hour: {hour['runs_woken'] + hour['runs_other']} run(s){longest}")
 
 
 def _render_backlog(job: dict[str, Any], out: Print) -> None:

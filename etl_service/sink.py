@@ -341,13 +341,17 @@ def readiness(answer: Any) -> bool:
 
 
 def await_ready(client: Client, query: str, batch_id: int, timeout: float, interval: float,
-                stop: Callable[[float], bool], clock: Callable[[], float] = time.monotonic) -> bool:
+                stop: Callable[[float], bool], clock: Callable[[], float] = time.monotonic,
+                first: float | None = None) -> bool:
     """Poll the readiness query until it says ready, the deadline passes, or a stop is asked.
 
-    `stop(seconds)` waits up to `seconds` and returns True if the service is stopping.
+    `stop(seconds)` waits up to `seconds` and returns True if the service is stopping. `first`:
+    the first wait, doubled after each poll up to `interval` (a woken job: readiness a moment
+    after the load should not cost a whole interval of latency).
     """
     deadline = clock() + timeout
     polls = 0
+    wait = min(first, interval) if first else interval
     check_ready_query(client, query)
     while True:
         polls += 1
@@ -358,8 +362,9 @@ def await_ready(client: Client, query: str, batch_id: int, timeout: float, inter
             logger.warning("batch {} not ready after {:.0f}s ({} polls): it stays loaded, the next run"
                            " polls again without reloading", batch_id, timeout, polls)
             return False
-        if stop(min(interval, left)):
+        if stop(min(wait, left)):
             return False
+        wait = min(wait * 2, interval)
 
 
 def run_statement(client: Client, statement: str) -> None:

@@ -457,6 +457,11 @@ ORDER BY 1, 3
 """
 
 
+# The service's own wake-up trigger (ETL_WAKE=notify, wake.py) is quiet in the mark's transaction
+# (MARKING) and changes no row: it is never a cause the mark looks for.
+MARKING = "SET LOCAL etl_service.marking = 'on'"
+_NOT_WAKE = "tg.tgfoid NOT IN (SELECT oid FROM pg_proc WHERE proname = 'etl_wake')"
+
 # Triggers that fire on UPDATE and row security policies that govern UPDATE, on the source, its
 # partitions and the tables it is a partition of: what can reset or refuse the service's mark.
 _MARK_BLOCKERS = """
@@ -468,14 +473,14 @@ SELECT format('%%strigger %%I (%%s UPDATE, for each %%s) on %%s',
               CASE WHEN tg.tgtype & 2 = 2 THEN 'BEFORE' WHEN tg.tgtype & 64 = 64 THEN 'INSTEAD OF' ELSE 'AFTER' END,
               CASE WHEN tg.tgtype & 1 = 1 THEN 'row' ELSE 'statement' END, tg.tgrelid::regclass)
 FROM pg_trigger tg WHERE tg.tgrelid IN (SELECT oid FROM t) AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
-  AND tg.tgtype & 16 = 16
+  AND tg.tgtype & 16 = 16 AND {NOT_WAKE}
 UNION ALL
 SELECT format('row security policy %%I (%%s) on %%s', p.polname,
               CASE p.polcmd WHEN 'w' THEN 'FOR UPDATE' ELSE 'FOR ALL' END, p.polrelid::regclass)
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
 WHERE p.polrelid IN (SELECT oid FROM t) AND c.relrowsecurity AND p.polcmd IN ('w', '*')
 ORDER BY 1
-"""
+""".replace("{NOT_WAKE}", _NOT_WAKE)
 
 
 # track_counts off (the per-transaction row counters the mark reads stay at 0) on a table whose
@@ -483,9 +488,10 @@ ORDER BY 1
 _BLIND_COUNTERS = """
 SELECT current_setting('track_counts') = 'off' AND EXISTS (
   SELECT 1 FROM pg_trigger tg WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D' AND tg.tgtype & 16 = 16
+    AND {NOT_WAKE}
     AND tg.tgrelid IN (SELECT to_regclass(%(table)s) UNION SELECT relid FROM pg_partition_tree(to_regclass(%(table)s))
                        UNION SELECT relid FROM pg_partition_ancestors(to_regclass(%(table)s))))
-"""
+""".replace("{NOT_WAKE}", _NOT_WAKE)
 
 
 _UPDATE_RULES = """

@@ -29,6 +29,7 @@ cause is fixed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class MarkResult:
     refused: list[str] = field(default_factory=list)  # keys the UPDATE did not reach although unchanged
     raised: list[tuple[str, str]] = field(default_factory=list)  # (key, error) whose mark raised alone
     blockers: list[str] = field(default_factory=list)  # the source's triggers and policies on UPDATE, described
+    at: float = 0.0  # when the mark committed (Unix time)
 
     @property
     def stuck(self) -> bool:
@@ -111,6 +113,7 @@ class Mark:
                 conn.commit()
                 self._odd_table = True
             cur.execute("SET CONSTRAINTS ALL IMMEDIATE")  # deferred triggers fire where the mark counts them
+            cur.execute(source.MARKING)  # the source's wake-up trigger (ETL_WAKE=notify) stays quiet for it
             if shape.range_join:
                 cur.execute(RANGE_JOIN)
             raised: list[tuple[int, str]] = []
@@ -159,8 +162,9 @@ class Mark:
             quarantined = self._quarantined(cur, batch)
             before_commit()
             conn.commit()
+            at = time.time()
         blockers = source.mark_blockers(conn, self.store.job) if reset or refused or raised_keys else []
-        return MarkResult(int(marked), int(quarantined), reset, refused, raised_keys, blockers)
+        return MarkResult(int(marked), int(quarantined), reset, refused, raised_keys, blockers, at)
 
     def _quarantined(self, cur: psycopg2.extensions.cursor, batch: Batch) -> int:
         cur.execute(sql.SQL("SELECT count(*) FROM {s}.quarantine WHERE batch_id = %s").format(s=self.store.schema),

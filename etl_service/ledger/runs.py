@@ -44,12 +44,26 @@ class Runs:
             nulls=key.has_null("s")))
         return int(rows[0][0])
 
-    def record(self, started_at: Any, status: str, batches: int, loaded: int, marked: int,
-                   seconds: float, message: str) -> None:
+    def record(self, started_at: Any, status: str, batches: int, loaded: int, marked: int, seconds: float,
+               message: str, cause: str = "once", wakeups: int = 0, latency: float | None = None) -> None:
         self.store.run("record run", sql.SQL(
             "INSERT INTO {s}.runs (job, started_at, status, batches, rows_loaded, rows_marked, seconds,"
-            " message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(s=self.store.schema),
-            (self.store.job.name, started_at, status, batches, loaded, marked, seconds, message))
+            " message, cause, wakeups, latency) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)").format(
+            s=self.store.schema),
+            (self.store.job.name, started_at, status, batches, loaded, marked, seconds, message, cause, wakeups,
+             latency))
+
+    def wakes(self, hours: float = 1.0) -> tuple[int, int, int, float | None]:
+        """Over the last `hours`: runs started by wake-ups (or catch-ups), other runs, notifications gathered, and
+        the longest commit-to-mark of a marked row (ETL_LAG_COLUMN)."""
+        rows = self.store.run("read recent runs' causes", sql.SQL(
+            "SELECT count(*) FILTER (WHERE cause IN ('wake-up', 'catch-up')),"
+            " count(*) FILTER (WHERE cause IS NULL OR cause NOT IN ('wake-up', 'catch-up')),"
+            " coalesce(sum(wakeups), 0), max(latency)"
+            " FROM {s}.runs WHERE job = %s AND started_at > now() - make_interval(secs => %s)").format(
+            s=self.store.schema), (self.store.job.name, hours * 3600))
+        woken, other, wakeups, latency = rows[0]
+        return int(woken), int(other), int(wakeups), None if latency is None else float(latency)
 
     def health(self) -> Health:
         """Backlog, lag, waiting batches, quarantine and last success, in one statement.
@@ -107,7 +121,7 @@ class Runs:
 
     def recent(self, limit: int = 5) -> list[tuple[Any, ...]]:
         return self.store.run("read runs", sql.SQL(
-            "SELECT started_at, status, batches, rows_loaded, rows_marked, seconds, message"
+            "SELECT started_at, status, batches, rows_loaded, rows_marked, seconds, message, cause, latency"
             " FROM {s}.runs WHERE job = %s ORDER BY run_id DESC LIMIT %s").format(s=self.store.schema),
             (self.store.job.name, limit))
 

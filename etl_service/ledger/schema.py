@@ -97,6 +97,10 @@ CREATE TABLE IF NOT EXISTS {schema}.timelines (
     first_xid bigint      NOT NULL,
     seen_at   timestamptz NOT NULL DEFAULT now()
 );
+-- What started each run (start, schedule, wake-up, catch-up, once), the notifications gathered
+-- into it, and the longest commit-to-mark of a row it marked (ETL_LAG_COLUMN), in seconds.
+ALTER TABLE {schema}.runs ADD COLUMN IF NOT EXISTS cause text, ADD COLUMN IF NOT EXISTS wakeups integer,
+    ADD COLUMN IF NOT EXISTS latency double precision;
 CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
     job        text        NOT NULL,
     target     text        NOT NULL,
@@ -164,11 +168,12 @@ def ensure(store: Store) -> None:
         " OR (attrelid = to_regclass(%(q)s) AND attname = 'kind')"
         " OR (attrelid = to_regclass(%(r)s) AND attname = 'message')"
         " OR (attrelid = to_regclass(%(rc)s) AND attname = 'matched')"
-        " OR (attrelid = to_regclass(%(tl)s) AND attname = 'first_xid'))"),
+        " OR (attrelid = to_regclass(%(tl)s) AND attname = 'first_xid')"
+        " OR (attrelid = to_regclass(%(r)s) AND attname = 'latency'))"),
         {"b": f"{quoted}.batches", "q": f"{quoted}.quarantine", "r": f"{quoted}.runs",
          "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch", "rc": f"{quoted}.reconcile",
          "tl": f"{quoted}.timelines"})
-    if present[0][0] < 10:
+    if present[0][0] < 11:
         check_not_foreign(store.conn, store.schema.string)
         store.run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=store.schema))
         # Batches recorded before batches named their source: this job's own are on its source.

@@ -1,0 +1,218 @@
+"""ETL_WAKE=notify: commits wake the daemon's job; the schedule stays a safety net.
+
+The daemon runs as a subprocess (its own chDB folder) on a schedule that does not fire during a
+test (yearly), so every row that moves after the first run moved because a commit woke the job.
+What the runs did is read from the ledger's runs table (cause, status, rows).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from etl_service import checks, wake
+from etl_service.config import load
+from etl_service.embedded import postgres
+
+from .conftest import World
+from .helpers import Writer, assert_exact, chdb_query, running, start, stop, wait_for, write_env
+
+YEARLY = "0 0 1 1 *"
+
+
+def _runs(world: World) -> list[tuple[str, str, int, int]]:
+    """(cause, status, batches, rows_marked) of every run so far, oldest first."""
+    return [(str(c), str(s), int(b), int(m)) for c, s, b, m in world.sql(
+        "SELECT cause, status, batches, rows_marked FROM etl.runs ORDER BY run_id")]
+
+
+def _marked(uri_or_world: World | str) -> int:
+    query = "SELECT count(*) FROM src WHERE processed"
+    if isinstance(uri_or_world, str):
+        conn = psycopg2.connect(uri_or_world)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query)
+                return int(cur.fetchone()[0])  # type: ignore[index]
+        finally:
+            conn.close()
+    return int(uri_or_world.sql(query)[0][0])
+
+
+def _ledger_ready(world: World) -> bool:
+    return bool(world.sql("SELECT to_regclass('etl.runs') IS NOT NULL")[0][0]) and bool(_runs(world))
+
+
+def _listening(log: Path) -> bool:
+    return log.exists() and "wake-ups: listening" in log.read_text()
+
+
+@pytest.mark.slow
+def test_commits_wake_the_job_without_a_schedule_tick_and_its_own_mark_wakes_no_one(world: World,
+                                                                                    tmp_path: Path) -> None:
+    world.make_source(20)
+    chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
+    env_file = write_env(world, chdb, ETL_SCHEDULE=YEARLY, ETL_WAKE="notify", ETL_LAG_COLUMN="ts")
+    with running("--env-file", str(env_file), log=log) as daemon:
+        wait_for(lambda: _marked(world) == 20 and _listening(log), 60, "the first run and the listener")
+        assert world.sql("SELECT tgname FROM pg_trigger WHERE tgrelid = 'src'::regclass AND NOT tgisinternal") == \
+            [("etl_wake_src",)]
+        for done, first in enumerate((101, 201, 301), start=1):  # three commits, apart: each one wakes a run
+            world.sql(f"INSERT INTO src SELECT g, g, 'w', clock_timestamp(), false FROM generate_series({first},"
+                      f" {first + 49}) g")
+            wait_for(lambda n=done: _marked(world) == 20 + 50 * n, 30, f"rows {first}.. to be marked")
+        world.sql("UPDATE src SET amount = 0, processed = false WHERE id = 5")  # an update wakes it too
+        wait_for(lambda: len(_runs(world)) == 5 and _marked(world) == 170, 30, "the updated row to be marked again")
+        time.sleep(1.5)  # a mark that woke the job would show as one more (empty) run by now
+        assert stop(daemon) == 0
+    runs = _runs(world)
+    assert runs[0][:2] == ("start", "ok") and runs[0][3] == 20, runs
+    woken = runs[1:]
+    assert [r[0] for r in woken] == ["wake-up"] * 4, runs  # no schedule, no run woken by the service's marks
+    assert [r[3] for r in woken] == [50, 50, 50, 1], runs
+    latencies = [float(x) for (x,) in world.sql("SELECT latency FROM etl.runs WHERE cause = 'wake-up'"
+                                                " ORDER BY run_id")]
+    # from each row's ts: the inserts' own, and row 5's of 2026-01-01 (the update left ts alone)
+    assert all(0 <= x < 30 for x in latencies[:3]) and latencies[3] > 86400, latencies
+    ids = sorted(int(r[0]) for r in chdb_query(chdb, f"SELECT id FROM `{world.ch_database}`.dst"))
+    assert ids == sorted([*range(1, 21), *range(101, 151), *range(201, 251), *range(301, 351), 5]), ids
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
+    amounts = chdb_query(chdb, f"SELECT amount FROM `{world.ch_database}`.dst WHERE id = 5 ORDER BY _etl_version")
+    assert [float(a[0]) for a in amounts] == [6.25, 0.0], amounts
+
+
+@pytest.mark.slow
+def test_a_burst_of_commits_becomes_few_batches(world: World, tmp_path: Path) -> None:
+    world.make_source(0)
+    chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
+    env_file = write_env(world, chdb, ETL_SCHEDULE=YEARLY, ETL_WAKE="notify", ETL_WAKE_DELAY="1",
+                         ETL_BATCH_SIZE="5000")
+    with running("--env-file", str(env_file), log=log) as daemon:
+        wait_for(lambda: _ledger_ready(world) and _listening(log), 60, "the first run and the listener")
+        conn = world.pg()
+        with conn.cursor() as cur:
+            for n in range(200):  # 200 commits of 5 rows, as fast as they go (well inside the delay)
+                cur.execute("INSERT INTO src SELECT g, 1, 'b', now(), false FROM generate_series(%s, %s) g",
+                            (n * 5 + 1, n * 5 + 5))
+        conn.close()
+        wait_for(lambda: _marked(world) == 1000, 60, "the burst to be marked")
+        time.sleep(1.5)
+        assert stop(daemon) == 0
+    woken = [r for r in _runs(world) if r[0] == "wake-up"]
+    assert sum(r[3] for r in woken) == 1000, woken
+    assert 1 <= sum(r[2] for r in woken) <= 3, woken  # 200 commits: one batch, two if the burst straddled a run
+    gathered = sum(int(w) for (w,) in world.sql("SELECT coalesce(wakeups, 0) FROM etl.runs WHERE cause = 'wake-up'"))
+    assert 1 <= gathered <= 200, gathered
+    assert_exact(world, chdb, "burst")
+
+
+@pytest.mark.slow
+def test_after_postgresql_restarts_the_daemon_listens_again_and_catches_up(world: World, tmp_path: Path) -> None:
+    with postgres(tmp_path / "pg") as pg:
+        uri = pg.uri
+        conn = psycopg2.connect(uri)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE src (id bigint PRIMARY KEY, amount numeric(12,2), name text, ts timestamptz,"
+                        " processed boolean NOT NULL DEFAULT false);"
+                        " INSERT INTO src SELECT g, g, 'a', now(), false FROM generate_series(1, 10) g")
+        conn.close()
+        chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
+        env_file = write_env(world, chdb, PG_DSN=uri, ETL_SCHEDULE=YEARLY, ETL_WAKE="notify",
+                             ETL_RETRY_BACKOFF="0.2")
+        with running("--env-file", str(env_file), log=log) as daemon:
+            wait_for(lambda: _marked(uri) == 10 and _listening(log), 60, "the first run and the listener")
+            pg.stop()
+            time.sleep(1.0)
+            pg.start()
+            # written before the listener is back: only its catch-up run can move these
+            conn = psycopg2.connect(uri)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("INSERT INTO src SELECT g, g, 'b', now(), false FROM generate_series(11, 30) g")
+            conn.close()
+            wait_for(lambda: _marked(uri) == 30, 60, "rows written across the restart")
+            wait_for(lambda: log.read_text().count("wake-ups: listening") >= 2, 30, "listening again")
+            conn = psycopg2.connect(uri)
+            conn.autocommit = True
+            with conn.cursor() as cur:  # and a commit after it wakes the job again
+                cur.execute("INSERT INTO src SELECT g, g, 'c', now(), false FROM generate_series(31, 40) g")
+            conn.close()
+            wait_for(lambda: _marked(uri) == 40, 60, "rows written after the restart")
+            assert stop(daemon) == 0
+        text = log.read_text()
+        assert "listening again in" in text and "catch-up run" in text, text[-3000:]
+        ids = [int(r[0]) for r in chdb_query(chdb, f"SELECT id FROM `{world.ch_database}`.dst ORDER BY id")]
+        assert ids == list(range(1, 41)), ids
+
+
+@pytest.mark.slow
+def test_a_dropped_trigger_leaves_the_schedule_moving_rows_and_check_says_so(world: World, tmp_path: Path) -> None:
+    world.make_source(10)
+    settings = world.settings(wake="notify")
+    job = settings.jobs[0]
+    lines: list[str] = []
+    assert not checks.check(settings, lines.append)  # no trigger yet: check says so, with the statement
+    text = "\n".join(lines)
+    assert "FAIL" in text and "etl_wake_src" in text and "is missing" in text and "CREATE TRIGGER" in text, text
+    assert "a NOTIFY reaches a LISTEN" in text, text
+    chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
+    env_file = write_env(world, chdb, ETL_SCHEDULE="*/2 * * * * *", ETL_WAKE="notify")
+    with running("--env-file", str(env_file), log=log) as daemon:
+        wait_for(lambda: _marked(world) == 10 and _listening(log), 60, "the first run and the listener")
+        world.sql("DROP TRIGGER etl_wake_src ON src")
+        world.sql("INSERT INTO src SELECT g, g, 'late', now(), false FROM generate_series(11, 60) g")
+        wait_for(lambda: _marked(world) == 60, 30, "the schedule to move rows without wake-ups")
+        lines = []
+        assert not checks.check(settings, lines.append)
+        assert any("FAIL" in line and "is missing" in line for line in lines), lines
+        assert stop(daemon) == 0
+    assert any(r[0] == "schedule" and r[3] == 50 for r in _runs(world)), _runs(world)
+    assert_exact(world, chdb, "dropped trigger")
+    # created again at the next start, and check is content
+    with running("--env-file", str(env_file), log=log) as daemon:
+        wait_for(lambda: wake.trigger_state(world.pg(), job) == "present", 30, "the trigger to be made again")
+        assert stop(daemon) == 0
+    lines = []
+    assert checks.check(settings, lines.append), lines
+
+
+@pytest.mark.slow
+def test_exactly_once_under_a_writer_with_wake_ups_and_sigkills(world: World, tmp_path: Path) -> None:
+    world.make_source(500)
+    chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
+    env_file = write_env(world, chdb, ETL_SCHEDULE=YEARLY, ETL_WAKE="notify", ETL_WAKE_DELAY="0.05",
+                         ETL_BATCH_SIZE="300", ETL_CHUNK_SIZE="100")
+    rng = random.Random(21)
+    with Writer(world, batches=400, pause=0.05) as writer:  # commits across every daemon below
+        for _ in range(4):
+            daemon = start("--env-file", str(env_file), log=log)
+            time.sleep(rng.uniform(1.5, 4.0))
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait()
+    before = log.stat().st_size
+    with running("--env-file", str(env_file), log=log) as daemon:  # drains what is left, woken or at start
+        wait_for(lambda: "wake-ups: listening" in log.read_text()[before:], 60, "the last daemon to listen")
+        wait_for(lambda: world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)], 90, "the drain")
+        wait_for(lambda: world.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)], 30,
+                 "open batches to finish")
+        assert stop(daemon) == 0
+    rows = assert_exact(world, chdb, "writer + SIGKILLs")
+    assert rows == 500 + writer.written and writer.written > 300, (rows, writer.written)
+    assert any(r[0] == "wake-up" and r[3] > 0 for r in _runs(world)), _runs(world)
+
+
+def test_the_wake_settings_are_checked(world: World) -> None:
+    from etl_service.errors import ConfigError
+
+    with pytest.raises(ConfigError) as bad:
+        load(environ=world.env(wake="sometimes"))
+    assert "ETL_WAKE" in str(bad.value)
+    with pytest.raises(ConfigError) as bad:
+        load(environ=world.env(wake_delay="-1"))
+    assert "ETL_WAKE_DELAY" in str(bad.value)
