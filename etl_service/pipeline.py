@@ -189,19 +189,9 @@ class Run:
                           batch.row_count, batch.state, batch.chunks_loaded, batch.chunk_count)
             loader.process(shape, batch)
         after: str | None = None  # keyset: claim past the batch whose mark may still be in flight
-        while True:
-            if self.stop.is_set():
-                raise Outcome(STOPPED, "stop requested; the ledger is consistent")
-            if self.clock() - t0 > self.job.max_run_seconds:
-                self.result.message = f"time budget of {self.job.max_run_seconds:.0f}s spent; backlog remains"
-                break
+        while self._may_claim(t0):
             if after is None:
                 marker.settle()  # a claim from the start must not see keys still being marked
-            if self._barren >= BARREN_LIMIT:
-                raise EtlError(f"{self._barren} batches in a row were claimed and none of their rows could be"
-                               " marked: every claimed row changed or vanished between claim and mark. Is"
-                               f" something updating {'.'.join(self.job.source_table)} all the time? See"
-                               " `status`; the rows stay unprocessed")
             claimed = ledger.batches.claim(shape, after, skip_foreign=bool(held))
             if claimed is None:
                 if after is None:
@@ -213,6 +203,23 @@ class Run:
             after = claimed.last_key
             self.faults.reached("after_claim")
             loader.process(shape, claimed, fresh=True)
+            if self.job.wake == "notify" and claimed.row_count < self.job.batch_size:
+                # rows trickling in as the run drains: gather them as a woken run would, not batch by tiny batch
+                self.stop.wait(self.job.wake_delay)
+
+    def _may_claim(self, t0: float) -> bool:
+        """Whether the drain goes on: False when the time budget is spent; raises on a stop or a barren streak."""
+        if self.stop.is_set():
+            raise Outcome(STOPPED, "stop requested; the ledger is consistent")
+        if self.clock() - t0 > self.job.max_run_seconds:
+            self.result.message = f"time budget of {self.job.max_run_seconds:.0f}s spent; backlog remains"
+            return False
+        if self._barren >= BARREN_LIMIT:
+            raise EtlError(f"{self._barren} batches in a row were claimed and none of their rows could be"
+                           " marked: every claimed row changed or vanished between claim and mark. Is"
+                           f" something updating {'.'.join(self.job.source_table)} all the time? See"
+                           " `status`; the rows stay unprocessed")
+        return True
 
     def _finish(self, conn: source.Connection, target: TargetSession) -> None:
         if self.result.batches == 0:

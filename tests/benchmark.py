@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/benchmark.py [--rows 1000000] [--big 5000000] [--wide-mb 800] [--runs 3]
     .venv/bin/python tests/benchmark.py --tuning [--rows 1000000]
+    .venv/bin/python tests/benchmark.py --notify [--rate 500] [--seconds 60] [--idle 30]
 
 On an embedded PostgreSQL (listening on 127.0.0.1 so ClickHouse's postgresql() can read it)
 and chDB, for each path in its own process (so peak RSS and "own CPU" are its own; the whole-machine
@@ -11,6 +12,14 @@ the source rows, and record wall seconds, whole-machine CPU-seconds (from /proc/
 PostgreSQL's work counts too) and peak RSS. Prints medians, ratios, the peak RSS of etl-service
 at --rows, at --big and on a table of 1,500 rows holding --wide-mb MB of text (values of 512 kB,
 eight of 8 MB), and the cost of a run with nothing to do. Figures, not assertions.
+
+--notify: a daemon with ETL_WAKE=notify (and a yearly schedule, so only wake-ups move rows)
+while a writer commits --rate rows per second (five per commit) for --seconds; prints the
+distribution of commit-to-marked and commit-to-in-ClickHouse latency (p50, p99, max), the
+runs and batches it took, the daemon's CPU while rows flow and while idle, and the exactness
+check. A row's commit time is taken by the writer when COMMIT returns; its mark time by a
+trigger on the flag (clock_timestamp() in the mark's transaction, which commits right after);
+its arrival in ClickHouse by a DEFAULT now64(6) column of the target.
 """
 
 from __future__ import annotations
@@ -284,6 +293,128 @@ def idle_cost(pg_uri: str, folder: Path) -> float:
     return statistics.median(times)
 
 
+NOTIFY_SQL = """
+DROP TABLE IF EXISTS src, marked_at;
+CREATE TABLE src (id bigint PRIMARY KEY, amount numeric(12,2) NOT NULL,
+                  at timestamptz NOT NULL DEFAULT clock_timestamp(), processed boolean NOT NULL DEFAULT false);
+CREATE INDEX src_unprocessed ON src (id) WHERE NOT processed;
+CREATE TABLE marked_at (id bigint PRIMARY KEY, at timestamptz NOT NULL);
+CREATE FUNCTION note_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  INSERT INTO marked_at VALUES (new.id, clock_timestamp()) ON CONFLICT DO NOTHING; RETURN NULL; END $$;
+CREATE TRIGGER note_mark AFTER UPDATE OF processed ON src FOR EACH ROW
+  WHEN (new.processed AND NOT old.processed) EXECUTE FUNCTION note_mark();
+INSERT INTO src (id, amount) VALUES (0, 0);
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _chdb(chdb: Path, statement: str, query: bool = False) -> list[list[object]]:
+    code = ("import json, clickhouse_connect\n"
+            f"c = clickhouse_connect.get_client(dsn='chdb://{chdb}')\n"
+            + (f"print(json.dumps(c.query({statement!r}).result_rows, default=str))\n" if query
+               else f"c.command({statement!r})\nprint('[]')\n"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _quantiles(values: list[float]) -> str:
+    ordered = sorted(values)
+    if not ordered:
+        return "no rows"
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return f"p50 {pick(0.5):.3f}s  p99 {pick(0.99):.3f}s  max {ordered[-1]:.3f}s"
+
+
+def notify_latency(pg_uri: str, folder: Path, rate: int, seconds: float, idle: float) -> None:
+    """ETL_WAKE=notify under a steady writer: latency figures, CPU, exactness (see the module docstring)."""
+    conn = psycopg2.connect(pg_uri)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(NOTIFY_SQL)
+    chdb = folder / f"chdb-notify-{time.time_ns()}"
+    env = etl_env(pg_uri, chdb, folder)
+    with env.open("a") as f:
+        f.write('ETL_SCHEDULE="0 0 1 1 *"\nETL_WAKE="notify"\nETL_LAG_COLUMN="at"\n')
+    once = subprocess.run([sys.executable, "-m", "etl_service", "--once", "--env-file", str(env)], cwd=REPO,
+                          capture_output=True, text=True)
+    if once.returncode:
+        raise SystemExit(once.stderr[-2000:])
+    # when each row arrived in ClickHouse: a column the service leaves to its default
+    _chdb(chdb, "ALTER TABLE bench.dst ADD COLUMN _arrived DateTime64(6, 'UTC') DEFAULT now64(6)")
+    log = (folder / "notify.log").open("wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "etl_service", "--env-file", str(env)], cwd=REPO,
+                              stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while b"wake-ups: listening" not in (folder / "notify.log").read_bytes():
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise SystemExit((folder / "notify.log").read_text()[-3000:])
+            time.sleep(0.1)
+        time.sleep(1.0)
+        committed: dict[int, float] = {}
+        per_commit = 5
+        interval = per_commit / rate
+        cpu0, t0 = _cpu_seconds(daemon.pid), time.monotonic()
+        next_id, due = 1, time.monotonic()
+        with conn.cursor() as cur:
+            while time.monotonic() - t0 < seconds:
+                ids = list(range(next_id, next_id + per_commit))
+                cur.execute("INSERT INTO src (id, amount) SELECT g, g %% 1000 / 10.0 FROM unnest(%s::bigint[]) g",
+                            (ids,))  # autocommit: committed when execute returns
+                done = time.time()
+                committed.update((i, done) for i in ids)
+                next_id += per_commit
+                due += interval
+                time.sleep(max(0.0, due - time.monotonic()))
+        written = time.monotonic() - t0
+        deadline = time.monotonic() + 120
+        while True:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM src WHERE NOT processed")
+                if cur.fetchone()[0] == 0:  # type: ignore[index]
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit("rows were not all marked within 120 s of the writer's end")
+            time.sleep(0.2)
+        busy_cpu = _cpu_seconds(daemon.pid) - cpu0
+        busy_wall = time.monotonic() - t0
+        time.sleep(2.0)
+        cpu1 = _cpu_seconds(daemon.pid)
+        time.sleep(idle)
+        idle_cpu = _cpu_seconds(daemon.pid) - cpu1
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+        log.close()
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, extract(epoch FROM at) FROM marked_at WHERE id > 0")
+        marked = dict(cur.fetchall())
+        cur.execute("SELECT cause, count(*), coalesce(sum(batches), 0), coalesce(sum(wakeups), 0) FROM etl.runs"
+                    " GROUP BY cause ORDER BY cause")
+        runs = cur.fetchall()
+    conn.close()
+    arrived = {int(i): float(at) for i, at in _chdb(
+        chdb, "SELECT id, toUnixTimestamp64Micro(_arrived) / 1e6 FROM bench.dst WHERE id > 0", query=True)}
+    to_mark = [float(marked[i]) - at for i, at in committed.items() if i in marked]
+    to_ch = [arrived[i] - at for i, at in committed.items() if i in arrived]
+    check = verify(chdb, pg_uri)
+    print(f"ETL_WAKE=notify, ETL_WAKE_DELAY=0.2 (default), no readiness query: a writer committed"
+          f" {len(committed):,} rows in {written:.1f}s ({len(committed) / written:,.0f} rows/s, {per_commit} per"
+          " commit)")
+    print(f"commit -> in ClickHouse: {_quantiles(to_ch)}  ({len(to_ch):,} rows)")
+    print(f"commit -> marked:        {_quantiles(to_mark)}  ({len(to_mark):,} rows)")
+    print("runs by cause (runs, batches, notifications): " + ", ".join(f"{c} {n} / {b} / {w}" for c, n, b, w in runs))
+    print(f"daemon CPU while rows flow: {busy_cpu:.1f}s in {busy_wall:.0f}s"
+          f" ({100 * busy_cpu / busy_wall:.0f}% of a core); idle: {idle_cpu:.2f}s in {idle:.0f}s"
+          f" ({100 * idle_cpu / idle:.2f}% of a core)")
+    print(f"check: {check}" + ("" if len(to_mark) == len(committed) else
+                               f"; {len(committed) - len(to_mark)} rows without a mark time"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -299,6 +430,10 @@ def main() -> None:
     parser.add_argument("--tuning", action="store_true",
                         help="only the Tuning table of docs/performance.md (marking, HOT)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--notify", action="store_true", help="only the ETL_WAKE=notify latency figures")
+    parser.add_argument("--rate", type=int, default=500, help="--notify: rows committed per second")
+    parser.add_argument("--seconds", type=float, default=60, help="--notify: how long the writer writes")
+    parser.add_argument("--idle", type=float, default=30, help="--notify: seconds of idle CPU measured")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -316,6 +451,8 @@ def main() -> None:
             uri = pg.listen_tcp(port)
             if args.tuning:
                 tuning(uri, args.rows)
+            elif args.notify:
+                notify_latency(uri, folder, args.rate, args.seconds, args.idle)
             else:
                 report(uri, args, folder, port)
 
