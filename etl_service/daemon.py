@@ -6,9 +6,10 @@ scheduler down on the way out; the run in progress sees the stop event and ends 
 chunk boundary.
 
 Jobs with ETL_WAKE=notify are also woken by commits (wake.Listener). A job runs one run at a
-time whatever started it (its `Gate`): a wake-up that arrives while it runs makes it run once
-more right after, however many arrive; one that arrives while it is idle starts a run after
-ETL_WAKE_DELAY, gathering a burst of commits into one batch.
+time whatever started it (its `Gate`), and jobs on one source table take turns. A wake-up that
+arrives while a job runs makes it run once more right after, however many arrive; one that
+arrives while it is idle starts a run after ETL_WAKE_DELAY, gathering a burst of commits into
+one batch.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Daemon:
         self.scheduler.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         self._merged: Counter[str] = Counter()  # due runs merged into the one in progress, per job
         self._gates: dict[str, Gate] = {}
+        # Jobs on one source table take turns here rather than one finding the other's lock and skipping
+        # its run (a woken job would then wait for the next commit or the schedule).
+        self._tables: dict[tuple[str, str], threading.Lock] = {}
         self._started: set[str] = set()  # jobs whose first run (at start) has begun
         self.listener: wake.Listener | None = None
 
@@ -190,7 +194,8 @@ class Daemon:
                     wakeups, gate.wakeups = gate.wakeups, 0
                 job = next((j for j in self.settings.jobs if j.name == job.name), job)  # a reload may change it
                 metrics.RUNS_STARTED.labels(job.name, cause).inc()
-                result = run_job(self.settings, job, self.stop, cause=cause, wakeups=wakeups)
+                with self._tables.setdefault(job.source_table, threading.Lock()):
+                    result = run_job(self.settings, job, self.stop, cause=cause, wakeups=wakeups)
                 merged = self._merged.pop(job.name, 0)
                 if merged:
                     logger.bind(job=job.name).info("this run took {:.0f}s, longer than the schedule '{}': {} due"

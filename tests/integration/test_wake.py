@@ -216,3 +216,32 @@ def test_the_wake_settings_are_checked(world: World) -> None:
     with pytest.raises(ConfigError) as bad:
         load(environ=world.env(wake_delay="-1"))
     assert "ETL_WAKE_DELAY" in str(bad.value)
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_partitioned_table_are_each_woken(world: World, tmp_path: Path) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, amount numeric(12,2), name text, ts timestamptz,"
+              " processed boolean NOT NULL DEFAULT false, sent boolean NOT NULL DEFAULT false) PARTITION BY RANGE (id);"
+              " CREATE TABLE src_low PARTITION OF src FOR VALUES FROM (MINVALUE) TO (1000);"
+              " CREATE TABLE src_high PARTITION OF src FOR VALUES FROM (1000) TO (MAXVALUE);"
+              " INSERT INTO src SELECT g, g, 'a', now(), false, false FROM generate_series(1, 10) g")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[jobs.first]\nsource_table = "public.src"\ntarget_table = "dst"\n\n'
+                    '[jobs.second]\nsource_table = "public.src"\nprocessed_column = "sent"\ntarget_table = "dst2"\n')
+    chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
+    env_file = write_env(world, chdb, ETL_SCHEDULE=YEARLY, ETL_WAKE="notify", ETL_JOBS_FILE=str(jobs))
+    both = "SELECT count(*) FILTER (WHERE processed), count(*) FILTER (WHERE sent) FROM src"
+    with running("--env-file", str(env_file), log=log) as daemon:
+        wait_for(lambda: world.sql(both) == [(10, 10)] and _listening(log)
+                 and world.sql("SELECT count(*) FROM etl.runs") == [(2,)], 60, "the first runs and the listener")
+        assert sorted(world.sql("SELECT tgname FROM pg_trigger WHERE tgrelid = 'src'::regclass AND NOT tgisinternal")) \
+            == [("etl_wake_first",), ("etl_wake_second",)]
+        world.sql("INSERT INTO src SELECT g, g, 'b', now(), false, false FROM generate_series(990, 1009) g")  # both
+        wait_for(lambda: world.sql(both) == [(30, 30)], 30, "both jobs to be woken")
+        assert stop(daemon) == 0
+    causes = world.sql("SELECT job, cause, sum(rows_marked) FROM etl.runs GROUP BY 1, 2 ORDER BY 1, 2")
+    assert [tuple(r) for r in causes] == [("first", "start", 10), ("first", "wake-up", 20),
+                                          ("second", "start", 10), ("second", "wake-up", 20)], causes
+    for table in ("dst", "dst2"):
+        ids = [int(r[0]) for r in chdb_query(chdb, f"SELECT id FROM `{world.ch_database}`.{table} ORDER BY id")]
+        assert ids == [*range(1, 11), *range(990, 1010)], (table, ids)
