@@ -8,6 +8,7 @@ What the runs did is read from the ledger's runs table (cause, status, rows).
 from __future__ import annotations
 
 import random
+import select
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 from etl_service import checks, wake
 from etl_service.config import load
 from etl_service.embedded import postgres
+from etl_service.ledger import Ledger
+from etl_service.pipeline import run_job
 
 from .conftest import World
 from .helpers import Writer, assert_exact, chdb_query, running, start, stop, wait_for, write_env
@@ -59,16 +62,17 @@ def test_commits_wake_the_job_without_a_schedule_tick_and_its_own_mark_wakes_no_
     chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
     env_file = write_env(world, chdb, ETL_SCHEDULE=YEARLY, ETL_WAKE="notify", ETL_LAG_COLUMN="ts")
     with running("--env-file", str(env_file), log=log) as daemon:
-        wait_for(lambda: _marked(world) == 20 and _listening(log), 60, "the first run and the listener")
+        wait_for(lambda: _ledger_ready(world) and _listening(log), 60, "the first run and the listener")
         assert world.sql("SELECT tgname FROM pg_trigger WHERE tgrelid = 'src'::regclass AND NOT tgisinternal") == \
             [("etl_wake_src",)]
-        for done, first in enumerate((101, 201, 301), start=1):  # three commits, apart: each one wakes a run
+        for done, first in enumerate((101, 201, 301), start=1):  # three commits, each once the last run ended
             world.sql(f"INSERT INTO src SELECT g, g, 'w', clock_timestamp(), false FROM generate_series({first},"
                       f" {first + 49}) g")
-            wait_for(lambda n=done: _marked(world) == 20 + 50 * n, 30, f"rows {first}.. to be marked")
+            wait_for(lambda n=done: len(_runs(world)) == n + 1, 30, f"a run to move rows {first}..")
         world.sql("UPDATE src SET amount = 0, processed = false WHERE id = 5")  # an update wakes it too
-        wait_for(lambda: len(_runs(world)) == 5 and _marked(world) == 170, 30, "the updated row to be marked again")
-        time.sleep(1.5)  # a mark that woke the job would show as one more (empty) run by now
+        wait_for(lambda: len(_runs(world)) == 5, 30, "a run to move the updated row")
+        time.sleep(2.0)  # a mark that woke the job would show as one more (empty) run by now
+        assert len(_runs(world)) == 5, _runs(world)
         assert stop(daemon) == 0
     runs = _runs(world)
     assert runs[0][:2] == ("start", "ok") and runs[0][3] == 20, runs
@@ -164,7 +168,7 @@ def test_a_dropped_trigger_leaves_the_schedule_moving_rows_and_check_says_so(wor
     chdb, log = tmp_path / "chdb", tmp_path / "daemon.log"
     env_file = write_env(world, chdb, ETL_SCHEDULE="*/2 * * * * *", ETL_WAKE="notify")
     with running("--env-file", str(env_file), log=log) as daemon:
-        wait_for(lambda: _marked(world) == 10 and _listening(log), 60, "the first run and the listener")
+        wait_for(lambda: _ledger_ready(world) and _listening(log), 60, "the first run and the listener")
         world.sql("DROP TRIGGER etl_wake_src ON src")
         world.sql("INSERT INTO src SELECT g, g, 'late', now(), false FROM generate_series(11, 60) g")
         wait_for(lambda: _marked(world) == 60, 30, "the schedule to move rows without wake-ups")
@@ -172,7 +176,9 @@ def test_a_dropped_trigger_leaves_the_schedule_moving_rows_and_check_says_so(wor
         assert not checks.check(settings, lines.append)
         assert any("FAIL" in line and "is missing" in line for line in lines), lines
         assert stop(daemon) == 0
-    assert any(r[0] == "schedule" and r[3] == 50 for r in _runs(world)), _runs(world)
+    runs = _runs(world)
+    assert runs[0] == ("start", "ok", 1, 10) and {r[0] for r in runs[1:]} == {"schedule"}, runs
+    assert sum(r[3] for r in runs[1:]) == 50, runs
     assert_exact(world, chdb, "dropped trigger")
     # created again at the next start, and check is content
     with running("--env-file", str(env_file), log=log) as daemon:
@@ -201,10 +207,13 @@ def test_exactly_once_under_a_writer_with_wake_ups_and_sigkills(world: World, tm
         wait_for(lambda: world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)], 90, "the drain")
         wait_for(lambda: world.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)], 30,
                  "open batches to finish")
+        runs = len(_runs(world))
+        world.sql("INSERT INTO src SELECT g, 1, 'after', now(), false FROM generate_series(5000001, 5000100) g")
+        wait_for(lambda: _marked(world) == 600 + writer.written, 30, "the last daemon to be woken")
         assert stop(daemon) == 0
     rows = assert_exact(world, chdb, "writer + SIGKILLs")
-    assert rows == 500 + writer.written and writer.written > 300, (rows, writer.written)
-    assert any(r[0] == "wake-up" and r[3] > 0 for r in _runs(world)), _runs(world)
+    assert rows == 600 + writer.written and writer.written > 300, (rows, writer.written)
+    assert any(r[0] == "wake-up" and r[3] >= 100 for r in _runs(world)[runs:]), _runs(world)
 
 
 def test_the_wake_settings_are_checked(world: World) -> None:
@@ -245,3 +254,38 @@ def test_two_jobs_on_one_partitioned_table_are_each_woken(world: World, tmp_path
     for table in ("dst", "dst2"):
         ids = [int(r[0]) for r in chdb_query(chdb, f"SELECT id FROM `{world.ch_database}`.{table} ORDER BY id")]
         assert ids == [*range(1, 11), *range(990, 1010)], (table, ids)
+
+
+def test_the_services_own_mark_sends_no_notification(world: World) -> None:
+    world.make_source(30)
+    settings = world.settings(wake="notify")
+    job = settings.jobs[0]
+    conn = psycopg2.connect(world.pg_dsn)
+    try:
+        Ledger(conn, settings.ledger_schema, job).ensure_schema()
+        assert wake.ensure_trigger(conn, settings.ledger_schema, job) is None
+        assert wake.trigger_state(conn, job) == "present"
+        listener = world.pg()
+        with listener.cursor() as cur:
+            cur.execute('LISTEN "etl_wake_src"')
+
+        def heard(wait: float) -> int:
+            deadline, count = time.monotonic() + wait, 0
+            while time.monotonic() < deadline:
+                if select.select([listener], [], [], 0.1) != ([], [], []):
+                    listener.poll()
+                    count += len(listener.notifies)
+                    listener.notifies.clear()
+            return count
+
+        world.sql("UPDATE src SET name = 'x' WHERE id = 1")  # any write wakes
+        assert heard(1.0) == 1
+        result = run_job(settings, job)
+        assert result.rows_marked == 30, result.message
+        assert heard(1.0) == 0  # 30 rows marked, no wake-up
+        world.sql("INSERT INTO src SELECT g, g, 'n', now(), false FROM generate_series(31, 40) g;"
+                  " INSERT INTO src SELECT g, g, 'n', now(), false FROM generate_series(41, 50) g")
+        assert heard(1.0) == 1  # two statements, one transaction: one notification
+        listener.close()
+    finally:
+        conn.close()
