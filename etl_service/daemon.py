@@ -30,6 +30,10 @@ from etl_service.config import JobConfig, Settings
 from etl_service.errors import ConfigError, TransientError
 from etl_service.pipeline import OUTCOMES, run_job
 
+# After a run of a woken job fails on a configuration error, wake-ups start no run for this long:
+# every commit would otherwise fail one more run.
+WAKE_PAUSE = 300.0
+
 
 @dataclass
 class Gate:
@@ -41,6 +45,7 @@ class Gate:
     pending: bool = False  # a woken run is scheduled and has not started yet
     cause: str = ""  # what asked for the run after this one (catch-up wins: it says something was missed)
     wakeups: int = 0  # notifications since the last run started
+    quiet_until: float = 0.0  # a configuration error: wake-ups start no run before this (monotonic time)
 
     def ask(self, cause: str) -> None:
         self.again = True
@@ -132,6 +137,8 @@ class Daemon:
             else:
                 self._add(job)
         self.settings = new
+        for gate in self._gates.values():
+            gate.quiet_until = 0.0  # a fixed setting is tried at the next wake-up
         self._listen()
         clickhouse.close_other_folders(new)  # a moved CLICK_DSN frees the old chDB folder at once
         logs.setup(new.log_level, new.log_format)
@@ -165,6 +172,8 @@ class Daemon:
         gate = self._gates.setdefault(name, Gate())
         with gate.lock:
             gate.wakeups += count
+            if time.monotonic() < gate.quiet_until:  # the last run found a configuration error
+                return
             if gate.running:
                 gate.ask(cause)
                 return
@@ -201,6 +210,13 @@ class Daemon:
                     logger.bind(job=job.name).info("this run took {:.0f}s, longer than the schedule '{}': {} due"
                                                    " run(s) were merged into it", result.seconds, job.schedule, merged)
                 systemd.notify(f"STATUS=last run: {result.line()}"[:500])
+                if result.permanent and job.wake == "notify":
+                    logger.bind(job=job.name).warning(
+                        "wake-ups start no run of this job for {:.0f}s after a configuration error (the schedule"
+                        " still runs it; fix the setting and reload)", WAKE_PAUSE)
+                    with gate.lock:
+                        gate.quiet_until = time.monotonic() + WAKE_PAUSE
+                        gate.again = False
                 with gate.lock:
                     if not gate.again or self.stop.is_set():
                         break
