@@ -140,6 +140,9 @@ class Daemon:
         for gate in self._gates.values():
             gate.quiet_until = 0.0  # a fixed setting is tried at the next wake-up
         self._listen()
+        for job in new.jobs:  # commits made while no one listened (a job switched to notify, a restart)
+            if job.wake == "notify" and job.name in self._started:
+                self.wake(job.name, 0, "catch-up")
         clickhouse.close_other_folders(new)  # a moved CLICK_DSN frees the old chDB folder at once
         logs.setup(new.log_level, new.log_format)
         logger.info("configuration reloaded: {} job(s): {}", len(new.jobs),
