@@ -190,7 +190,7 @@ def _check_target(settings: Settings, job: JobConfig, shape: source.SourceShape)
             lines.append(f"note: {accepted}" if accepted else f"target drops a repeated insert ({info.engine})")
             if job.target_mode == "latest":
                 target.check_latest(info, name, bool(job.deleted_column),
-                                    ", ".join(f"`{c}` {t}" for c, t in info.columns.items()))
+                                    ", ".join(f"`{c}` {t}" for c, t in info.columns.items()), shape.key_targets)
                 lines.append("target keeps the latest version of each key (SELECT … FINAL: the current rows)")
             lines.extend(f"note: {line}" for line in sink.doubling_views(client, views))
             if not job.transform:

@@ -188,20 +188,40 @@ BATCH_INDEX = "_etl_batch_minmax"
 DELETED_COLUMN = "_etl_deleted"  # latest mode with a deleted column: 1 for a row deleted at the source
 
 
-def check_latest(info: TargetInfo, table: str, deleted: bool, columns: str) -> None:
+def sorting_key(engine_full: str) -> list[str]:
+    """The columns of a MergeTree table's ORDER BY, from its engine_full (expressions stay as written)."""
+    found = re.search(r"\bORDER BY (.+?)(?= PRIMARY KEY | SAMPLE BY | TTL | SETTINGS |$)", engine_full.replace("`", ""))
+    if not found:
+        return []
+    text = found[1].strip()
+    if text.startswith("(") and text.endswith(")"):
+        text = text[1:-1]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def check_latest(info: TargetInfo, table: str, deleted: bool, columns: str, keys: tuple[str, ...]) -> None:
     """ConfigError naming ETL_TARGET_MODE unless `table` keeps the latest version of each key by _etl_version
-    (and, with a deleted column, leaves deleted rows out of FINAL by _etl_deleted)."""
+    (and, with a deleted column, leaves deleted rows out of FINAL by _etl_deleted): a Replacing engine
+    versioned so, sorted by exactly the key's columns (rows are folded by the sorting key: more columns
+    keep two versions of a key, fewer fold different keys)."""
     engine_full = info.engine_full.replace("`", "")
     versioned = re.search(r"ReplacingMergeTree\((?:'[^']*',\s*'[^']*',\s*)?_etl_version(\s*,\s*(\w+))?\)",
                           engine_full)
-    if versioned and (not deleted or (versioned[2] == DELETED_COLUMN)):
-        return
     wanted = "_etl_version, _etl_deleted" if deleted else "_etl_version"
-    raise ConfigError("ETL_TARGET_MODE", f"{table} ({info.engine}) does not keep the latest version of each key by"
-                      f" its source version ({wanted}): in latest mode FINAL would not give the source's current rows",
-                      f"make it a ReplacingMergeTree({wanted}) ordered by the key, e.g. CREATE TABLE new_table"
-                      f" ({columns}) ENGINE = ReplacingMergeTree({wanted}) ORDER BY <key>; INSERT INTO new_table"
-                      f" SELECT * FROM {table}; EXCHANGE TABLES new_table AND {table}; or leave ETL_TARGET_MODE=append")
+    order = ", ".join(keys) if len(keys) == 1 else f"({', '.join(keys)})"
+    fix = (f"e.g. CREATE TABLE new_table ({columns}) ENGINE = ReplacingMergeTree({wanted}) ORDER BY {order};"
+           f" INSERT INTO new_table SELECT * FROM {table}; EXCHANGE TABLES new_table AND {table}; or leave"
+           " ETL_TARGET_MODE=append")
+    if not versioned or (deleted and versioned[2] != DELETED_COLUMN):
+        raise ConfigError("ETL_TARGET_MODE", f"{table} ({info.engine}) does not keep the latest version of each key"
+                          f" by its source version ({wanted}): in latest mode FINAL would not give the source's current"
+                          " rows", f"make it a ReplacingMergeTree({wanted}) ordered by the key, {fix}")
+    sorted_by = sorting_key(info.engine_full)
+    if set(sorted_by) != set(keys):
+        raise ConfigError("ETL_TARGET_MODE", f"{table} is sorted by ({', '.join(sorted_by) or 'nothing'}), not by the"
+                          f" key ({', '.join(keys)}): FINAL folds rows by the sorting key, so it would keep several"
+                          " versions of a key or fold different keys into one",
+                          f"make it sorted by the key, {fix}")
 
 
 def create_ddl(table: str, shape: SourceShape, source: str, cluster: str = "", window: int = 10000,

@@ -89,7 +89,7 @@ class TargetSession:
         info, views = described
         if self.job.target_mode == "latest":
             target.check_latest(info, name, bool(self.job.deleted_column),
-                                ", ".join(f"`{c}` {t}" for c, t in info.columns.items()))
+                                ", ".join(f"`{c}` {t}" for c, t in info.columns.items()), shape.key_targets)
         accepted = target.check_dedup(info, name, self.job.target_dedup)
         if accepted:
             self.log.warning(accepted)

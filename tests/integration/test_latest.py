@@ -152,3 +152,23 @@ def test_a_crash_between_load_and_mark_with_a_merge_meanwhile_converges(world: W
     rows = chdb_query(chdb, f"SELECT id, amount, name FROM `{world.ch_database}`.dst FINAL ORDER BY id")
     assert [(int(i), float(a), n) for i, a, n in rows] == [(i, float(a), n) for i, a, n in current(world)]
     assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
+
+
+@pytest.mark.parametrize("order", ["(id, name)", "_etl_batch", "tuple()"])
+def test_an_operator_made_latest_target_not_sorted_by_the_key_is_refused(world: World, order: str) -> None:
+    world.make_source(20)
+    ch = world.backend.ch()
+    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    ch.command(f"CREATE TABLE {world.target()} (id Int64, amount Decimal(12, 2), name String,"
+               " ts Nullable(DateTime64(6, 'UTC')), _etl_batch UInt64, _etl_version UInt64)"
+               f" ENGINE = ReplacingMergeTree(_etl_version) ORDER BY {order}"
+               " SETTINGS non_replicated_deduplication_window = 1000, allow_nullable_key = 1")
+    settings = latest(world)
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.permanent, result.rows_loaded) == (FAILED, True, 0), result.message
+    assert "ETL_TARGET_MODE" in result.message and "not by the key (id)" in result.message, result.message
+    assert "ORDER BY id;" in result.message, result.message
+    assert world.ch_rows(f"SELECT count() FROM {world.target()}") == [(0,)]
+    lines: list[str] = []
+    assert not checks.check(settings, lines.append)
+    assert any(line.startswith("  FAIL ETL_TARGET_MODE") for line in lines), lines
