@@ -9,12 +9,12 @@ Found at the start of each loading run with one query the batch column's skip in
 without reading rows in normal operation: does the target hold batch ids above the ledger's
 highest? If it does, that span of ids is recorded in the ledger, and until a run has claimed every
 unprocessed row, each chunk about to be loaded is compared with the target's rows of those
-batches in the chunk's key range: a row ClickHouse holds there with the same key, the same
-source version (`_etl_version`: the transaction that wrote it, and that transaction's timeline)
-and the same values is not sent, and is marked with its batch. The values are compared too
-because right after a promotion the new primary reuses transaction ids the lost primary had
-used, and which timeline such an id belongs to is only known to within the first checkpoint. A
-target without `_etl_version` (made by an operator) is compared by key and values.
+batches in the chunk's key range: a row whose key's newest version there (the highest
+`_etl_version`) has the same values is not sent, and is marked with its batch. Versions are not
+compared: a row loaded again gets a new one (source.VERSION_COLUMN), and what matters is that
+ClickHouse already holds the row as it is now. A key whose newest held version differs (the lost
+primary wrote other values, or the row changed since) is loaded, with a higher version. A target
+without `_etl_version` (made by an operator) is compared by key and values against every row.
 """
 
 from __future__ import annotations
@@ -68,13 +68,13 @@ class Reconciler:
                 "the ledger is behind ClickHouse: {} holds {} rows of batches {}..{}, above the ledger's highest"
                 " ({}): the ledger lost history (a failover to a standby that missed commits, a restored, dropped"
                 " or truncated ledger). Until a run has claimed every unprocessed row, rows ClickHouse holds there"
-                " with the same key and source version are marked, not loaded again", self.name, rows,
+                " as they are now (same key and values) are marked, not loaded again", self.name, rows,
                 highest + 1, top, highest)
         else:
             self.span = self.ledger.reconcile.open_span(self.name)
 
     def drop_held(self, data: pa.Table, shape: SourceShape, batch_id: int) -> pa.Table:
-        """`data` without the rows the target holds in the open span (same key and source version)."""
+        """`data` without the rows whose key's newest version in the open span has the same values."""
         span = self.span
         if span is None or not data.num_rows:
             return data
@@ -82,13 +82,11 @@ class Reconciler:
         versioned = self.target.has_version_column
         compared = [*keys, *(name for name in data.column_names if name in self.target.types
                              and name not in keys and not name.startswith("_etl_"))]
-        if versioned:
-            compared.append(sink.VERSION_COLUMN)
         ends = pc.min_max(data.column(keys[0]))
         bounds = (ends["min"].as_py(), ends["max"].as_py())
         held = {tuple(_norm(v) for v in row) for row in sink.held_rows(
             self.target.connect(shape), self.db, self.table, keys, compared, bounds,
-            self.target.types.get(keys[0], ""), span.above, span.upto)}
+            self.target.types.get(keys[0], ""), span.above, span.upto, newest=versioned)}
         if not held:
             return data
         columns = [data.column(name).to_pylist() for name in compared]
@@ -99,7 +97,7 @@ class Reconciler:
             self.ctx.log.bind(batch=batch_id).info(
                 "batch {}: {} row(s) already in {} (batches {}..{}) with the same {}: marked, not loaded again",
                 batch_id, dropped, self.name, span.above + 1, span.upto,
-                "key and source version" if versioned else "key")
+                "key and values as its newest version there" if versioned else "key and values")
         return data.filter(pa.array(keep))
 
     def finish(self, shape: SourceShape) -> None:

@@ -237,9 +237,10 @@ _RANGE_TYPES = re.compile(r"^(U?Int\d+|String|UUID|Date|Date32)$")
 
 
 def held_rows(client: Client, database: str, table: str, keys: tuple[str, ...], columns: list[str],
-              bounds: tuple[Any, Any], lead_type: str, above: int, upto: int) -> list[tuple[Any, ...]]:
+              bounds: tuple[Any, Any], lead_type: str, above: int, upto: int,
+              newest: bool = False) -> list[tuple[Any, ...]]:
     """The target's rows of batches (above, upto] in the key range `bounds` of the first key column
-    `keys[0]`: their `columns`."""
+    `keys[0]`: their `columns`; with `newest`, only each key's row of the highest source version."""
     inner = fit.unwrap(lead_type)[0]
     cols = ", ".join(quote_identifier(c) for c in columns)
     query = (f"SELECT {cols} FROM {table_name(database, table)}"
@@ -249,6 +250,9 @@ def held_rows(client: Client, database: str, table: str, keys: tuple[str, ...], 
         lead = quote_identifier(keys[0])
         query += f" AND {lead} >= {{lo:{inner}}} AND {lead} <= {{hi:{inner}}}"
         params.update(lo=bounds[0], hi=bounds[1])
+    if newest:
+        query += (f" ORDER BY {VERSION_COLUMN} DESC LIMIT 1 BY"
+                  f" {', '.join(quote_identifier(k) for k in keys)}")
     with ch_errors(f"read the rows {database}.{table} holds of batches {above + 1}..{upto}"):
         rows = client.query(query, parameters=params).result_rows
     return [tuple(r) for r in rows]

@@ -591,19 +591,24 @@ def hot_advice(conn: Connection, job: JobConfig) -> list[str]:
 RANGE_JOIN = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'"
 
 
-# Each row's source version, the last column of every extracted chunk: the transaction that last
-# wrote the row as a 64-bit id (its 32-bit xmin widened by the snapshot's epoch) in the low 48
-# bits, and the timeline that transaction belongs to (`ledger.timelines`) in the bits above, so
-# that no failover or restore makes two versions of a row look the same or an older one look
-# newer. A row keeps its version until it is written again.
+# Each row's source version, the last column of every extracted chunk: the extraction snapshot's
+# horizon (the next 64-bit transaction id when it was taken; every row it reads was committed
+# before it) in the low 48 bits, and the timeline it belongs to (`ledger.timelines`) in the bits
+# above. A later version of a row is read by a later snapshot — a row is claimed again only after
+# the batch that loaded its earlier version is done, and that batch's own ledger writes took ids in
+# between — so versions order a row's loads as their commits ordered them. The row's xmin would not:
+# ids are handed out when a transaction first writes, not when it commits, so a long transaction
+# can commit a newer version of a row under a lower id. No failover or restore makes an older load
+# look newer either: a new timeline is higher, and versions that go backwards are refused.
 VERSION_COLUMN = "_etl_version"
 VERSION_MASK = (1 << 48) - 1  # the transaction id part of a version
-_XID8 = "v.top - ((v.top - s.xmin::text::bigint) & 4294967295)"  # xmin widened by the snapshot's epoch
+_XID8 = "v.top"
 _VERSION_BASE = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS top"
 
 
 def _version(timelines: list[tuple[int, int]]) -> sql.Composable:
-    """The version of row `s`: its timeline (the last one whose first id is at most its xid) and its xid."""
+    """The version of the rows a snapshot reads: its timeline (the last one whose first id is at most its
+    horizon) and its horizon."""
     if not timelines:
         return sql.SQL("(" + _XID8 + ")")
     case = sql.SQL(" ").join(sql.SQL("WHEN x.x8 >= {} THEN {}").format(sql.Literal(first), sql.Literal(tl))

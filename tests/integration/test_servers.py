@@ -211,19 +211,52 @@ def test_the_batches_table_truncated_under_a_waiting_batch_stops_its_mark(world:
 
 
 def test_every_row_carries_its_source_version(world: World) -> None:
+    """A version is the horizon of the snapshot that read the row (above every id it saw committed),
+    on the server's timeline: each load of a row is higher than the one before."""
     world.make_source(50)
-    world.sql("UPDATE src SET name = 'changed' WHERE id <= 10")
-    xmins = {int(i): int(x) for i, x in world.sql(  # as loaded: the mark writes the rows again
-        "SELECT id, (pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-        " - ((pg_snapshot_xmax(pg_current_snapshot())::text::bigint - xmin::text::bigint) & 4294967295))"
-        " FROM src WHERE id IN (1, 50)")}
-    settings = world.settings()
+    settings = world.settings(batch_size="25")
+    before = int(world.sql("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")[0][0])
     assert run_job(settings, settings.jobs[0]).rows_marked == 50
-    versions = dict(world.ch_rows(f"SELECT id, _etl_version FROM {world.target()} WHERE id IN (1, 50)"))
+    world.sql("UPDATE src SET name = 'changed', processed = false WHERE id <= 10")
+    assert run_job(settings, settings.jobs[0]).rows_marked == 10
+    after = int(world.sql("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")[0][0])
     timeline = int(world.sql("SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int")
                    [0][0])
-    assert versions == {1: timeline << 48 | xmins[1], 50: timeline << 48 | xmins[50]}
-    assert xmins[1] != xmins[50]  # id 1 was written again by the UPDATE: a newer version
+    rows = world.ch_rows(f"SELECT id, _etl_batch, _etl_version FROM {world.target()} ORDER BY id, _etl_version")
+    assert {v >> 48 for _, _, v in rows} == {timeline}
+    assert all(before <= (v & ((1 << 48) - 1)) <= after for _, _, v in rows), (before, after, rows[:3])
+    by_batch: dict[int, set[int]] = {}
+    for _, batch, version in rows:
+        by_batch.setdefault(batch, set()).add(version)
+    assert sorted(by_batch) == [1, 2, 3] and all(len(v) == 1 for v in by_batch.values()), by_batch  # one per chunk
+    assert by_batch[1] < by_batch[2] < by_batch[3] or max(by_batch[1]) < min(by_batch[2]) < min(by_batch[3])
+    for key in range(1, 11):  # both loads of a changed row: the second is the higher version
+        versions = [v for i, _, v in rows if i == key]
+        assert len(versions) == 2 and versions[0] < versions[1], (key, versions)
+
+
+def test_a_transaction_that_commits_a_newer_version_under_a_lower_id_still_wins(world: World) -> None:
+    """B takes its transaction id first, A updates row 11 and commits, a run loads A's row, then B updates
+    row 11 and commits: B's row is the current one although its xmin is lower than A's."""
+    world.make_source(20)
+    settings = world.settings(target_mode="latest")
+    assert run_job(settings, settings.jobs[0]).rows_marked == 20
+    b = world.pg()
+    b.autocommit = False
+    with b.cursor() as cur:
+        cur.execute("UPDATE src SET name = 'B-other', processed = false WHERE id = 12")  # B's id is taken here
+        a_xid = world.sql("UPDATE src SET name = 'A', processed = false WHERE id = 11"
+                          " RETURNING xmin::text::bigint")[0][0]  # A: a higher id, committed
+        assert run_job(settings, settings.jobs[0]).rows_marked == 1  # A's row 11 loaded
+        cur.execute("UPDATE src SET name = 'B', processed = false WHERE id = 11")
+    b.commit()
+    b.close()
+    assert world.sql("SELECT xmin::text::bigint FROM src WHERE id = 11")[0][0] < a_xid  # B's row: the lower id
+    assert run_job(settings, settings.jobs[0]).rows_marked == 2
+    final = world.ch_rows(f"SELECT id, name FROM {world.target()} FINAL WHERE id IN (11, 12) ORDER BY id")
+    assert [tuple(r) for r in final] == [(11, "B"), (12, "B-other")], final
+    newest = world.ch_rows(f"SELECT argMax(name, _etl_version) FROM {world.target()} WHERE id = 11")
+    assert newest == [("B",)], newest
 
 
 def test_a_ledger_restored_from_an_older_copy_neither_doubles_nor_sticks(world: World) -> None:
