@@ -201,12 +201,13 @@ def test_exactly_once_under_a_writer_with_wake_ups_and_sigkills(world: World, tm
             time.sleep(rng.uniform(1.5, 4.0))
             daemon.send_signal(signal.SIGKILL)
             daemon.wait()
-    before = log.stat().st_size
+    before, recorded = log.stat().st_size, len(_runs(world))
     with running("--env-file", str(env_file), log=log) as daemon:  # drains what is left, woken or at start
         wait_for(lambda: "wake-ups: listening" in log.read_text()[before:], 60, "the last daemon to listen")
         wait_for(lambda: world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)], 90, "the drain")
         wait_for(lambda: world.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)], 30,
                  "open batches to finish")
+        wait_for(lambda: len(_runs(world)) > recorded, 30, "the last daemon's first run to end")
         runs = len(_runs(world))
         world.sql("INSERT INTO src SELECT g, 1, 'after', now(), false FROM generate_series(5000001, 5000100) g")
         wait_for(lambda: _marked(world) == 600 + writer.written, 30, "the last daemon to be woken")
