@@ -2,7 +2,7 @@
 
 import sys
 
-from etl_service.cli import main
+from etl_service.service.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

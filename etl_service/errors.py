@@ -17,7 +17,7 @@
     └── RowError             marker: some rows' data is the problem — the chunk is split until
                              the bad rows are found, and those are quarantined
 
-Driver exceptions are translated at the I/O boundary (`source`, `sink`) with `from exc`,
+Driver exceptions are translated at the I/O boundary (`postgres.connection`, `clickhouse.clients`) with `from exc`,
 and messages never carry a password: DSNs are redacted before they reach any text.
 """
 

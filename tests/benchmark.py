@@ -441,7 +441,7 @@ def main() -> None:
         result = phase_native(*rest) if name == "native" else phase_naive(*rest)
         print(json.dumps(result))
         return
-    from etl_service.embedded import postgres
+    from etl_service.postgres.embedded import postgres
 
     with tempfile.TemporaryDirectory(prefix="etl-bench-") as tmp:
         folder = Path(tmp)

@@ -17,7 +17,7 @@ from decimal import Decimal
 
 import pyarrow as pa
 
-from etl_service.fit import first_misfit
+from etl_service.clickhouse.fit import first_misfit
 
 CREATED = {"id": "Int64", "amount": "Decimal(12, 2)", "at": "DateTime64(6, 'UTC')", "d": "Date32", "f": "Float64",
            "s": "String"}

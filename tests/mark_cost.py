@@ -22,10 +22,10 @@ import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from etl_service import source
-from etl_service.config import load
-from etl_service.embedded import postgres
 from etl_service.ledger import Ledger
+from etl_service.postgres import catalog, connection
+from etl_service.postgres.embedded import postgres
+from etl_service.settings.reading import load
 
 
 def main() -> None:
@@ -48,10 +48,10 @@ def main() -> None:
         settings = load(environ={"PG_DSN": pg.uri, "CLICK_DSN": f"chdb://{tmp}/chdb", "ETL_SOURCE_TABLE": "public.src",
                                  "ETL_TARGET_TABLE": "dst", "ETL_BATCH_SIZE": str(args.batch)})
         job = settings.jobs[0]
-        conn = source.connect(settings)
+        conn = connection.connect(settings)
         ledger = Ledger(conn, settings.ledger_schema, job)
         ledger.ensure_schema()
-        shape = source.describe(conn, job)
+        shape = catalog.describe(conn, job)
         times = []
         for _ in range(args.batches):
             batch = ledger.batches.claim(shape)

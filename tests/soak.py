@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="ETL_BATCH_SIZE (default 500)")
     parser.add_argument("--compressed", action="store_true", help="runs back to back in this process")
     args = parser.parse_args()
-    from etl_service.embedded import postgres
+    from etl_service.postgres.embedded import postgres
 
     with tempfile.TemporaryDirectory(prefix="etl-soak-") as tmp, postgres(Path(tmp) / "pg") as pg:
         with psycopg2.connect(pg.uri) as conn, conn.cursor() as cur:
@@ -140,8 +140,8 @@ def _line(done: int, started: float, pid: int) -> None:
 def _compressed(env: dict[str, str], args: argparse.Namespace, started: float) -> None:
     """The job's runs back to back in this process: the same pipeline, the same shared chDB client."""
     from etl_service import logs
-    from etl_service.config import load
-    from etl_service.pipeline import run_job
+    from etl_service.run.pipeline import run_job
+    from etl_service.settings.reading import load
 
     logs.setup("WARNING")
     settings = load(environ=env)
@@ -154,9 +154,9 @@ def _compressed(env: dict[str, str], args: argparse.Namespace, started: float) -
 
 
 def _exactness(env: dict[str, str], tmp: str, pg_uri: str, written: int) -> None:
-    from etl_service import clickhouse
+    from etl_service.clickhouse import clients
 
-    clickhouse.close_all()  # this process may hold the folder (--compressed)
+    clients.close_all()  # this process may hold the folder (--compressed)
     out = subprocess.run([sys.executable, "-c", "import clickhouse_connect; c = clickhouse_connect.get_client("
                           f"dsn='chdb://{tmp}/chdb'); print(*c.query('SELECT count(), uniqExact(id)"
                           " FROM default.dst').result_rows[0])"], capture_output=True, text=True, check=True)

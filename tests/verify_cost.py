@@ -22,7 +22,7 @@ import clickhouse_connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from etl_service import sink
+from etl_service.clickhouse import readback, target_table
 
 
 def timed(action: object, repeat: int = 20) -> float:
@@ -52,14 +52,14 @@ def main() -> None:
                            f" 1 + intDiv(number, {args.batch}) FROM numbers({args.rows})")
             client.command(f"OPTIMIZE TABLE d.{name} FINAL")
             middle = 1 + args.rows // args.batch // 2
-            count = timed(lambda n=name, b=middle: sink.batch_rows(client, "d", n, b))
-            assert sink.batch_rows(client, "d", name, middle) == args.batch
+            count = timed(lambda n=name, b=middle: readback.batch_rows(client, "d", n, b))
+            assert readback.batch_rows(client, "d", name, middle) == args.batch
             print(f"{name:8} count of one batch of {args.batch:,} in {args.rows:,} rows: {count:6.1f} ms")
             top = args.rows // args.batch
-            above = timed(lambda n=name, t=top: sink.rows_above(client, "d", n, t))
-            assert sink.rows_above(client, "d", name, top) == (0, 0)
+            above = timed(lambda n=name, t=top: readback.rows_above(client, "d", n, t))
+            assert readback.rows_above(client, "d", name, top) == (0, 0)
             print(f"{name:8} look for batch ids above the ledger's highest (none, the normal case): {above:6.1f} ms")
-        describe = timed(lambda: sink.describe_target(client, "d", "indexed"))
+        describe = timed(lambda: target_table.describe_target(client, "d", "indexed"))
         print(f"describe the target (engine, settings, columns, views): {describe:6.1f} ms")
         client.close()
 

@@ -19,7 +19,6 @@ A `Ledger` opens all of them on one connection (which also holds the job's lock)
 
 from __future__ import annotations
 
-from etl_service.config import JobConfig
 from etl_service.ledger import schema
 from etl_service.ledger.batches import Batch, Batches
 from etl_service.ledger.lock import Lock
@@ -31,7 +30,8 @@ from etl_service.ledger.runs import Health, Runs
 from etl_service.ledger.shapes import TargetShapes
 from etl_service.ledger.store import Store
 from etl_service.ledger.timelines import Timelines
-from etl_service.source import Connection
+from etl_service.postgres.connection import Connection
+from etl_service.settings.model import JobConfig
 
 __all__ = ["Batch", "ForeignBatch", "Health", "Ledger", "MarkResult", "Span"]
 

@@ -9,7 +9,7 @@ again, then mark exactly those keys in one transaction with the ledger update.
 key's columns in the order of `key_columns`, and everything downstream relies on it:
 - chunk bounds are positions in that array, fixed at claim time (`chunk_ends`), so a resumed
   batch sends the same chunks with the same insert tokens;
-- the chunk query (`source.extract_chunk`) reads positions first..last as the key range
+- the chunk query (`postgres.extract.extract_chunk`) reads positions first..last as the key range
   keys[first]..keys[last], one index range scan;
 - the mark's span (`mark.Mark`) bounds the join by keys[1] and keys[cardinality(keys)];
 - the drain's keyset claims past `Batch.last_key`, the batch's highest key, while its mark is
@@ -28,7 +28,9 @@ from typing import Any
 from psycopg2 import sql
 
 from etl_service.ledger.store import ELSEWHERE, HELD, SAME_SOURCE, Store
-from etl_service.source import SourceShape, generation, qualified, row_bytes
+from etl_service.postgres.catalog import SourceShape, generation
+from etl_service.postgres.connection import qualified
+from etl_service.postgres.widths import row_bytes
 
 _BATCH_COLUMNS = ("batch_id, state, row_count, chunk_size, chunks_loaded, rows_loaded, claimed_at, split,"
                   " keys[cardinality(keys)], coalesce(origin, job), generation, key_columns, chunk_ends")

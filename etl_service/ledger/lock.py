@@ -10,7 +10,7 @@ from __future__ import annotations
 from psycopg2 import sql
 
 from etl_service.ledger.store import Store
-from etl_service.source import pg_errors
+from etl_service.postgres.connection import pg_errors
 
 # A missing table (the run then says so) locks on its name.
 _KEY = sql.SQL("hashtextextended('etl-service:' || coalesce(coalesce(pg_partition_root(to_regclass(%(src)s)),"

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 import psycopg2
 from psycopg2 import sql
 
-from etl_service import source
-from etl_service.config import JobConfig
 from etl_service.errors import MarkNotKept, SourceError
 from etl_service.ledger.batches import Batch
 from etl_service.ledger.store import SAME_SOURCE, Store
-from etl_service.source import RANGE_JOIN, SourceShape, pg_errors, qualified
+from etl_service.postgres import logic
+from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.connection import pg_errors, qualified
+from etl_service.postgres.extract import RANGE_JOIN
+from etl_service.settings.model import JobConfig
 
 # Rows of one batch whose mark may raise alone before the mark takes the cause as systematic.
 MARK_FAILURES = 10
@@ -113,7 +115,7 @@ class Mark:
                 conn.commit()
                 self._odd_table = True
             cur.execute("SET CONSTRAINTS ALL IMMEDIATE")  # deferred triggers fire where the mark counts them
-            cur.execute(source.MARKING)  # the source's wake-up trigger (ETL_WAKE=notify) stays quiet for it
+            cur.execute(logic.MARKING)  # the source's wake-up trigger (ETL_WAKE=notify) stays quiet for it
             if shape.range_join:
                 cur.execute(RANGE_JOIN)
             raised: list[tuple[int, str]] = []
@@ -139,7 +141,7 @@ class Mark:
                         f" marked (e.g. {', '.join(reopened[:5])}): that job would load them again" if reopened
                         else beyond.describe())
                 raise MarkNotKept(beyond_mark(self.store.job, batch.batch_id, what,
-                                              source.mark_blockers(conn, self.store.job)))
+                                              logic.mark_blockers(conn, self.store.job)))
             raised_keys = self._set_aside_raised(cur, batch, shape, raised)
             quarantined = self._quarantined(cur, batch)
             reset = [str(key) for key, _, _ in unkept]
@@ -163,7 +165,7 @@ class Mark:
             before_commit()
             conn.commit()
             at = time.time()
-        blockers = source.mark_blockers(conn, self.store.job) if reset or refused or raised_keys else []
+        blockers = logic.mark_blockers(conn, self.store.job) if reset or refused or raised_keys else []
         return MarkResult(int(marked), int(quarantined), reset, refused, raised_keys, blockers, at)
 
     def _quarantined(self, cur: psycopg2.extensions.cursor, batch: Batch) -> int:
@@ -231,7 +233,7 @@ class Mark:
             params.update(first=positions[0], last=positions[1])
         cur.execute("SAVEPOINT etl_mark")
         try:
-            before = source.changes_in_transaction(cur, self.store.job)
+            before = logic.changes_in_transaction(cur, self.store.job)
             cur.execute(self._statement(shape, positions is not None), params)
             reached = int(cur.fetchone()[0])  # type: ignore[index]
         except psycopg2.Error as exc:
@@ -248,7 +250,7 @@ class Mark:
             middle = (first + last) // 2
             return (self._update(cur, batch, shape, (first, middle), raised, beyond)
                     + self._update(cur, batch, shape, (middle + 1, last), raised, beyond))
-        beyond.add(before, source.changes_in_transaction(cur, self.store.job), reached)
+        beyond.add(before, logic.changes_in_transaction(cur, self.store.job), reached)
         cur.execute("RELEASE SAVEPOINT etl_mark")
         return reached
 

@@ -13,8 +13,8 @@ from datetime import datetime
 from psycopg2 import sql
 
 from etl_service.errors import ConfigError, UnknownBatch
-from etl_service.keys import Key
 from etl_service.ledger.store import HELD, SAME_SOURCE, Store
+from etl_service.postgres.keys import Key
 
 # Unfinished batches of other job names on this job's source and flag (or of unknown source:
 # recorded before batches named it): a renamed or removed job's, to adopt or release.

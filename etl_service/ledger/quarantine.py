@@ -14,13 +14,14 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from etl_service import source
 from etl_service.errors import MarkNotKept, SourceError
-from etl_service.keys import Key
 from etl_service.ledger.batches import Batch
 from etl_service.ledger.mark import Beyond
 from etl_service.ledger.store import MINE, Store
-from etl_service.source import SourceShape, pg_errors, qualified
+from etl_service.postgres import logic
+from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.connection import pg_errors, qualified
+from etl_service.postgres.keys import Key
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,12 @@ class Quarantine:
             beyond = Beyond()
             cur.execute("SAVEPOINT etl_requeue")
             try:
-                before = source.changes_in_transaction(cur, job)
+                before = logic.changes_in_transaction(cur, job)
                 cur.execute(mark.format(src=qualified(job), flag=flag, loaded=loaded, one=sql.SQL(""),
                                         matches=matches, same=same, encoded=key.encode("s")), params)
                 done = cur.fetchall()
                 tried, rekeyed = [str(r[0]) for r in done], [str(r[0]) for r in done if r[1]]
-                beyond.add(before, source.changes_in_transaction(cur, job), len(tried))
+                beyond.add(before, logic.changes_in_transaction(cur, job), len(tried))
             except psycopg2.DatabaseError:  # PostgreSQL still refuses some: one at a time, the rest go
                 cur.execute("ROLLBACK TO SAVEPOINT etl_requeue")
                 tried, rekeyed = self._mark_one_by_one(cur, mark.format(
@@ -160,7 +161,7 @@ class Quarantine:
                 what = f"changed the key of {', '.join(rekeyed[:5])}" if rekeyed else beyond.describe()
                 raise MarkNotKept(f"requeue: marking the rows set aside as loaded did more than set {flag.string}:"
                                   f" something {what} in the same transaction. On the source:"
-                                  f" {'; '.join(source.mark_blockers(conn, job)) or 'no trigger on UPDATE is found'}."
+                                  f" {'; '.join(logic.mark_blockers(conn, job)) or 'no trigger on UPDATE is found'}."
                                   " Nothing was marked and nothing is loaded again; they stay set aside until that"
                                   " trigger leaves the service's mark alone")
             # not kept: unchanged but not flagged (tried and reset, or never reached); their xmin is kept up to date
@@ -183,10 +184,10 @@ class Quarantine:
         for (one,) in cur.fetchall():
             cur.execute("SAVEPOINT etl_requeue_one")
             try:
-                before = source.changes_in_transaction(cur, self.store.job)
+                before = logic.changes_in_transaction(cur, self.store.job)
                 cur.execute(mark, {**params, "one": one})
                 done = cur.fetchall()
-                beyond.add(before, source.changes_in_transaction(cur, self.store.job), len(done))
+                beyond.add(before, logic.changes_in_transaction(cur, self.store.job), len(done))
                 tried.extend(str(r[0]) for r in done)
                 rekeyed.extend(str(r[0]) for r in done if r[1])
                 cur.execute("RELEASE SAVEPOINT etl_requeue_one")

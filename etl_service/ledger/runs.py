@@ -12,9 +12,9 @@ from typing import Any
 
 from psycopg2 import sql
 
-from etl_service.keys import Key
 from etl_service.ledger.store import SAME_SOURCE, Store
-from etl_service.source import qualified
+from etl_service.postgres.connection import qualified
+from etl_service.postgres.keys import Key
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from psycopg2 import sql
 
 from etl_service.errors import ConfigError
 from etl_service.ledger.store import Store
-from etl_service.source import Connection, pg_errors
+from etl_service.postgres.connection import Connection, pg_errors
 
 SCHEMA_SQL = """
 SELECT pg_advisory_xact_lock(hashtextextended('etl-service:ledger-schema', 0));

@@ -1,7 +1,7 @@
 """The source column types each job's target was last brought in step with.
 
 A source type that differs from the recorded one is a change at the source, to follow; one that
-matches it while the target differs is the operator's choice, left alone (`target.evolve`).
+matches it while the target differs is the operator's choice, left alone (`clickhouse.evolution.evolve`).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from typing import Any
 
 from psycopg2 import sql
 
-from etl_service.config import JobConfig
-from etl_service.source import Connection, pg_errors, qualified
+from etl_service.postgres.connection import Connection, pg_errors, qualified
+from etl_service.settings.model import JobConfig
 
 # A batch's source is this job's table if it names it, or if it was claimed from the same table
 # under another name (renamed since: the table's oid stays). Parameters: source, quoted.

@@ -1,6 +1,6 @@
 """The PostgreSQL timelines the service has seen, each with the first transaction id written on it.
 
-A row's source version names the timeline its writing transaction belongs to (`source.VERSION`):
+A row's source version names the timeline its writing transaction belongs to (`postgres.versioning`):
 after a failover the new primary hands out transaction ids the lost primary had already used, so
 an id alone does not say which transaction wrote a row. A timeline is recorded the first time a
 run sees it, with an id no lower than its first transaction's: the checkpoint taken at promotion
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from psycopg2 import sql
 
-from etl_service import source
 from etl_service.ledger.store import Store
+from etl_service.postgres import versioning
 
 
 class Timelines:
@@ -23,7 +23,7 @@ class Timelines:
 
     def see(self) -> list[tuple[int, int]]:
         """Record the server's current timeline if it is new; return every timeline seen."""
-        now, first = source.timeline_now(self.store.conn)
+        now, first = versioning.timeline_now(self.store.conn)
         rows = self.store.run("record the server's timeline", sql.SQL(
             "WITH seen AS (INSERT INTO {s}.timelines (timeline, first_xid)"
             " SELECT %(tl)s, CASE WHEN EXISTS (SELECT 1 FROM {s}.timelines) THEN %(first)s ELSE 0 END"

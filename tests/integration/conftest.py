@@ -22,8 +22,9 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from etl_service.config import Settings, load
-from etl_service.embedded import postgres
+from etl_service.postgres.embedded import postgres
+from etl_service.settings.model import Settings
+from etl_service.settings.reading import load
 
 
 @dataclass

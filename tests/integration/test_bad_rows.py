@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from etl_service import admin, report
-from etl_service.pipeline import FAILED, OK, run_job
+from etl_service.run.pipeline import FAILED, OK, run_job
+from etl_service.service import admin, report
 
 from .conftest import World
 from .test_pipeline import ch_summary, marked

@@ -14,8 +14,8 @@ from typing import Any
 import clickhouse_connect
 import pytest
 
-from etl_service.config import load
-from etl_service.pipeline import OK, run_job
+from etl_service.run.pipeline import OK, run_job
+from etl_service.settings.reading import load
 
 from .conftest import _docker_reason
 

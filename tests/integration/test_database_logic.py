@@ -10,9 +10,10 @@ from typing import Any
 import psycopg2.extensions
 import pytest
 
-from etl_service import admin, checks, report
-from etl_service.config import Settings, load
-from etl_service.pipeline import FAILED, IDLE, OK, WAITING, run_job
+from etl_service.run.pipeline import FAILED, IDLE, OK, WAITING, run_job
+from etl_service.service import admin, checks, report
+from etl_service.settings.model import Settings
+from etl_service.settings.reading import load
 
 from .conftest import World
 from .test_pipeline import ch_summary, marked

@@ -14,10 +14,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from etl_service import checks
-from etl_service.config import load
-from etl_service.embedded import EmbeddedPostgres, Standby, postgres
-from etl_service.pipeline import FAILED, OK, run_job
+from etl_service.postgres.embedded import EmbeddedPostgres, Standby, postgres
+from etl_service.run.pipeline import FAILED, OK, run_job
+from etl_service.service import checks
+from etl_service.settings.reading import load
 
 from .conftest import World
 from .helpers import chdb_query, cli, running, stop, wait_for, write_env

@@ -14,9 +14,9 @@ import time
 import pytest
 from loguru import logger
 
-from etl_service import admin, checks, report
 from etl_service.errors import ConfigError
-from etl_service.pipeline import FAILED, IDLE, OK, WAITING, RunResult, run_job
+from etl_service.run.pipeline import FAILED, IDLE, OK, WAITING, RunResult, run_job
+from etl_service.service import admin, checks, report
 
 from .conftest import World
 from .helpers import REPO, clean_env, cli, running, stop, wait_for, write_env
@@ -593,7 +593,7 @@ def test_status_and_metrics_say_how_far_behind_a_job_is(world: World) -> None:
     import dataclasses
     with_metrics = dataclasses.replace(settings, metrics_port=1)  # gauges are read after each run
     assert run_job(with_metrics, with_metrics.jobs[0]).status == WAITING  # batch 1 loaded, never ready
-    from etl_service import metrics
+    from etl_service.run import metrics
     lag = metrics.LAG.labels("src")._value.get()
     assert 7190 < lag < 7300 and metrics.WAITING.labels("src")._value.get() == 1
     lines: list[str] = []

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from etl_service import checks
-from etl_service.config import Settings
-from etl_service.pipeline import FAILED, OK, WAITING, run_job
+from etl_service.run.pipeline import FAILED, OK, WAITING, run_job
+from etl_service.service import checks
+from etl_service.settings.model import Settings
 
 from .conftest import World
 from .helpers import chdb_query, cli, write_env

@@ -7,9 +7,9 @@ import time
 
 import psycopg2
 
-from etl_service import source
 from etl_service.ledger import Ledger
-from etl_service.pipeline import IDLE, OK, SKIPPED, WAITING, run_job
+from etl_service.postgres import catalog, connection
+from etl_service.run.pipeline import IDLE, OK, SKIPPED, WAITING, run_job
 
 from .conftest import World
 
@@ -134,7 +134,7 @@ def test_second_runner_is_refused_by_the_lock(world: World) -> None:
     world.make_source(100)
     settings = world.settings()
     job = settings.jobs[0]
-    holder = source.connect(settings, "other-runner")
+    holder = connection.connect(settings, "other-runner")
     try:
         other = Ledger(holder, settings.ledger_schema, job)
         other.ensure_schema()
@@ -154,7 +154,7 @@ def test_unreachable_postgres_fails_the_run_cleanly_after_bounded_retries(world:
     world.make_source(10)
     env = world.env()
     env["PG_DSN"] = "postgresql://etl:secret-pw@127.0.0.1:1/nowhere"
-    from etl_service.config import load
+    from etl_service.settings.reading import load
 
     settings = load(environ=env)
     t0 = time.monotonic()
@@ -220,14 +220,14 @@ def test_post_processing_sql_runs_after_marking(world: World) -> None:
 
 
 def test_connection_errors_never_show_the_password(world: World) -> None:
-    from etl_service.config import load
+    from etl_service.settings.reading import load
 
     env = world.env()
     env["PG_DSN"] = "postgresql://etl:hunter2@127.0.0.1:1/db"
     settings = load(environ=env)
     assert "hunter2" not in repr(settings)
     try:
-        source.connect(settings)
+        connection.connect(settings)
     except Exception as exc:
         assert "hunter2" not in str(exc)
         assert isinstance(exc.__cause__, psycopg2.OperationalError)
@@ -245,7 +245,7 @@ def test_several_jobs_from_a_jobs_file_each_move_their_own_table(world: World) -
                     '[jobs.payments]\nsource_table = "public.payments"\nsource_key = "payment_id"\n'
                     'processed_column = "done"\ntarget_table = "payments_t"\ncolumns = "payment_id, cents:amount"\n'
                     'batch_size = 100\n')
-    from etl_service.config import load
+    from etl_service.settings.reading import load
 
     settings = load(environ={**world.env(), "ETL_JOBS_FILE": str(jobs)})
     results = {job.name: run_job(settings, job) for job in settings.jobs}
@@ -270,7 +270,7 @@ def test_lag_without_a_lag_column_counts_from_the_last_run_that_left_nothing_to_
               " ('src', now() - interval '2 minutes', now() - interval '1 minute', 'ok', 1, 10, 10, 60,"
               " 'time budget of 60s spent; backlog remains')")
     world.add_rows(101, 110)
-    conn = source.connect(settings)
+    conn = connection.connect(settings)
     try:
         health = Ledger(conn, settings.ledger_schema, settings.jobs[0]).runs.health()
     finally:
@@ -278,7 +278,7 @@ def test_lag_without_a_lag_column_counts_from_the_last_run_that_left_nothing_to_
     assert health.backlog == 10
     assert 595 <= health.lag_seconds <= 660, health  # since the drained run: the new rows came after it
     with_column = world.settings(lag_column="ts")  # add_rows stamps ts with now()
-    conn = source.connect(with_column)
+    conn = connection.connect(with_column)
     try:
         assert Ledger(conn, settings.ledger_schema, with_column.jobs[0]).runs.health().lag_seconds < 60
         world.sql("UPDATE src SET ts = NULL WHERE NOT processed")  # no timestamps: the estimate, not 0
@@ -297,19 +297,19 @@ def test_an_index_of_the_unprocessed_rows_on_the_key_is_recognised(world: World)
              ("CREATE INDEX todo ON src (a, b) WHERE processed", False),  # the done rows
              ("CREATE INDEX todo ON src USING brin (a, b) WHERE NOT processed", False),  # not ordered
              ("CREATE INDEX todo ON src (a, b)", False)]
-    conn = source.connect(settings)
+    conn = connection.connect(settings)
     try:
         for ddl, expected in cases:
             world.sql(f"DROP INDEX IF EXISTS todo; {ddl}")
-            assert source.describe(conn, settings.jobs[0]).range_join is expected, ddl
+            assert catalog.describe(conn, settings.jobs[0]).range_join is expected, ddl
     finally:
         conn.close()
     world.sql('CREATE TABLE odd (id int PRIMARY KEY, "Done Flag" boolean NOT NULL DEFAULT false);'
               ' CREATE INDEX odd_todo ON odd (id) WHERE "Done Flag" = false')
     odd = world.settings(source_table="public.odd", processed_column="Done Flag")
-    conn = source.connect(odd)
+    conn = connection.connect(odd)
     try:
-        assert source.describe(conn, odd.jobs[0]).range_join  # a flag name with a space and capitals
+        assert catalog.describe(conn, odd.jobs[0]).range_join  # a flag name with a space and capitals
     finally:
         conn.close()
     # a run through it with a composite key is exact (the shared fixture's tables have one on id)

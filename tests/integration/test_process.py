@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from etl_service import source
+from etl_service.postgres import connection, logic
 
 from .conftest import World
 from .helpers import chdb_query, cli, running, slow_transform, stop, wait_for, write_env
@@ -90,9 +90,9 @@ def test_check_says_when_marking_cannot_be_a_hot_update(world: World) -> None:
               ' CREATE INDEX parts_b_todo ON parts_b (id) WHERE NOT "Done Flag";'
               " CREATE INDEX parts_low ON parts (lower(id::text))")
     settings = world.settings(source_table="public.parts", processed_column="Done Flag")
-    conn = source.connect(settings)
+    conn = connection.connect(settings)
     try:
-        advice = source.hot_advice(conn, settings.jobs[0])
+        advice = logic.hot_advice(conn, settings.jobs[0])
     finally:
         conn.close()
     assert [a.split(":")[0] for a in advice] == [
@@ -101,9 +101,9 @@ def test_check_says_when_marking_cannot_be_a_hot_update(world: World) -> None:
     assert "ALTER TABLE parts_b SET (fillfactor = 50)" in advice[1]
     for flag in ("lower", "flag["):  # a flag that is also a function's name; one that regexes choke on
         odd = world.settings(source_table="public.parts", processed_column=flag)
-        conn = source.connect(odd)
+        conn = connection.connect(odd)
         try:
-            assert not any("refers to" in a for a in source.hot_advice(conn, odd.jobs[0]))
+            assert not any("refers to" in a for a in logic.hot_advice(conn, odd.jobs[0]))
         finally:
             conn.close()
 

@@ -18,8 +18,8 @@ import time
 import pytest
 from loguru import logger
 
-from etl_service.pipeline import Run
-from etl_service.progress import Progress
+from etl_service.run.pipeline import Run
+from etl_service.run.progress import Progress
 
 from .conftest import World
 from .helpers import REPO, clean_env, cli, slow_transform, write_env

@@ -24,8 +24,8 @@ from typing import Any
 import psycopg2
 import pytest
 
-from etl_service import metrics
-from etl_service.embedded import postgres
+from etl_service.postgres.embedded import postgres
+from etl_service.run import metrics
 
 from .conftest import World
 from .helpers import REPO, running, stop, wait_for, write_env

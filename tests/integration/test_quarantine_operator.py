@@ -5,8 +5,8 @@ one row lost through adopt + requeue, rows loaded twice through a resume + reque
 
 from __future__ import annotations
 
-from etl_service import admin
-from etl_service.pipeline import FAILED, OK, WAITING, run_job
+from etl_service.run.pipeline import FAILED, OK, WAITING, run_job
+from etl_service.service import admin
 
 from .conftest import World
 from .helpers import chdb_query, cli, write_env

@@ -12,8 +12,9 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from etl_service.embedded import postgres
-from etl_service.pipeline import FAILED, OK, run_job
+from etl_service.postgres import connection
+from etl_service.postgres.embedded import postgres
+from etl_service.run.pipeline import FAILED, OK, run_job
 
 from .conftest import World
 from .helpers import Writer, assert_exact, chdb_query, cli, running, slow_transform, start, stop, wait_for, write_env
@@ -59,7 +60,7 @@ def test_a_hung_postgres_statement_times_out(world: World) -> None:
         settings = world.settings(retry_attempts="2")
         env = world.env(retry_attempts="2")
         env["PG_STATEMENT_TIMEOUT"] = "0.5"
-        from etl_service.config import load
+        from etl_service.settings.reading import load
 
         settings = load(environ=env)
         t0 = time.monotonic()
@@ -265,10 +266,9 @@ def test_lock_holder_is_named_when_a_run_skips(world: World) -> None:
     release = threading.Event()
 
     def hold() -> None:
-        from etl_service import source
         from etl_service.ledger import Ledger
 
-        conn = source.connect(settings, "holder")
+        conn = connection.connect(settings, "holder")
         ledger = Ledger(conn, settings.ledger_schema, settings.jobs[0])
         ledger.ensure_schema()
         ledger.lock.take()

@@ -17,10 +17,11 @@ import psycopg2
 import pytest
 from loguru import logger
 
-from etl_service import checks, clickhouse, report, sink
-from etl_service.config import Settings
+from etl_service.clickhouse import clients, readiness
 from etl_service.errors import ConfigError
-from etl_service.pipeline import FAILED, OK, STOPPED, WAITING, run_job
+from etl_service.run.pipeline import FAILED, OK, STOPPED, WAITING, run_job
+from etl_service.service import checks, report
+from etl_service.settings.model import Settings
 
 from .conftest import World
 from .test_pipeline import ch_summary, marked
@@ -29,12 +30,12 @@ from .test_pipeline import ch_summary, marked
 def profile(settings: Settings, **values: str) -> Any:
     """Make `values` the defaults of the job's ClickHouse client (shared for the life of the process,
     so each test names its job after its own database: no other test meets this client)."""
-    client = clickhouse.connect(settings, f"job:{settings.jobs[0].name}")
+    client = clients.connect(settings, f"job:{settings.jobs[0].name}")
     try:
         for name, value in values.items():
             client.set_client_setting(name, value)
     finally:
-        clickhouse.release(client)
+        clients.release(client)
     return client
 
 
@@ -192,17 +193,17 @@ def test_the_batches_table_truncated_under_a_waiting_batch_stops_its_mark(world:
     world.backend.ch().command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
     truncate = ("SELECT count() > 0 FROM system.one WHERE (SELECT 1) = 1 AND {batch_id:UInt64} > 0")
     settings = world.settings(ready_query=truncate)
-    original = sink.is_ready
+    original = readiness.is_ready
 
     def truncated_while_waiting(*args: Any, **kwargs: Any) -> bool:
         world.sql("TRUNCATE etl.batches")
         return original(*args, **kwargs)
 
-    sink.is_ready = truncated_while_waiting  # type: ignore[assignment]
+    readiness.is_ready = truncated_while_waiting  # type: ignore[assignment]
     try:
         first = run_job(settings, settings.jobs[0])
     finally:
-        sink.is_ready = original  # type: ignore[assignment]
+        readiness.is_ready = original  # type: ignore[assignment]
     assert first.status == FAILED and "no longer in the ledger" in first.message, first.message
     assert marked(world) == (0, 300)
     again = run_job(settings, settings.jobs[0])

@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 from loguru import logger
 
-from etl_service import checks
-from etl_service.pipeline import FAILED, OK, run_job
+from etl_service.run.pipeline import FAILED, OK, run_job
+from etl_service.service import checks
 
 from .conftest import World
 from .helpers import Writer, assert_exact, cli, running, stop, wait_for, write_env

@@ -6,7 +6,7 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
-from etl_service.pipeline import OK, run_job
+from etl_service.run.pipeline import OK, run_job
 
 from .conftest import World
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from etl_service import checks, wake
-from etl_service.config import load
-from etl_service.embedded import postgres
 from etl_service.ledger import Ledger
-from etl_service.pipeline import run_job
+from etl_service.postgres.embedded import postgres
+from etl_service.run.pipeline import run_job
+from etl_service.service import checks, wake
+from etl_service.settings.reading import load
 
 from .conftest import World
 from .helpers import Writer, assert_exact, chdb_query, running, start, stop, wait_for, write_env

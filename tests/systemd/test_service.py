@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from etl_service.embedded import postgres
+from etl_service.postgres.embedded import postgres
 
 from ..integration.helpers import wait_for
 from . import nspawn
@@ -134,7 +134,7 @@ def test_journal_entries_carry_fields_to_filter_on(service: Service) -> None:
     assert loaded["_SYSTEMD_UNIT"] == UNIT and loaded["_TRANSPORT"] == "journal"
     assert loaded["SYSLOG_IDENTIFIER"] == "etl-service" and loaded["JOB"] == "src"
     assert loaded["PRIORITY"] == "6" and loaded["MESSAGE"].startswith("[job=src] run finished: job=src status=ok")
-    assert loaded["CODE_FILE"].endswith("etl_service/pipeline.py") and loaded["CODE_FUNC"] == "execute"
+    assert loaded["CODE_FILE"].endswith("etl_service/run/pipeline.py") and loaded["CODE_FUNC"] == "execute"
     # the summaries' figures add up to what PostgreSQL shows (no rows were added since the start)
     assert sum(int(e["ROWS_MARKED"]) for e in summaries) == service.marked() == 3000
     assert sum(int(e["ROWS_LOADED"]) for e in summaries) == 3000

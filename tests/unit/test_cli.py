@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from etl_service import __version__, admin, checks, cli, daemon, report
-from etl_service.cli import COMMANDS, EX_CONFIG, EX_FAILED, EX_TEMPFAIL, main, parse
-from etl_service.config import JobConfig, Settings
+from etl_service import __version__
+from etl_service.service import admin, checks, cli, daemon, report
+from etl_service.service.cli import COMMANDS, EX_CONFIG, EX_FAILED, EX_TEMPFAIL, main, parse
+from etl_service.settings.model import JobConfig, Settings
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from etl_service.config import load, read_env, redact_pg_dsn
 from etl_service.errors import ConfigError
+from etl_service.settings.reading import load, read_env, redact_pg_dsn
 
 BASE = {"PG_DSN": "postgresql://etl:s3cret@db.example:5432/app", "CLICK_DSN": "chdb:///var/lib/etl/chdb",
         "ETL_SOURCE_TABLE": "public.orders"}
@@ -131,7 +131,8 @@ def test_env_example_is_a_valid_configuration() -> None:
     assert settings.jobs[0].source_table == ("public", "orders")
     documented = {line.lstrip("#").split("=", 1)[0] for line in example.read_text().splitlines()
                   if re.match(r"#?[A-Z_]+=", line)}
-    source = (Path(__file__).resolve().parents[2] / "etl_service" / "config.py").read_text()
+    settings = Path(__file__).resolve().parents[2] / "etl_service" / "settings"
+    source = "".join(path.read_text() for path in settings.glob("*.py"))
     read_in_code = set(re.findall(r'"((?:PG|CLICK|ETL)_[A-Z_]+)"', source))
     assert len(read_in_code) > 30
     assert read_in_code <= documented, f"undocumented: {sorted(read_in_code - documented)}"
@@ -190,7 +191,7 @@ def test_schedules_mean_what_crontab_means() -> None:
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
-    from etl_service.cron import next_runs
+    from etl_service.settings.cron import next_runs
 
     job = load(environ={**BASE, "ETL_SCHEDULE": "0 9 * * 1-5", "ETL_TIMEZONE": "Europe/Moscow"}).jobs[0]
     monday = datetime(2026, 11, 23, 10, 0, tzinfo=ZoneInfo("Europe/Moscow"))

@@ -12,7 +12,7 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from croniter import croniter
 
-from etl_service.cron import CrontabTrigger, Schedule, format_next_runs, next_runs, parse
+from etl_service.settings.cron import CrontabTrigger, Schedule, format_next_runs, next_runs, parse
 
 NY = ZoneInfo("America/New_York")
 

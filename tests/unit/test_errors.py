@@ -6,9 +6,9 @@ import psycopg2
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from etl_service.clickhouse import ch_errors
+from etl_service.clickhouse.clients import ch_errors
 from etl_service.errors import BadSinkValues, ConfigError, SinkError, SinkUnavailable, SourceError, SourceUnavailable
-from etl_service.source import pg_errors
+from etl_service.postgres.connection import pg_errors
 
 
 @pytest.mark.parametrize(("message", "variable"), [

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
-from etl_service.fit import Ranges, first_misfit
+from etl_service.clickhouse.fit import Ranges, first_misfit
 
 TS = pa.timestamp("us", tz="UTC")
 

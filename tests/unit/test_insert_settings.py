@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from etl_service.clickhouse.inserts import INSERT_SETTINGS, check_insert_settings, insert_settings
 from etl_service.errors import ConfigError
-from etl_service.sink import INSERT_SETTINGS, check_insert_settings, insert_settings
 
 
 class Server:

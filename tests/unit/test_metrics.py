@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 from prometheus_client import generate_latest
 
-from etl_service import metrics
 from etl_service.ledger import Health
-from etl_service.pipeline import OUTCOMES
+from etl_service.run import metrics
+from etl_service.run.pipeline import OUTCOMES
 
 
 def _samples(job: str) -> dict[str, float]:

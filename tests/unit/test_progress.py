@@ -12,7 +12,7 @@ import pytest
 from loguru import logger
 
 from etl_service import logs
-from etl_service.progress import Figures, Progress
+from etl_service.run.progress import Figures, Progress
 
 
 class Clock:

@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
+from etl_service.clickhouse.readiness import readiness
 from etl_service.errors import ConfigError
-from etl_service.sink import readiness
 
 
 @pytest.mark.parametrize(("answer", "ready"), [

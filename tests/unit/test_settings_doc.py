@@ -9,20 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from etl_service import settings_doc
-from etl_service.config import DECLARED, JOB_SETTINGS, SERVICE_SETTINGS, JobConfig, Settings, load
+from etl_service.settings import docgen
+from etl_service.settings.declared import DECLARED, JOB_SETTINGS, SERVICE_SETTINGS
+from etl_service.settings.model import JobConfig, Settings
+from etl_service.settings.reading import load
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"PG_DSN": "postgresql://etl:s3cret@db.example:5432/app", "CLICK_DSN": "chdb:///var/lib/etl/chdb",
         "ETL_SOURCE_TABLE": "public.orders"}
-BEGIN = ("<!-- settings-reference:begin (generated from etl_service/config.py by"
-         " `python -m etl_service.config --reference`; do not edit) -->")
+BEGIN = ("<!-- settings-reference:begin (generated from etl_service/settings/declared.py by"
+         " `python -m etl_service.settings --reference`; do not edit) -->")
 END = "<!-- settings-reference:end -->"
 
 
 def test_env_example_is_the_generated_one() -> None:
-    assert (ROOT / ".env.example").read_text(encoding="utf-8") == settings_doc.env_example(), \
-        "regenerate it: python -m etl_service.config --env-example > .env.example"
+    assert (ROOT / ".env.example").read_text(encoding="utf-8") == docgen.env_example(), \
+        "regenerate it: python -m etl_service.settings --env-example > .env.example"
 
 
 def test_docs_reference_is_the_generated_one() -> None:
@@ -30,8 +32,8 @@ def test_docs_reference_is_the_generated_one() -> None:
     lines = text.splitlines()
     assert lines.count(BEGIN) == 1 and lines.count(END) == 1, "docs/configuration.md lost its marker lines"
     section = "\n".join(lines[lines.index(BEGIN) + 1:lines.index(END)])
-    assert section.strip() == settings_doc.reference().strip(), \
-        "regenerate the part between the markers: python -m etl_service.config --reference"
+    assert section.strip() == docgen.reference().strip(), \
+        "regenerate the part between the markers: python -m etl_service.settings --reference"
 
 
 def test_every_key_of_the_jobs_example_is_a_declared_job_setting() -> None:
@@ -56,7 +58,7 @@ def test_every_declared_default_is_valid_and_is_the_default() -> None:
 
 
 def test_the_env_example_shows_every_default() -> None:
-    lines = dict(line.lstrip("#").split("=", 1) for line in settings_doc.env_example().splitlines()
+    lines = dict(line.lstrip("#").split("=", 1) for line in docgen.env_example().splitlines()
                  if re.match(r"#?[A-Z_]+=", line))
     assert set(lines) == set(DECLARED)
     shown = {var: value.strip('"') for var, value in lines.items()}
@@ -67,17 +69,17 @@ def test_the_env_example_shows_every_default() -> None:
 def test_test_hooks_are_commented_out_and_not_in_the_reference() -> None:
     hooks = [s.variable for s in DECLARED.values() if s.hidden]
     assert hooks == ["ETL_CRASH_AT", "ETL_FAIL_AT"]
-    example, reference = settings_doc.env_example(), settings_doc.reference()
+    example, reference = docgen.env_example(), docgen.reference()
     for variable in hooks:
         assert f"\n#{variable}=\n" in example and variable not in reference
     assert "`ETL_BATCH_SIZE` | `batch_size` | `100000` |" in reference
 
 
 def test_the_generator_prints_both_texts(capsys: pytest.CaptureFixture[str]) -> None:
-    assert settings_doc.main(["--reference"]) == 0
-    assert capsys.readouterr().out == settings_doc.reference()
-    assert settings_doc.main(["--env-example"]) == 0
-    assert capsys.readouterr().out == settings_doc.env_example()
+    assert docgen.main(["--reference"]) == 0
+    assert capsys.readouterr().out == docgen.reference()
+    assert docgen.main(["--env-example"]) == 0
+    assert capsys.readouterr().out == docgen.env_example()
 
 
 def test_the_module_map_names_every_module() -> None:

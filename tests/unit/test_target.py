@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from etl_service.clickhouse.evolution import SchemaChangeError, create_ddl, evolve, holds
+from etl_service.clickhouse.guard import CREATED_COMMENT, TargetInfo, check_dedup
 from etl_service.errors import ConfigError
-from etl_service.keys import Key, KeyColumn
-from etl_service.source import SourceShape
-from etl_service.target import CREATED_COMMENT, SchemaChangeError, TargetInfo, check_dedup, create_ddl, evolve, holds
-from etl_service.typemap import map_column
+from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.keys import Key, KeyColumn
+from etl_service.postgres.typemap import map_column
 
 SERVER = {"replicated_deduplication_window": 1000, "non_replicated_deduplication_window": 0}
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from etl_service import transform
+from etl_service.clickhouse.target_table import table_name
 from etl_service.errors import TransformError
 from etl_service.ledger import Batch
-from etl_service.sink import table_name
+from etl_service.run import transform
+from etl_service.settings import declared
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def user_module(tmp_path: Path) -> str:
     yield "user_tx"
     sys.path.remove(str(tmp_path))
     sys.modules.pop("user_tx", None)
-    transform.load_user_function.cache_clear()
+    declared.load_user_function.cache_clear()
 
 
 def test_user_function_transforms_with_exact_types(user_module: str) -> None:

@@ -8,8 +8,9 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
-from etl_service.source import SourceShape, parse_csv
-from etl_service.typemap import map_column
+from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.extract import parse_csv
+from etl_service.postgres.typemap import map_column
 
 
 @pytest.mark.parametrize(("typname", "pg_type", "ch_type"), [

@@ -10,18 +10,18 @@ from typing import Any
 
 import pytest
 
-from etl_service import sink
+from etl_service.clickhouse import readback
 from etl_service.errors import EtlError
-from etl_service.loading import VERIFY_WAITS, BatchLoader
+from etl_service.run.loading import VERIFY_WAITS, BatchLoader
 
 
 def loader(replicated: bool, counts: list[int], monkeypatch: pytest.MonkeyPatch) -> tuple[BatchLoader, list[str]]:
     """A loader whose target answers `counts` one after the other; returns it and the calls made."""
     calls: list[str] = []
     answers = iter(counts)
-    monkeypatch.setattr(sink, "batch_rows", lambda *_: calls.append("count") or next(answers))
-    monkeypatch.setattr(sink, "sync_replica", lambda *_: calls.append("sync"))
-    monkeypatch.setattr(sink, "doubled_keys", lambda *_: ["id=7 (2 copies)"])
+    monkeypatch.setattr(readback, "batch_rows", lambda *_: calls.append("count") or next(answers))
+    monkeypatch.setattr(readback, "sync_replica", lambda *_: calls.append("sync"))
+    monkeypatch.setattr(readback, "doubled_keys", lambda *_: ["id=7 (2 copies)"])
     waits: list[float] = []
     stop = SimpleNamespace(wait=lambda seconds: waits.append(seconds) or False, is_set=lambda: False)
     made = BatchLoader.__new__(BatchLoader)

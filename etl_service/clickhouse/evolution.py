@@ -1,0 +1,162 @@
+"""The target's columns from the source's: the CREATE of a new target, and the ALTERs that keep it in step.
+
+A column added at the source is added to the target, a column whose type widened is widened
+(when no value can be lost), anything else stops the run with the statement to run; a column
+dropped at the source keeps its default in the target. Pure decisions on catalog facts; the
+statements run through `target_table`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from etl_service.clickhouse.guard import CREATED_COMMENT, DELETED_COLUMN, TargetInfo
+from etl_service.errors import SinkError
+from etl_service.postgres.catalog import SourceShape
+
+
+class SchemaChangeError(SinkError):
+    """The source changed in a way the target cannot follow by itself; the message has the statement to run."""
+
+
+_INT = re.compile(r"^(U?)Int(\d+)$")
+
+
+_DEC = re.compile(r"^Decimal\((\d+), ?(\d+)\)$")
+
+
+def unwrap_nullable(ch_type: str) -> tuple[str, bool]:
+    if ch_type.startswith("Nullable(") and ch_type.endswith(")"):
+        return ch_type[len("Nullable("):-1], True
+    return ch_type, False
+
+
+def holds(existing: str, wanted: str) -> bool:
+    """Every value of ClickHouse type `wanted` fits unchanged in a column of type `existing`.
+
+    Nullability is not compared: a non-Nullable column chosen by the operator stays so (a NULL
+    sent to it is a bad row, quarantined with its reason).
+    """
+    have, want = unwrap_nullable(existing)[0], unwrap_nullable(wanted)[0]
+    if have == want:
+        return True
+    ints = _INT.match(have), _INT.match(want)
+    if ints[0] and ints[1]:
+        (h_unsigned, h_bits), (w_unsigned, w_bits) = ints[0].groups(), ints[1].groups()
+        if h_unsigned and not w_unsigned:
+            return False
+        return int(h_bits) > int(w_bits) or (int(h_bits) == int(w_bits) and h_unsigned == w_unsigned)
+    decs = _DEC.match(have), _DEC.match(want)
+    if decs[0] and decs[1]:
+        (hp, hs), (wp, ws) = (tuple(map(int, m.groups())) for m in decs)  # type: ignore[union-attr]
+        return hs >= ws and hp - hs >= wp - ws
+    if ints[1] and decs[0]:
+        precision, scale = map(int, decs[0].groups())
+        return precision - scale >= len(str(2 ** (int(ints[1][2]) - 1)))
+    return (have, want) in {("Float64", "Float32"), ("Date32", "Date"), ("String", "FixedString")}
+
+
+def _widened(existing: str, wanted: str) -> str:
+    """`wanted`'s type with `existing`'s nullability."""
+    inner = unwrap_nullable(wanted)[0]
+    return f"Nullable({inner})" if unwrap_nullable(existing)[1] else inner
+
+
+@dataclass
+class Evolution:
+    """What a run must do to the target before loading: statements to run, and warnings to log once."""
+
+    statements: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)  # one line per change, for the log
+    warnings: list[str] = field(default_factory=list)
+
+
+def source_types(shape: SourceShape) -> dict[str, str]:
+    """Target column -> source type: what `evolve` compares with the recorded alignment."""
+    return {t: c.pg_type for c, t in zip(shape.columns, shape.targets, strict=True)}
+
+
+def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, allow: bool,
+           aligned: dict[str, str] | None = None) -> Evolution:
+    """Statements that bring `table` in step with the source, or SchemaChangeError with the one to run by hand.
+
+    `allow`: operator-made tables may be altered (ETL_SCHEMA_CHANGES=auto); tables the service
+    created always are. `aligned`: the source types the target was last in step with; a column
+    whose source type is unchanged since is left as it is (its ClickHouse type may be the
+    operator's deliberate choice; values that do not fit it are bad rows). None: first sight.
+    """
+    plan = Evolution()
+    alter = f"ALTER TABLE {table}{on_cluster}"
+    keys = shape.key_targets
+    for column, target in zip(shape.columns, shape.targets, strict=True):
+        wanted = column.ch_column_type(is_key=target in keys)
+        existing = info.columns.get(target)
+        name = quote(target)
+        if existing is None:
+            plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted}")
+            plan.changes.append(f"added column {target} {wanted} (new at the source)")
+        elif aligned is not None and aligned.get(target) != column.pg_type and not holds(existing, wanted):
+            widened = _widened(existing, wanted)
+            if target in keys:
+                raise SchemaChangeError(
+                    f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but {table}.{target}"
+                    f" is {existing}, and ClickHouse cannot change the type of a sort-key column: recreate the table"
+                    f" with {name} {widened} (CREATE TABLE new … ; INSERT INTO new SELECT * FROM {table}; EXCHANGE"
+                    " TABLES), then run again; nothing was loaded or marked")
+            if not holds(wanted, existing):
+                raise SchemaChangeError(
+                    f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but"
+                    f" {table}.{target} is {existing}, and changing it could lose values: decide, then run {alter}"
+                    f" MODIFY COLUMN {name} {widened} (or recreate the table); nothing was loaded or marked")
+            plan.statements.append(f"{alter} MODIFY COLUMN {name} {widened}")
+            plan.changes.append(f"widened column {target} from {existing} to {widened}")
+    if plan.statements and not (allow or info.created_by_service):
+        raise SchemaChangeError(
+            f"the source changed and ETL_SCHEMA_CHANGES=fail keeps the service from altering {table}: run "
+            + "; ".join(plan.statements) + " — nothing was loaded or marked")
+    dropped = [c for c in info.columns if c not in shape.targets and not c.startswith("_etl_")]
+    if dropped:
+        plan.warnings.append(f"{table} has column(s) the source no longer has, or the job does not fill"
+                             f" ({', '.join(dropped)}): new rows get their defaults there")
+    return plan
+
+
+BATCH_INDEX = "_etl_batch_minmax"
+
+
+def create_ddl(table: str, shape: SourceShape, source: str, cluster: str = "", window: int = 10000,
+               latest: bool = False, deleted: bool = False) -> str:
+    """The CREATE TABLE for a new target: the source's columns, the batch column with a minmax
+    skip index (load verification reads a few granules), sorted by the key, deduplicating.
+
+    With `cluster`, the table is created ON CLUSTER as a ReplicatedMergeTree whose Keeper path
+    and replica name come from the `{shard}`/`{replica}` macros: deduplication then happens in
+    Keeper, across the shard's replicas.
+    """
+    keys = shape.key_targets
+    cols = [f"{quote(t)} {c.ch_column_type(is_key=(t in keys))}" for c, t in zip(shape.columns, shape.targets,
+                                                                                     strict=True)]
+    cols.append("`_etl_batch` UInt64")
+    cols.append("`_etl_version` UInt64")  # the row's source version (see postgres.versioning)
+    if deleted:
+        cols.append(f"`{DELETED_COLUMN}` UInt8")
+    cols.append(f"INDEX {BATCH_INDEX} `_etl_batch` TYPE minmax GRANULARITY 1")
+    order = quote(keys[0]) if len(keys) == 1 else f"({', '.join(map(quote, keys))})"
+    kind = "ReplacingMergeTree" if latest else "MergeTree"
+    versioned = ["`_etl_version`", f"`{DELETED_COLUMN}`"][:1 + deleted] if latest else []
+    if cluster:
+        engine = (f"Replicated{kind}('/clickhouse/tables/{{shard}}/{{database}}/{{table}}', '{{replica}}'"
+                  + "".join(f", {v}" for v in versioned) + ")")
+        setting = f"replicated_deduplication_window = {window}"
+        where = f" ON CLUSTER {quote(cluster)}"
+    else:
+        engine = kind + (f"({', '.join(versioned)})" if versioned else "")
+        setting, where = f"non_replicated_deduplication_window = {window}", ""
+    comment = (CREATED_COMMENT + source).replace("\\", "\\\\").replace("'", "\\'")
+    return (f"CREATE TABLE IF NOT EXISTS {table}{where} ({', '.join(cols)}) ENGINE = {engine} ORDER BY {order}"
+            f" SETTINGS {setting} COMMENT '{comment}'")
+
+
+def quote(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"

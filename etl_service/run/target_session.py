@@ -1,0 +1,131 @@
+"""The ClickHouse target for one attempt of a run: connect on first need, prepare the table, close.
+
+Preparing means: create the trigger table from the source's types if it is missing, check that an
+existing one drops a repeated insert (`guard.check_dedup`) and that the views reading it do too,
+and bring its columns in step with the source (`evolution.evolve`). An idle run never connects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clickhouse_connect.driver.binding import quote_identifier
+
+from etl_service.clickhouse import clients, evolution, fit, guard, inserts, readback, target_table
+from etl_service.errors import EtlError
+from etl_service.ledger.shapes import TargetShapes
+from etl_service.postgres.catalog import SourceShape
+from etl_service.settings.model import JobConfig, Settings
+
+_WARNED: set[str] = set()  # facts that stay true run after run: logged once per process
+
+
+def _warn_once(log: Any, line: str) -> None:
+    if line not in _WARNED:
+        _WARNED.add(line)
+        log.warning(line)
+
+
+class TargetSession:
+    """The job's ClickHouse client and what the target table looks like, for one attempt."""
+
+    def __init__(self, settings: Settings, job: JobConfig, shapes: TargetShapes, log: Any) -> None:
+        self.settings = settings
+        self.job = job
+        self.shapes = shapes
+        self.log = log
+        self.client: Any = None  # open once `connect` succeeded
+        self.types: dict[str, str] = {}  # the target's column -> type, once prepared
+        self.replicated = False  # a Replicated engine: a count may reach a replica still fetching parts
+        self.ranges = fit.NARROW  # what the server's Date32 and DateTime64 hold, once prepared
+        self.created = False  # this attempt made the target (a loaded batch must go again)
+
+    @property
+    def has_batch_column(self) -> bool:
+        """Whether rows carry their batch id (the load check counts by it)."""
+        return target_table.BATCH_COLUMN in self.types
+
+    @property
+    def has_version_column(self) -> bool:
+        """Whether rows carry their source version (`postgres.versioning.VERSION_COLUMN`)."""
+        return target_table.VERSION_COLUMN in self.types
+
+    def connect(self, shape: SourceShape) -> Any:
+        """The client, connected and the target prepared on first need."""
+        if self.client is None:
+            client = clients.connect(self.settings, f"job:{self.job.name}")
+            try:
+                self._prepare(client, shape)
+            except BaseException:
+                clients.release(client)
+                raise
+            self.client = client
+        return self.client
+
+    def close(self) -> None:
+        """Best effort: a broken connection must not mask the run's real outcome."""
+        if self.client is not None:
+            try:
+                clients.release(self.client)
+            except Exception as exc:
+                self.log.debug("cleanup step failed: {}", exc)
+            self.client = None
+        self.created = False
+
+    def _prepare(self, client: Any, shape: SourceShape) -> None:
+        """Create the target, or check that it deduplicates and bring it in step with the source."""
+        database, table = self.settings.clickhouse.database, self.job.target_table
+        name = target_table.table_name(database, table)
+        for line in inserts.check_insert_settings(client):  # a profile may have changed since the last run
+            _warn_once(self.log, line)
+        described = target_table.describe_target(client, database, table)
+        if described is None:
+            target_table.create_target(client, database, table, shape, ".".join(self.job.source_table),
+                                       self.settings.clickhouse.cluster, self.job.target_mode == "latest",
+                                       bool(self.job.deleted_column))
+            self.created = True
+            self.log.info("created ClickHouse table {}.{} from the source column types", database, table)
+            described = target_table.describe_target(client, database, table)
+            if described is None:
+                raise EtlError(f"{name} was created but ClickHouse does not list it")
+        info, views = described
+        if self.job.target_mode == "latest":
+            guard.check_latest(info, name, bool(self.job.deleted_column),
+                               ", ".join(f"`{c}` {t}" for c, t in info.columns.items()), shape.key_targets)
+        accepted = guard.check_dedup(info, name, self.job.target_dedup)
+        if accepted:
+            self.log.warning(accepted)
+        for line in target_table.doubling_views(client, views):
+            _warn_once(self.log, line)
+        version = target_table.VERSION_COLUMN
+        if info.created_by_service and version not in info.columns:  # made before versions were kept
+            target_table.run_statement(client, f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS `{version}` UInt64")
+            self.log.info("added {} to {}.{}: rows loaded from now on carry their source version (older rows: 0)",
+                          target_table.VERSION_COLUMN, database, table)
+            described = target_table.describe_target(client, database, table)
+            info = described[0] if described else info
+        if not self.job.transform:  # a transform decides its own columns: ClickHouse checks them at insert
+            info = self._evolve(client, info, shape, database, table)
+        self.types = info.columns
+        self.replicated = "Replicated" in info.engine
+        self.ranges = readback.time_ranges(client)
+
+    def _evolve(self, client: Any, info: guard.TargetInfo, shape: SourceShape, database: str,
+                table: str) -> guard.TargetInfo:
+        cluster = self.settings.clickhouse.cluster
+        on_cluster = f" ON CLUSTER {quote_identifier(cluster)}" if cluster else ""
+        aligned = self.shapes.aligned(table)
+        plan = evolution.evolve(info, shape, target_table.table_name(database, table), on_cluster,
+                                self.job.schema_changes == "auto", aligned)
+        for statement, change in zip(plan.statements, plan.changes, strict=True):
+            target_table.run_statement(client, statement)
+            self.log.info("schema change at the source: {} in {}.{}", change, database, table)
+        for line in plan.warnings:
+            _warn_once(self.log, line)
+        if aligned != evolution.source_types(shape):
+            self.shapes.record(table, evolution.source_types(shape))
+        if plan.statements:
+            described = target_table.describe_target(client, database, table)
+            if described:
+                return described[0]
+        return info

@@ -1,0 +1,332 @@
+"""Wake-ups (ETL_WAKE=notify): a commit that writes source rows wakes its job within about a second.
+
+A statement-level trigger on the source (`AFTER INSERT OR UPDATE … FOR EACH STATEMENT`) calls
+`<ledger schema>.etl_wake(channel)`, which sends `NOTIFY` on the job's channel; PostgreSQL
+delivers it when the writing transaction commits, once per channel per transaction however many
+statements it ran. The service's own mark sets `etl_service.marking` in its transaction
+(logic.MARKING), so marking rows processed wakes no one.
+
+`Listener` keeps one connection that LISTENs on every such job's channel and hands what arrives
+to the daemon; the daemon coalesces (daemon.Gate). When the connection drops (PostgreSQL
+restarted, failed over, a network cut) it reconnects with backoff, listens again and asks for one
+run of every job to catch up on what it missed. The schedule keeps running as a safety net.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import psycopg2
+from loguru import logger
+from psycopg2 import sql
+
+from etl_service.errors import ConfigError, EtlError
+from etl_service.ledger import Ledger
+from etl_service.postgres import connection
+from etl_service.postgres.connection import Connection, pg_errors, qualified
+from etl_service.settings.model import JobConfig, Settings
+
+FUNCTION = "etl_wake"
+# This often the listener sees that every trigger is in place (which also probes its connection: a cut
+# network shows no error by itself).
+PROBE_SECONDS = 15.0
+# Reconnecting waits 1, 2, 4 ... seconds, at most this long.
+MOST_BACKOFF = 30.0
+# Creating the trigger takes a lock that waits for writes in progress and holds new ones back: not for
+# long (a busy table is tried again at the next probe).
+LOCK_TIMEOUT = "200ms"
+
+
+def channel(job: JobConfig) -> str:
+    """The job's channel, also the name of its trigger: `etl_wake_<job>`, hashed to fit 63 bytes when long."""
+    name = f"etl_wake_{job.name}"
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(job.name.encode()).hexdigest()[:10]
+    return f"etl_wake_{job.name.encode()[:40].decode(errors='ignore')}_{digest}"
+
+
+def _function(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {schema}.{fn}() RETURNS trigger LANGUAGE plpgsql AS $etl$ BEGIN"
+        " IF coalesce(current_setting('etl_service.marking', true), '') <> 'on' THEN"
+        " PERFORM pg_notify(TG_ARGV[0], ''); END IF; RETURN NULL; END $etl$").format(
+        schema=sql.Identifier(schema), fn=sql.Identifier(FUNCTION))
+
+
+def _trigger(schema: str, job: JobConfig, table: sql.Composable) -> list[sql.Composed]:
+    name = sql.Identifier(channel(job))
+    return [sql.SQL("CREATE TRIGGER {name} AFTER INSERT OR UPDATE ON {table} FOR EACH STATEMENT"
+                    " EXECUTE FUNCTION {schema}.{fn}({channel})").format(
+                name=name, table=table, schema=sql.Identifier(schema), fn=sql.Identifier(FUNCTION),
+                channel=sql.Literal(channel(job))),
+            _always(job, table)]
+
+
+def _always(job: JobConfig, table: sql.Composable) -> sql.Composed:
+    # replication apply workers and pg_restore write with session_replication_role = replica
+    return sql.SQL("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name}").format(table=table,
+                                                                             name=sql.Identifier(channel(job)))
+
+
+def statements(schema: str, job: JobConfig, tables: list[str] | None = None) -> list[sql.Composed]:
+    """What makes wake-ups work for `job`: the function (in the ledger schema) and the trigger on its source
+    (and on each of its partitions: a statement that names a partition fires that partition's triggers)."""
+    names = [sql.SQL(t) for t in tables] if tables else [qualified(job)]
+    return [_function(schema), *(statement for table in names for statement in _trigger(schema, job, table))]
+
+
+def statements_text(conn: Connection, schema: str, job: JobConfig, tables: list[str] | None = None) -> str:
+    return "; ".join(s.as_string(conn) for s in statements(schema, job, tables))
+
+
+# The source and every partition under it, each with its wake-up trigger's tgenabled (NULL: none):
+# 'A' fires always, 'O' not in replica mode, 'R' only there, 'D' never.
+_TRIGGER_STATE = """
+SELECT t.relid::regclass::text, tg.tgenabled::text
+FROM (SELECT to_regclass(%(table)s) AS relid, 0 AS level
+      UNION SELECT relid, level FROM pg_partition_tree(to_regclass(%(table)s))) t
+JOIN pg_class c ON c.oid = t.relid AND c.relkind IN ('r', 'p')
+LEFT JOIN (pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid AND p.proname = %(fn)s)
+       ON tg.tgrelid = t.relid AND tg.tgname = %(name)s
+ORDER BY t.level, 1
+"""
+
+
+def _tables(conn: Connection, job: JobConfig) -> list[tuple[str, str | None]]:
+    with pg_errors("look for the wake-up trigger", conn), conn.cursor() as cur:
+        cur.execute(_TRIGGER_STATE, {"table": qualified(job).as_string(conn), "name": channel(job), "fn": FUNCTION})
+        found = [(str(table), None if state is None else str(state)) for table, state in cur.fetchall()]
+    if not conn.autocommit:
+        conn.rollback()
+    return found
+
+
+def trigger_state(conn: Connection, job: JobConfig) -> str:
+    """'present' (on the source and every partition, firing always), 'missing', 'disabled' or 'partial'
+    (it does not fire in replica mode somewhere)."""
+    states = {state for _, state in _tables(conn, job)}
+    return ("missing" if None in states else "disabled" if "D" in states else
+            "present" if states <= {"A"} else "partial")
+
+
+def describe_problem(conn: Connection, schema: str, job: JobConfig) -> str | None:
+    """What is wrong with the job's wake-up trigger, with the statements that fix it; None if nothing."""
+    tables = _tables(conn, job)
+    missing = [t for t, state in tables if state is None]
+    disabled = [t for t, state in tables if state == "D"]
+    partial = [t for t, state in tables if state in ("O", "R")]
+    name = sql.Identifier(channel(job)).as_string(conn)
+    if missing:
+        return (f"the wake-up trigger {channel(job)} is missing on {', '.join(missing)} (the daemon creates it if its"
+                f" role may; or run as the table's owner: {statements_text(conn, schema, job, missing)})")
+    if disabled:
+        return (f"the wake-up trigger {channel(job)} is disabled on {', '.join(disabled)}: "
+                + "; ".join(f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}" for t in disabled))
+    if partial:
+        return (f"the wake-up trigger {channel(job)} does not fire for writes in replica mode (session_replication_role"
+                f" = replica: logical replication, pg_restore) on {', '.join(partial)}: "
+                + "; ".join(f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}" for t in partial))
+    return None
+
+
+def ensure_trigger(conn: Connection, schema: str, job: JobConfig) -> str | None:
+    """Create the job's wake-up trigger where it is missing (source and partitions), and make it fire in
+    replica mode too. None when it is in place, else what is wrong (with the fix). A disabled trigger is
+    the operator's choice: reported, not enabled again."""
+    tables = _tables(conn, job)
+    missing = [t for t, state in tables if state is None]
+    partial = [t for t, state in tables if state in ("O", "R")]
+    if missing or partial:
+        autocommit = conn.autocommit
+        conn.autocommit = False
+        try:
+            with conn.cursor() as cur:
+                # the DDL's lock waits for writes in progress and holds new ones back: only briefly
+                cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+                if missing:
+                    cur.execute(_function(schema))
+                for table in missing:
+                    for statement in _trigger(schema, job, sql.SQL(table)):
+                        cur.execute(statement)
+                for table in partial:
+                    cur.execute(_always(job, sql.SQL(table)))
+            conn.commit()
+        except psycopg2.errors.DuplicateObject:  # another process made it meanwhile
+            conn.rollback()
+        except psycopg2.errors.LockNotAvailable:
+            conn.rollback()
+            return (f"the wake-up trigger {channel(job)} could not be created on {', '.join(missing + partial)}:"
+                    " the table was busy (a long transaction writes to it); trying again in"
+                    f" {PROBE_SECONDS:.0f}s")
+        except psycopg2.Error as exc:
+            conn.rollback()
+            return describe_problem(conn, schema, job) or _short(exc)
+        finally:
+            conn.autocommit = autocommit
+        if missing:
+            logger.bind(job=job.name).info("wake-up trigger {} created on {}: commits that write rows wake the job",
+                                           channel(job), ", ".join(missing))
+    return describe_problem(conn, schema, job)
+
+
+def round_trip(conn: Connection, settings: Settings, wait: float = 3.0) -> bool:
+    """Whether a NOTIFY sent on another connection reaches a LISTEN on `conn` (a pooler in transaction
+    mode loses it: LISTEN then binds a server connection the pooler hands to someone else)."""
+    probe = f"etl_wake_probe_{threading.get_ident()}_{time.monotonic_ns()}"
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
+        other = connection.connect(settings, "check")
+        try:
+            with other.cursor() as cur:
+                cur.execute("SELECT pg_notify(%s, 'probe')", (probe,))
+            other.commit()
+        finally:
+            other.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if select.select([conn], [], [], max(0.0, deadline - time.monotonic())) != ([], [], []):
+                conn.poll()
+                if any(n.channel == probe for n in conn.notifies):
+                    return True
+        return False
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(probe)))
+        conn.autocommit = False
+
+
+class Listener(threading.Thread):
+    """One connection LISTENing on the channels of `jobs`; `wake(job_name, count, cause)` is called for what arrives.
+
+    cause is "wake-up" for notifications, "catch-up" after a reconnect (something may have been missed).
+    """
+
+    def __init__(self, settings: Settings, jobs: Sequence[JobConfig], wake: Callable[[str, int, str], None],
+                 stop: threading.Event) -> None:
+        super().__init__(name="etl-listen", daemon=True)
+        self.settings = settings
+        self.jobs = {channel(job): job for job in jobs}
+        self.wake = wake
+        self.stop = stop
+        self.quit = threading.Event()  # this listener alone (a reload starts another)
+        self.received: Counter[str] = Counter()  # notifications per job name, since start
+        self.problems: dict[str, str | None] = {}  # per job: what was last found wrong with its trigger
+        self.connects = 0
+
+    def close(self) -> None:
+        self.quit.set()
+        self.join(timeout=10)
+
+    def _done(self) -> bool:
+        return self.stop.is_set() or self.quit.is_set()
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self._done():
+            conn: Connection | None = None
+            try:
+                conn = self._listen()
+                backoff = 1.0
+                if self.connects > 1:  # a run for each job: whatever committed while nobody listened
+                    logger.info("listening again on {} channel(s): one catch-up run per job", len(self.jobs))
+                    for job in self.jobs.values():
+                        self.wake(job.name, 0, "catch-up")
+                self._serve(conn)
+            except (EtlError, psycopg2.Error, OSError) as exc:
+                if self._done():
+                    break
+                logger.warning("wake-ups: {} — listening again in {:.0f}s (the schedule still runs the jobs)",
+                               _short(exc), backoff)
+                if self.quit.wait(backoff) or self.stop.is_set():
+                    break
+                backoff = min(backoff * 2, MOST_BACKOFF)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    def _listen(self) -> Connection:
+        conn = connection.connect(self.settings, "listen")
+        try:
+            self._tend(conn)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for name in self.jobs:
+                    cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+        except BaseException:
+            conn.close()
+            raise
+        self.connects += 1
+        logger.info("wake-ups: listening for commits on {} ({})", ", ".join(
+            ".".join(job.source_table) for job in self.jobs.values()), ", ".join(j.name for j in self.jobs.values()))
+        return conn
+
+    def _tend(self, conn: Connection) -> None:
+        """See that every job's trigger is in place (made again if dropped, e.g. with the ledger schema, or
+        on a new partition); a problem is logged when it appears and when it is gone. A trigger made again
+        may have missed commits: its job runs once to catch up."""
+        autocommit = conn.autocommit
+        conn.autocommit = False
+        try:
+            # the ledger schema holds the trigger's function
+            Ledger(conn, self.settings.ledger_schema, next(iter(self.jobs.values()))).ensure_schema()
+            for job in self.jobs.values():
+                problem = ensure_trigger(conn, self.settings.ledger_schema, job)
+                before = self.problems.get(job.name, "")
+                if problem and problem != before:
+                    logger.bind(job=job.name).warning("wake-ups: {}; until then the job runs on its schedule only",
+                                                      problem)
+                elif not problem and before:
+                    logger.bind(job=job.name).info("wake-ups: the trigger is in place again; one run catches up")
+                    self.wake(job.name, 0, "catch-up")
+                self.problems[job.name] = problem or None
+        finally:
+            conn.autocommit = autocommit
+
+    def _serve(self, conn: Connection) -> None:
+        tended = time.monotonic()
+        while not self._done():
+            if time.monotonic() - tended >= PROBE_SECONDS:  # also shows a connection that is gone
+                self._tend(conn)
+                tended = time.monotonic()
+            if select.select([conn], [], [], 1.0) == ([], [], []):
+                continue
+            conn.poll()
+            counts: Counter[str] = Counter(n.channel for n in conn.notifies)
+            conn.notifies.clear()
+            for name, count in counts.items():
+                job = self.jobs.get(name)
+                if job is not None:
+                    self.received[job.name] += count
+                    self.wake(job.name, count, "wake-up")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_lines(conn: Connection, settings: Settings, job: JobConfig) -> list[str]:
+    """`check`'s lines for a job with ETL_WAKE=notify: the trigger, and whether notifications get through."""
+    problem = describe_problem(conn, settings.ledger_schema, job)
+    lines = [f"FAIL: wake-ups: {problem}; until then the job runs on its schedule only" if problem else
+             f"wake-ups: trigger {channel(job)} on {'.'.join(job.source_table)} (and its partitions) notifies channel"
+             f" {channel(job)}"]
+    try:
+        through = round_trip(conn, settings)
+    except (EtlError, psycopg2.Error) as exc:
+        raise ConfigError("ETL_WAKE", f"cannot test LISTEN/NOTIFY: {_short(exc)}") from exc
+    if through:
+        lines.append("wake-ups: a NOTIFY reaches a LISTEN on this connection")
+    else:
+        lines.append("FAIL: wake-ups: a NOTIFY sent on one connection did not reach a LISTEN on another within 3s:"
+                     " behind a connection pooler in transaction mode (PgBouncer pool_mode=transaction) LISTEN does"
+                     " not work; point PG_DSN at PostgreSQL itself or at a session-mode pool")
+    return lines
