@@ -36,11 +36,7 @@ from etl_service.settings.model import Settings
 # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_UUID, DECIMAL_OVERFLOW, CANNOT_PARSE_BOOL,
 # CANNOT_PARSE_IPV4 / IPV6, ATTEMPT_TO_READ_AFTER_EOF for a truncated array text, ...).
 DATA_ERROR_CODES = {6, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 376, 407, 467, 675, 676, 691}
-
-
 _CODE = re.compile(r"(?:Code:|error code) (\d+)")
-
-
 # Refusals no retry can cure (authentication, unknown user or database, missing grants): the
 # settings or the server's grants must change. code -> (variable, fix).
 _PERMANENT = {
@@ -179,8 +175,6 @@ class _Shared:
 
 
 _SHARED: dict[tuple[str, str], _Shared] = {}
-
-
 _SHARED_LOCK = threading.Lock()
 
 

@@ -21,8 +21,6 @@ class SchemaChangeError(SinkError):
 
 
 _INT = re.compile(r"^(U?)Int(\d+)$")
-
-
 _DEC = re.compile(r"^Decimal\((\d+), ?(\d+)\)$")
 
 

@@ -63,7 +63,6 @@ GROUP BY i.indexrelid, i.indisprimary
 ORDER BY i.indisprimary DESC, count(*), min(i.indexrelid::bigint)
 """
 
-
 # Partial btree indexes and their leading columns: is there one on the key for the rows still to do?
 _PARTIAL_INDEXES = """
 SELECT pg_get_expr(i.indpred, i.indrelid), array_agg(a.attname::text ORDER BY k.ord)

@@ -31,10 +31,7 @@ ORDER BY 1, 3
 # The service's own wake-up trigger (ETL_WAKE=notify, wake.py) is quiet in the mark's transaction
 # (MARKING) and changes no row: it is never a cause the mark looks for.
 MARKING = "SET LOCAL etl_service.marking = 'on'"
-
-
 _NOT_WAKE = "tg.tgfoid NOT IN (SELECT oid FROM pg_proc WHERE proname = 'etl_wake')"
-
 
 # Triggers that fire on UPDATE and row security policies that govern UPDATE, on the source, its
 # partitions and the tables it is a partition of: what can reset or refuse the service's mark.

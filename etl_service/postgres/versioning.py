@@ -19,14 +19,8 @@ from etl_service.postgres.connection import Connection, pg_errors
 # can commit a newer version of a row under a lower id. No failover or restore makes an older load
 # look newer either: a new timeline is higher, and versions that go backwards are refused.
 VERSION_COLUMN = "_etl_version"
-
-
 VERSION_MASK = (1 << 48) - 1  # the transaction id part of a version
-
-
 XID8 = "v.top"
-
-
 VERSION_BASE = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS top"
 
 

@@ -12,8 +12,6 @@ from etl_service.postgres.typemap import Column
 # Types whose raw length octet_length() reads from the value's header, without fetching or
 # decompressing a TOASTed value (bytea's length is doubled: COPY writes it in hex).
 _RAW_LENGTH = {"text": 1, "bytea": 2, "json": 1, "xml": 1}
-
-
 _RAW_LENGTH_PREFIX = ("character varying", "character(", "character")
 
 

@@ -208,7 +208,6 @@ def _job(variable: str, default: str | None, help: str, parse: Reader = Getter.r
 # A batch's keys and xmins are stored in one ledger row (PostgreSQL holds at most 1 GB in a value).
 _MOST_ROWS = (10_000_000, "a batch's keys are stored in one ledger row")
 
-
 # Every setting, in the order of .env.example and the reference. A job's settings are also read in
 # this order (so of several bad values the first is named), and listed in it when a jobs file has
 # an unknown key.
@@ -365,14 +364,8 @@ SECTIONS = (
                 attr="fail_at", hidden=True),
     )),
 )
-
-
 DECLARED = {setting.variable: setting for section in SECTIONS for setting in section.settings}
-
-
 JOB_SETTINGS = tuple(setting for setting in DECLARED.values() if setting.key)
-
-
 SERVICE_SETTINGS = tuple(setting for setting in DECLARED.values() if setting.attr and not setting.key)
 
 

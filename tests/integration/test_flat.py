@@ -123,9 +123,9 @@ def test_a_reload_that_moves_the_chdb_folder_takes_effect_and_frees_the_old_one(
 
 def test_the_engines_start_up_pages_are_handed_back_and_it_still_answers(tmp_path: Path) -> None:
     # In a process of its own: the library must be mapped by this process for there to be pages to hand back.
-    code = ("import sys; from etl_service import clickhouse\n"
-            f"client = clickhouse._open_chdb('chdb://{tmp_path / 'chdb'}')\n"  # opening hands the pages back once
-            "released = clickhouse.release_start_pages()\n"
+    code = ("import sys; from etl_service.clickhouse import clients\n"
+            f"client = clients._open_chdb('chdb://{tmp_path / 'chdb'}')\n"  # opening hands the pages back once
+            "released = clients.release_start_pages()\n"
             "print(released, client.query('SELECT sum(number) FROM numbers(1000)').result_rows[0][0])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[2])
