@@ -106,8 +106,12 @@ def _column_misfit(column: pa.ChunkedArray, ch_type: str, ranges: Ranges) -> str
 
 
 def _first(column: pa.ChunkedArray, bad: pa.ChunkedArray) -> object:
-    """The first value of `column` where `bad` is true."""
-    return column[pc.index(bad, True).as_py()].as_py()
+    """The first value of `column` where `bad` is true (as Arrow writes it where Python has no such value)."""
+    at = pc.index(bad, True).as_py()
+    try:
+        return column[at].as_py()
+    except (OverflowError, ValueError):  # a date or time before year 1 or after 9999
+        return pc.cast(column.slice(at, 1), pa.string())[0].as_py()
 
 
 def _range_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
@@ -190,10 +194,13 @@ def _time_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | N
 
 
 def _float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
+    kind = column.type
     if inner == "Float32":
         finite = pc.is_finite(column)
         size = pc.abs(column)
         # beyond the largest, or below the smallest normal Float32 (kept with fewer digits, or as 0)
+        if pa.types.is_float32(kind):  # a real already: Float32 holds the same bits, subnormals too
+            return None
         bad = pc.and_(finite, pc.or_(pc.greater(size, _FLOAT32_MAX), pc.and_(pc.greater(size, 0),
                                                                               pc.less(size, 1.1754943508222875e-38))))
         if pc.any(bad).as_py():

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from etl_service.clickhouse import evolution, guard
-from etl_service.clickhouse.clients import ch_errors, query_rows
+from etl_service.clickhouse.clients import ch_errors, query_rows, short_error
 from etl_service.errors import ConfigError, SinkError
 from etl_service.postgres import versioning
 from etl_service.postgres.catalog import SourceShape
@@ -47,6 +48,34 @@ def create_target(client: Client, database: str, table: str, shape: SourceShape,
     with ch_errors(f"create target table {database}.{table}"):
         client.command(ddl)
     return ddl
+
+
+def check_types(client: Client, shape: SourceShape) -> None:
+    """ConfigError naming the column when the server has no type the mapping gives it (before a CREATE).
+
+    One query for every column; only when it fails is each column asked alone, to name the one.
+    """
+    keys = shape.key_targets
+    wanted = {t: (c, c.ch_column_type(is_key=t in keys)) for c, t in zip(shape.columns, shape.targets, strict=True)}
+    probe = ", ".join(f"defaultValueOfTypeName({_literal(ch_type)})" for _, ch_type in wanted.values())
+    try:
+        client.query(f"SELECT {probe}")
+        return
+    except ClickHouseError:
+        pass
+    for target, (column, ch_type) in wanted.items():
+        try:
+            client.query(f"SELECT defaultValueOfTypeName({_literal(ch_type)})")
+        except ClickHouseError as exc:
+            raise ConfigError("ETL_TARGET_TABLE", f"source column {column.name} ({column.pg_type}) maps to ClickHouse"
+                              f" {ch_type} for {target}, which this ClickHouse does not have: {short_error(exc)}",
+                              "create the target yourself with a type this server has (the service keeps an"
+                              " operator-made table's types), leave the column out (ETL_COLUMNS), or change it"
+                              " with a transform (ETL_TRANSFORM)") from None
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 _DESCRIBE_TARGET = """

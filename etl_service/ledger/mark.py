@@ -40,9 +40,8 @@ from etl_service.errors import MarkNotKept, SourceError
 from etl_service.ledger.batches import Batch
 from etl_service.ledger.store import SAME_SOURCE, Store
 from etl_service.postgres import logic
-from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.catalog import RANGE_JOIN, SourceShape
 from etl_service.postgres.connection import pg_errors, qualified
-from etl_service.postgres.extract import RANGE_JOIN
 from etl_service.settings.model import JobConfig
 
 # Rows of one batch whose mark may raise alone before the mark takes the cause as systematic.

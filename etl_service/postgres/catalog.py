@@ -40,9 +40,14 @@ class SourceShape:
         return tuple(self.target_of(name) or name for name in self.key.names)
 
 
+# For a range join (see SourceShape.range_join): no probe per key, and the claimed keys sorted in
+# memory (a batch's keys spill PostgreSQL's default 4MB work_mem: a sort on disk costs a third more).
+RANGE_JOIN = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'"
+
+
 _DESCRIBE = """
 SELECT a.attname, t.typname, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull,
-       t.typcategory, et.typname
+       t.typcategory, et.typname, a.attndims
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A'
@@ -50,6 +55,14 @@ WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
 
+
+# The columns as a chunk's extraction compares them with the run's shape, under the table's lock.
+COLUMNS_NOW = """
+SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type, NOT a.attnotnull AS nullable
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
 
 # Unique indexes that make a key: not partial, on plain columns, valid; their key columns in order.
 _UNIQUE_KEYS = """
@@ -174,8 +187,7 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
         raise ConfigError("ETL_DELETED_COLUMN", f"{job.deleted_column!r} is not one of the columns moved",
                           f"add it to ETL_COLUMNS (\"…, {job.deleted_column}\")")
     _check_moved_columns(name, pairs, key, by_name)
-    columns = tuple(map_column(src, by_name[src][1], by_name[src][2], by_name[src][3], by_name[src][4],
-                               by_name[src][5]) for src, _ in pairs)
+    columns = tuple(map_column(src, *by_name[src][1:7]) for src, _ in pairs)
     return SourceShape(key, columns, tuple(t for _, t in pairs),
                        _pending_index(cur, name, job.processed_column, key))
 
@@ -235,11 +247,13 @@ def _key(table: str, job: JobConfig, unique: list[tuple[str, ...]], by_name: dic
                       " columns, so rows could repeat and be loaded more than once", fix)
 
 
-def columns_changed(cur: psycopg2.extensions.cursor, job: JobConfig, shape: SourceShape, name: str) -> bool:
-    """Whether the columns this run moves (all but the flag, without ETL_COLUMNS) differ from `shape`'s."""
-    cur.execute(_DESCRIBE, (name,))
-    now = {r[0]: (r[2], bool(r[3])) for r in cur.fetchall()}
+def columns_changed(now: list[dict[str, Any]], job: JobConfig, shape: SourceShape) -> bool:
+    """Whether the columns this run moves (all but the flag, without ETL_COLUMNS) differ from `shape`'s.
+
+    `now`: the table's columns as COLUMNS_NOW reads them, under the table's lock.
+    """
+    current = {r["name"]: (r["type"], bool(r["nullable"])) for r in now}
     moved = {c.name: (c.pg_type, c.nullable) for c in shape.columns}
     if job.columns:
-        return any(now.get(column) != described for column, described in moved.items())
-    return {column: d for column, d in now.items() if column != job.processed_column} != moved
+        return any(current.get(column) != described for column, described in moved.items())
+    return {column: d for column, d in current.items() if column != job.processed_column} != moved

@@ -24,13 +24,7 @@ Connection = psycopg2.extensions.connection
 
 def connect(settings: Settings, purpose: str = "etl") -> Connection:
     """Open a PostgreSQL connection with timeouts and the session settings extraction relies on."""
-    timeout_ms = int(settings.pg_statement_timeout * 1000)
-    # Output settings pinned, so a role's or database's own defaults never change the text COPY
-    # produces; idle_session_timeout off, as a run's connection sits idle while ClickHouse gets
-    # ready (a role or server setting would otherwise cut it, and every run would look like an outage).
-    options = (f"-c statement_timeout={timeout_ms} -c TimeZone=UTC -c DateStyle=ISO,YMD "
-               "-c extra_float_digits=3 -c client_encoding=UTF8 -c bytea_output=hex -c IntervalStyle=postgres "
-               "-c idle_session_timeout=0")
+    options = session_options(settings)
     app = f"etl-service/{purpose}/{socket.gethostname()}/{os.getpid()}"[:63]
     with pg_errors(f"connect to PostgreSQL ({settings.pg_display})"):
         conn = psycopg2.connect(settings.pg_dsn, connect_timeout=10, application_name=app,
@@ -44,6 +38,17 @@ def connect(settings: Settings, purpose: str = "etl") -> Connection:
     return conn
 
 
+def session_options(settings: Settings) -> str:
+    """libpq `options` of every service session: its statement timeout and pinned output settings."""
+    timeout_ms = int(settings.pg_statement_timeout * 1000)
+    # Output settings pinned, so a role's or database's own defaults never change the text a value
+    # is read as; idle_session_timeout off, as a run's connection sits idle while ClickHouse gets
+    # ready (a role or server setting would otherwise cut it, and every run would look like an outage).
+    return (f"-c statement_timeout={timeout_ms} -c TimeZone=UTC -c DateStyle=ISO,YMD "
+            "-c extra_float_digits=3 -c client_encoding=UTF8 -c bytea_output=hex -c IntervalStyle=postgres "
+            "-c idle_session_timeout=0")
+
+
 def require_primary(conn: Connection, display: str) -> None:
     """ConfigError unless this session may write: a hot standby, or a read-only session, is refused.
 
@@ -54,6 +59,11 @@ def require_primary(conn: Connection, display: str) -> None:
         cur.execute("SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'")
         standby, read_only = cur.fetchone()  # type: ignore[misc]
     conn.rollback()
+    require_primary_answer(standby, read_only, display)
+
+
+def require_primary_answer(standby: bool, read_only: bool, display: str) -> None:
+    """ConfigError for a session that said it is on a standby, or read-only (see `require_primary`)."""
     multi_host = ("connect to the primary: point PG_DSN (or PG_HOST) at it, or name every server with"
                   " target_session_attrs=read-write, e.g. postgresql://db1,db2/app?target_session_attrs=read-write,"
                   " so a failover needs no change")
@@ -114,15 +124,23 @@ _PERMANENT = (
 
 def _permanent(action: str, exc: psycopg2.Error) -> ConfigError | None:
     if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
-        return ConfigError("PG_USER", f"{action}: {first_line(exc)}",
-                           "grant the privilege to the user (`check` lists what the service needs)")
+        return permanent(action, str(exc), privilege=True)
     if isinstance(exc, psycopg2.OperationalError) and exc.pgcode is None:
-        # libpq says one line per address it tried ("localhost": ::1, then 127.0.0.1): any may be the cause
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        for needle, variable, fix in _PERMANENT:
-            for text in lines:
-                if needle in text and ("does not exist" in text or not needle.endswith('"')):
-                    return ConfigError(variable, f"{action}: {text}", fix)
+        return permanent(action, str(exc))
+    return None
+
+
+def permanent(action: str, text: str, privilege: bool = False) -> ConfigError | None:
+    """The ConfigError for a refusal no retry can cure (a missing privilege, or one of _PERMANENT), else None."""
+    if privilege:
+        return ConfigError("PG_USER", f"{action}: {text.strip().splitlines()[0]}",
+                           "grant the privilege to the user (`check` lists what the service needs)")
+    # libpq says one line per address it tried ("localhost": ::1, then 127.0.0.1): any may be the cause
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for needle, variable, fix in _PERMANENT:
+        for line in lines:
+            if needle in line and ("does not exist" in line or not needle.endswith('"')):
+                return ConfigError(variable, f"{action}: {line}", fix)
     return None
 
 

@@ -33,7 +33,8 @@ def row_bytes(shape: SourceShape, alias: str = "s") -> sql.Composable:
         if width:  # a constant: nothing to compute per row (a NULL counts its width too)
             fixed += width
             continue
-        factor = _RAW_LENGTH.get(column.pg_type) or (1 if column.pg_type.startswith(_RAW_LENGTH_PREFIX) else 0)
+        text = column.pg_type.startswith(_RAW_LENGTH_PREFIX) and not column.pg_type.endswith("]")  # not arrays
+        factor = _RAW_LENGTH.get(column.pg_type) or (1 if text else 0)
         if factor:
             cast = sql.SQL("::text") if column.pg_type in ("json", "xml") else sql.SQL("")
             parts.append(sql.SQL("coalesce(octet_length({}{}), 0) * {}").format(ident, cast, sql.Literal(factor)))

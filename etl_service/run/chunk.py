@@ -34,13 +34,18 @@ class ChunkLoader:
         self.reconcile = reconcile
         self.timelines: list[tuple[int, int]] = []  # the server's timelines (rows' source versions), once read
         self.oldest: dict[int, float] = {}  # per batch: the earliest ETL_LAG_COLUMN time loaded in this run
+        self.extractor = extract.Extractor(ctx.settings, ctx.job.name)
+
+    def close(self) -> None:
+        """Close the extraction's connection."""
+        self.extractor.close()
 
     def insert(self, shape: SourceShape, batch: Batch, first: int, last: int) -> int:
         """Extract key positions [first, last] of `batch`, prepare them and insert them; returns rows sent."""
         settings, job = self.ctx.settings, self.job
         client = self.target.connect(shape)
-        data = extract.extract_chunk(self.conn, job, shape, settings.ledger_schema, batch.batch_id, first, last,
-                                     self.timelines)
+        data = self.extractor.chunk(self.conn, job, shape, batch.batch_id, first, last, self.timelines,
+                                    self._as_text(shape))
         self.ctx.faults.reached("mid_extract")
         metrics.ROWS.labels(job.name, "extracted").inc(data.num_rows)
         self._note_oldest(data, shape, batch.batch_id)
@@ -57,6 +62,11 @@ class ChunkLoader:
                                     self.target.has_version_column)
         metrics.ROWS.labels(job.name, "loaded").inc(sent)
         return sent
+
+    def _as_text(self, shape: SourceShape) -> frozenset[str]:
+        """Array columns whose target column is a String (made so by a version that sent arrays as text)."""
+        return frozenset(c.name for c, t in zip(shape.columns, shape.targets, strict=True)
+                         if c.ch_type.startswith("Array(") and fit.unwrap(self.target.types.get(t, ""))[0] == "String")
 
     def _note_oldest(self, data: pa.Table, shape: SourceShape, batch_id: int) -> None:
         """Keep the earliest ETL_LAG_COLUMN time of the batch's rows, when that column is moved (commit-to-mark)."""

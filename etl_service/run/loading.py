@@ -56,6 +56,10 @@ class BatchLoader:
         self.chunks = ChunkLoader(ctx, conn, target, self.reconcile)
         self._detected = False  # whether this run has looked for batch ids the ledger lost
 
+    def close(self) -> None:
+        """Close what the attempt opened for its chunks."""
+        self.chunks.close()
+
     def process(self, shape: SourceShape, batch: Batch, fresh: bool = False) -> None:
         """One batch through every step; raises Outcome when it must stop short.
 

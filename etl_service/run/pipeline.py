@@ -161,6 +161,7 @@ class Run:
         finally:
             bad.flush()  # a streak of failed rows shorter than BROKEN_ROWS: real bad rows
             self._quietly(marker.close)
+            loader.close()
             target.close()
 
     def _tell_held(self, held: list[ForeignBatch], ledger: Ledger) -> None:

@@ -80,6 +80,7 @@ class TargetSession:
             _warn_once(self.log, line)
         described = target_table.describe_target(client, database, table)
         if described is None:
+            target_table.check_types(client, shape)
             target_table.create_target(client, database, table, shape, ".".join(self.job.source_table),
                                        self.settings.clickhouse.cluster, self.job.target_mode == "latest",
                                        bool(self.job.deleted_column))

@@ -19,7 +19,7 @@ from etl_service.errors import ConfigError, EtlError, MarkNotKept, TransientErro
 from etl_service.ledger import Ledger, schema
 from etl_service.ledger.mark import not_kept
 from etl_service.ledger.runs import null_flag_fix
-from etl_service.postgres import catalog, connection, logic
+from etl_service.postgres import catalog, connection, extract, logic
 from etl_service.service import wake
 from etl_service.settings import cron
 from etl_service.settings.model import JobConfig, Settings
@@ -135,6 +135,8 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
         key = shape.key
         lines.append(f"source has {len(shape.columns)} column(s) to move; key {key.label}"
                      f" ({', '.join(c.pg_type for c in key.columns)}) is unique")
+        extract.dry_run(settings, conn, job, shape)
+        lines.append("every column reads (binary COPY) into its ClickHouse type")
         lines.extend(_pg_privileges(conn, settings, job))
         lines.extend(f"note: {advice}" for advice in logic.hot_advice(conn, job))
         lines.extend(f"note: {found} can reset or refuse the service's mark of {job.processed_column}: a trigger"
@@ -185,7 +187,9 @@ def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape
         name = target_table.table_name(db, table)
         described = target_table.describe_target(client, db, table)
         if described is None:
-            lines.append(f"target {db}.{table} does not exist yet: the first run creates it")
+            target_table.check_types(client, shape)
+            lines.append(f"target {db}.{table} does not exist yet: the first run creates it (every column's type"
+                         " checked on this server)")
         else:
             info, views = described
             lines.append(f"target {db}.{table} exists ({info.engine}, {len(info.columns)} column(s))")
@@ -244,8 +248,9 @@ def preflight(settings: Settings) -> None:
     try:
         schema.check_not_foreign(conn, settings.ledger_schema)
         for job in settings.jobs:
-            catalog.describe(conn, job)
+            shape = catalog.describe(conn, job)
             _pg_privileges(conn, settings, job)
+            extract.dry_run(settings, conn, job, shape)
     finally:
         conn.close()
 
