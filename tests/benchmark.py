@@ -185,11 +185,17 @@ def verify(chdb: Path, pg_uri: str) -> str:
     return "exact" if ok else f"MISMATCH target={ch} source={(total, marked, id_sum, amount_sum)}"
 
 
+SHAPES = {"index": "with the partial index of the backlog", "pk": "with only a primary key"}
+SHAPE = ["index"]  # the table shape every measurement seeds (--shape)
+
+
 def seed(pg_uri: str, rows: int) -> None:
     conn = psycopg2.connect(pg_uri)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(SOURCE_SQL, (rows,))
+        if SHAPE[0] == "pk":
+            cur.execute("DROP INDEX src_unprocessed")
         cur.execute("VACUUM ANALYZE src")
         cur.execute("CHECKPOINT")  # each path starts with the same clean WAL state
     conn.close()
@@ -430,12 +436,15 @@ def main() -> None:
     parser.add_argument("--tuning", action="store_true",
                         help="only the Tuning table of docs/performance.md (marking, HOT)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="index",
+                        help="the source table: with the partial index of the backlog (default), or a primary key only")
     parser.add_argument("--notify", action="store_true", help="only the ETL_WAKE=notify latency figures")
     parser.add_argument("--rate", type=int, default=500, help="--notify: rows committed per second")
     parser.add_argument("--seconds", type=float, default=60, help="--notify: how long the writer writes")
     parser.add_argument("--idle", type=float, default=30, help="--notify: seconds of idle CPU measured")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SHAPE[0] = args.shape
     if args.phase:
         name, *rest = args.phase
         result = phase_native(*rest) if name == "native" else phase_naive(*rest)
@@ -471,7 +480,8 @@ def report(uri: str, args: argparse.Namespace, folder: Path, port: int) -> None:
     def med(name: str, key: str) -> float:
         return statistics.median(float(r[key]) for r in results[name])
 
-    print(f"\n{args.rows:,} rows x 11 columns, medians of {args.runs} (wall = whole process incl. start-up)")
+    print(f"\n{args.rows:,} rows x 11 columns, {SHAPES[args.shape]}, medians of {args.runs}"
+          " (wall = whole process incl. start-up; CPU = the whole machine, PostgreSQL included)")
     print(f"{'path':14}{'wall s':>8}{'CPU s':>8}{'own CPU s':>11}{'rows/s':>10}{'peak RSS MB':>13}")
     for name in paths:
         wall = med(name, "wall")

@@ -96,7 +96,9 @@ def test_threads_descriptors_and_memory_stay_flat_over_many_runs(world: World) -
     # The engine opens /proc/self/task/<tid>/{stat,schedstat,io} for a thread once it runs a query,
     # and keeps them for the thread's life: bounded by its threads (3 each), not by runs.
     per_thread = re.compile(r"/task/<tid>/(stat|schedstat|io)$")
-    assert sum(1 for target in opened if not per_thread.search(target)) <= 2, (first, last, opened)
+    # A reading may still land inside a run: its three PostgreSQL connections (the run's, the mark's, the
+    # extraction's) are sockets for a moment; the counts above (first against last) are what must not grow.
+    assert sum(1 for target in opened if not per_thread.search(target)) <= 3, (first, last, opened)
     assert sum(n for target, n in now.items() if per_thread.search(target)) <= 3 * last[0], (last, now)
     assert last[2] - first[2] <= MAX_RSS_MB, (first, last)
     assert cli("--once", "--env-file", str(env_file)).returncode == 0  # what the writer added last

@@ -6,6 +6,11 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
+from etl_service.clickhouse import target_table
+from etl_service.errors import ConfigError
+from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.keys import Key, KeyColumn
+from etl_service.postgres.typemap import map_column
 from etl_service.run.pipeline import OK, run_job
 
 from .conftest import World
@@ -96,3 +101,37 @@ def test_target_types_follow_the_documented_mapping(world: World) -> None:
         "ai": "Array(Nullable(Int32))", "at": "Array(Nullable(String))", "an": "Array(Nullable(Decimal(6, 2)))",
         "ad": "Array(Nullable(Date32))", "iv": "Nullable(String)", "_etl_batch": "UInt64", "_etl_version": "UInt64",
     }
+
+
+def test_an_array_column_whose_target_column_is_a_string_keeps_getting_postgresqls_text(world: World) -> None:
+    # what an earlier version made for a multi-dimensional array and for jsonb[]: String, with PostgreSQL's text
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, grid integer[][], docs jsonb[], tags text[],"
+              " processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src VALUES (1, '{{1,2},{3,NULL}}', ARRAY['{\"a\": 1}'::jsonb], '{x,NULL}'),"
+              " (2, NULL, NULL, NULL)")
+    ch = world.backend.ch()
+    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    ch.command(f"CREATE TABLE {world.target()} (id Int64, grid Nullable(String), docs Nullable(String),"
+               " tags Array(Nullable(String)), _etl_batch UInt64) ENGINE = MergeTree ORDER BY id"
+               " SETTINGS non_replicated_deduplication_window = 1000")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 2)
+    assert world.ch_rows(f"SELECT id, grid, docs, tags FROM {world.target()} ORDER BY id") == [
+        (1, "{{1,2},{3,NULL}}", '{"{\\"a\\": 1}"}', ["x", None]), (2, None, None, [])]
+
+
+def test_a_type_the_server_does_not_have_is_refused_by_name_before_the_target_is_made(world: World) -> None:
+    key = Key((KeyColumn("id", "bigint", False),))
+    good = map_column("id", "int8", "bigint", False, "N", None)
+    odd = map_column("v", "numeric", "numeric(12,2)", True, "N", None)
+    odd = type(odd)(odd.name, odd.pg_type, odd.nullable, "Decimal(80, 2)", odd.arrow_type, odd.select)
+    shape = SourceShape(key, (good, odd), ("id", "v"))
+    target_table.check_types(world.backend.ch(), SourceShape(key, (good,), ("id",)))
+    try:
+        target_table.check_types(world.backend.ch(), shape)
+    except ConfigError as exc:
+        assert "source column v (numeric(12,2)) maps to ClickHouse Nullable(Decimal(80, 2))" in str(exc)
+        assert "ETL_COLUMNS" in str(exc)
+    else:
+        raise AssertionError("Decimal(80, 2) was accepted")
