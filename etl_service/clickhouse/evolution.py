@@ -39,6 +39,8 @@ def holds(existing: str, wanted: str) -> bool:
     have, want = unwrap_nullable(existing)[0], unwrap_nullable(wanted)[0]
     if have == want:
         return True
+    if have.startswith("Array(") and want.startswith("Array("):  # element by element
+        return holds(have[len("Array("):-1], want[len("Array("):-1])
     ints = _INT.match(have), _INT.match(want)
     if ints[0] and ints[1]:
         (h_unsigned, h_bits), (w_unsigned, w_bits) = ints[0].groups(), ints[1].groups()

@@ -205,6 +205,11 @@ def _float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
                                                                               pc.less(size, 1.1754943508222875e-38))))
         if pc.any(bad).as_py():
             return f"value {_first(column, bad)} does not fit Float32 (it would be stored as inf, or rounded to 0)"
+        # a double that Float32 would round (16777217, 0.1): the float it would become is another number
+        narrowed = pc.cast(pc.cast(column, pa.float32(), safe=False), pa.float64())
+        bad = pc.and_(finite, pc.not_equal(narrowed, pc.cast(column, pa.float64())))
+        if pc.any(bad).as_py():
+            return f"value {_first(column, bad)} is not held exactly by Float32"
         return None
     bounds = _bounds(inner)
     if bounds is None:

@@ -72,8 +72,8 @@ ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS chunk_ends integer[];
 -- A batch's quarantined rows, whichever job name set them aside: its mark leaves them alone.
 CREATE INDEX IF NOT EXISTS quarantine_batch ON {schema}.quarantine (batch_id);
 -- What a quarantined row is: 'failed' (never loaded: it stays unprocessed and a requeue loads it),
--- or loaded but not marked — 'unmarked' (PostgreSQL refused its mark), 'reset' (something set the
--- flag back in the mark's transaction), 'refused' (the mark did not reach it) — with its xmin then:
+-- or loaded but not marked: 'unmarked' (PostgreSQL refused its mark), 'reset' (something set the
+-- flag back in the mark's transaction), 'refused' (the mark did not reach it); with its xmin then:
 -- a requeue marks such a row (if it has not changed since), it never loads it again.
 ALTER TABLE {schema}.quarantine ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'failed',
     ADD COLUMN IF NOT EXISTS row_xmin xid;

@@ -175,9 +175,13 @@ def _array_column(name: str, pg_type: str, nullable: bool, ident: sql.Identifier
     base = pg_type.split("[", 1)[0]
     scalar = _scalar(elem_typname, base)
     convert_elem = _converter(elem_typname, scalar[1]) if scalar else None
-    value = _read_as(elem_typname, ident, array=True)
+    # The driver reads only arrays whose lower bounds are 0 or 1 (one other refuses the whole chunk):
+    # anything but a plain one-dimensional array is sliced, which renumbers every dimension from 1.
+    plain = sql.SQL("(CASE WHEN array_ndims({0}) = 1 AND array_lower({0}, 1) = 1 THEN {0} ELSE {0}[:] END)").format(
+        ident)
+    value = _read_as(elem_typname, plain, array=True)
     if scalar is None:  # an element type ClickHouse has none for: each element's text
-        scalar, value = ("String", pa.string()), sql.SQL("{}::text[]").format(ident)
+        scalar, value = ("String", pa.string()), sql.SQL("{}::text[]").format(plain)
     ch_elem, arrow_elem = scalar
     # The driver reads any array flat: its shape comes beside it, as [dimensions, length, length, ...].
     lengths = sql.SQL("ARRAY[array_ndims({})]").format(ident) if dims == 1 else sql.SQL(

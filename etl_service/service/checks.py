@@ -158,7 +158,9 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
                          f" {null_flag_fix('.'.join(job.source_table), job.processed_column)}")
         if job.wake == "notify":
             lines.extend(wake.check_lines(conn, settings, job))
+        aligned = None  # the source types the target was last brought in step with (None: never)
         if ledger_exists(conn, settings.ledger_schema):
+            aligned = ledger.shapes.aligned(job.target_table)
             reset, refused, stuck = ledger.quarantine.stuck()
             if reset or refused:  # the job is stopped until the cause is fixed and the rows requeued
                 raise MarkNotKept(not_kept(job, f"an earlier mark (e.g. of {key.label} = {', '.join(stuck)})", reset,
@@ -173,10 +175,11 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
                              " this source, which this job skips until it is done (see `status`)")
     finally:
         conn.close()
-    return lines + _check_target(settings, job, shape)
+    return lines + _check_target(settings, job, shape, aligned)
 
 
-def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape) -> list[str]:
+def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape,
+                  aligned: dict[str, str] | None) -> list[str]:
     lines = []
     try:
         client = clients.connect(settings, "check")
@@ -201,7 +204,8 @@ def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape
                 lines.append("target keeps the latest version of each key (SELECT … FINAL: the current rows)")
             lines.extend(f"note: {line}" for line in target_table.doubling_views(client, views))
             if not job.transform:
-                plan = evolution.evolve(info, shape, name, "", job.schema_changes == "auto")
+                # what the next run will do, or the SchemaChangeError (with the statement) that would stop it
+                plan = evolution.evolve(info, shape, name, "", job.schema_changes == "auto", aligned)
                 lines.extend(f"note: the next run will apply: {change}" for change in plan.changes)
                 lines.extend(f"note: {w}" for w in plan.warnings)
         lines.append(target_table.check_grants(client, db, table, described is not None))

@@ -134,7 +134,8 @@ CASES = [
     Case("oid", ("4294967295",), **TEXT),
     # arrays: every scalar kind, NULL elements, empty and NULL arrays, 1 to 3 dimensions
     Case("smallint[]", ("'{1,NULL,-32768}'", "'{}'", "NULL")),
-    Case("integer[]", ("'{1,NULL,3}'", "'[0:2]={7,8,9}'", "'{{1,2},{3,4}}'"), ("'{{1,2},{3,4}}'",)),
+    Case("integer[]", ("'{1,NULL,3}'", "'[0:2]={7,8,9}'", "'[5:7]={7,8,9}'", "'{{1,2},{3,4}}'"),
+         ("'{{1,2},{3,4}}'",)),
     Case("bigint[]", ("'{9223372036854775807}'",)),
     Case("real[]", ("'{NaN,Infinity,-Infinity,-0,1.4e-45,NULL}'",), norm="f4"),
     Case("double precision[]", ("'{NaN,Infinity,-Infinity,-0,5e-324}'",), norm="f8"),
@@ -150,10 +151,11 @@ CASES = [
     Case("uuid[]", ("'{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11,NULL}'",), pg="{c}::text[]",
          ch="arrayMap(x -> toString(x), {c})"),
     Case("jsonb[]", ("ARRAY['{\"a\": 1}'::jsonb, NULL]",), pg="{c}::text[]"),
-    Case("interval[]", ("'{\"1 day\",NULL}'",), pg="{c}::text[]"),
+    Case("interval[]", ("'{\"1 day\",NULL}'", "'[-3:-3]={\"2 days\"}'"), pg="(({c})[:])::text[]"),
     Case("inet[]", ("'{10.0.0.1}'",), pg="{c}::text[]"),
     Case("mood[]", ("'{happy,sad}'",), pg="{c}::text[]"),
-    Case("integer[][]", ("'{{1,2},{3,NULL}}'", "'{}'", "'{1,2}'"), ("'{1,2}'",)),
+    Case("integer[][]", ("'{{1,2},{3,NULL}}'", "'{}'", "'{1,2}'", "'[2:3][5:6]={{1,2},{3,4}}'"), ("'{1,2}'",),
+         pg="({c})[:]"),
     Case("text[][][]", ("'{{{a,b},{c,d}},{{e,f},{g,h}}}'",)),
     Case("double precision[][]", ("'{{NaN,1},{-0,Infinity}}'",), norm="f8"),
 ]

@@ -59,6 +59,8 @@ def misfit(values: list[object], arrow: pa.DataType, ch_type: str) -> str | None
     ([70_000], pa.int32(), "Date", "does not fit Date"),
     ([3], pa.int32(), "Enum8('a' = 1, 'b' = 2)", "not a value of Enum8"),
     ([2e-45], pa.float64(), "Float32", "does not fit Float32"),
+    ([16777217.0], pa.float64(), "Float32", "not held exactly by Float32"),
+    ([0.1], pa.float64(), "Nullable(Float32)", "not held exactly by Float32"),
     ([1e-39], pa.float64(), "Float32", "does not fit Float32"),
     # the elements of arrays
     ([[1, 2], [300]], pa.list_(pa.int64()), "Array(Int8)", "an element: value 300 does not fit Int8"),
@@ -81,7 +83,7 @@ def test_values_a_narrower_type_would_change_are_found(values: list[object], arr
     ([Decimal("1.2300")], pa.decimal128(12, 4), "Decimal(10, 2)"),
     ([Decimal("-99999999.99")], pa.decimal128(12, 2), "Decimal(10, 2)"),
     ([Decimal("7.0")], pa.decimal128(12, 1), "Int64"),
-    ([3.4e38, -3.4e38, 0.0, float("inf"), float("nan")], pa.float64(), "Float32"),
+    ([3.4028234663852886e38, -3.4028234663852886e38, 0.0, float("inf"), float("nan")], pa.float64(), "Float32"),
     ([2.0, -7.0], pa.float64(), "Int32"),
     ([2**24, -(2**24)], pa.int64(), "Float32"),
     ([2**53], pa.int64(), "Float64"),
@@ -91,7 +93,7 @@ def test_values_a_narrower_type_would_change_are_found(values: list[object], arr
     ([0, 1], pa.int16(), "Bool"),
     ([0, 4_294_967_295], pa.int64(), "DateTime('UTC')"),
     ([1, 2, None], pa.int32(), "Nullable(Enum8('a' = 1, 'b' = 2))"),
-    ([1.2e-38], pa.float64(), "Float32"),
+    ([2.0 ** -126, 0.5, -3.25, float("nan"), float("inf")], pa.float64(), "Float32"),  # exactly Float32 values
     ([None, "x"], pa.string(), "LowCardinality(Nullable(String))"),
     ([None, "x"], pa.string(), "Nullable(LowCardinality(String))"),
     ([0.1, 1.25, -99999999.99], pa.float64(), "Decimal(10, 2)"),

@@ -56,6 +56,9 @@ def test_targets_that_would_double_a_retry_are_refused_with_the_fix(engine: str,
     ("Decimal(12, 4)", "Decimal(10, 2)", True), ("Decimal(12, 2)", "Decimal(12, 4)", False),
     ("Float64", "Float32", True), ("Float32", "Float64", False), ("String", "Int32", False),
     ("Decimal(20, 0)", "Int64", True), ("Decimal(10, 0)", "Int64", False),
+    ("Array(Nullable(Int64))", "Array(Nullable(Int32))", True),
+    ("Array(Nullable(Int32))", "Array(Nullable(Int64))", False),
+    ("Array(Array(Nullable(Int32)))", "Array(Nullable(Int32))", False),
 ])
 def test_holds_is_true_only_when_no_value_can_be_lost(existing: str, wanted: str, fits: bool) -> None:
     assert holds(existing, wanted) is fits
