@@ -5,6 +5,7 @@
     ├── TransientError       marker: retry later (server unreachable, timeout, lock lost)
     │   ├── SourceUnavailable    PostgreSQL could not be reached or dropped the connection
     │   ├── SourceChanged        the source table changed shape mid-run: start over with the new shape
+    │   ├── SourceConflict       PostgreSQL chose the statement as a deadlock's victim: do it again
     │   └── SinkUnavailable      ClickHouse could not be reached or dropped the connection
     ├── SourceError          PostgreSQL refused a statement (missing table, bad SQL, ...)
     │   ├── BadSourceValues      (RowError) a value could not be converted to its column type
@@ -67,6 +68,11 @@ class SourceUnavailable(SourceError, TransientError):
 
 class SourceChanged(SourceError, TransientError):
     """The source table's columns changed since the run described it; the retry describes it again."""
+
+
+class SourceConflict(SourceError, TransientError):
+    """PostgreSQL rolled the statement back to end a deadlock or a serialization conflict with other
+    transactions (the application's): nothing of it stayed, and doing it again is safe."""
 
 
 class BadSourceValues(SourceError, RowError):

@@ -34,9 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg2
+import psycopg2.errors
+from loguru import logger
 from psycopg2 import sql
 
-from etl_service.errors import MarkNotKept, SourceError
+from etl_service.errors import MarkNotKept, SourceConflict, SourceError
 from etl_service.ledger.batches import Batch
 from etl_service.ledger.store import SAME_SOURCE, Store
 from etl_service.postgres import logic
@@ -46,6 +48,13 @@ from etl_service.settings.model import JobConfig
 
 # Rows of one batch whose mark may raise alone before the mark takes the cause as systematic.
 MARK_FAILURES = 10
+# Errors of the marking statement that are not its rows' doing: a broken connection, a deadlock with the
+# application's transactions, a serialization conflict, a lock or statement timeout. The mark is not split for
+# them (no row is set aside): the whole transaction is done again (`CONFLICT_WAITS`) or the run retries.
+_NOT_THE_ROWS = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.DeadlockDetected,
+                 psycopg2.errors.SerializationFailure, psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled)
+# A mark that was a deadlock's victim is done again after these many seconds, one after the other.
+CONFLICT_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,24 @@ class Mark:
         self._others: list[str] | None = None  # other jobs' flags on this table, once read
 
     def run(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> MarkResult:
-        """Mark `batch` (see the module docstring); commits unless something raised."""
+        """Mark `batch` (see the module docstring); commits unless something raised.
+
+        A mark PostgreSQL rolled back to end a deadlock (the application's transactions locking the
+        same rows in another order) is done again, after a short wait, up to len(CONFLICT_WAITS) times.
+        """
+        waits = iter(CONFLICT_WAITS)
+        while True:
+            try:
+                return self._mark(batch, shape, before_commit)
+            except SourceConflict as exc:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                logger.bind(job=self.store.job.name, batch=batch.batch_id).info("{} — marking again in {:.2f}s",
+                                                                                 exc, wait)
+                time.sleep(wait)
+
+    def _mark(self, batch: Batch, shape: SourceShape, before_commit: Callable[[], None]) -> MarkResult:
         conn = self.store.conn
         self._other_flags()  # read (and committed) before the mark's transaction begins
         with pg_errors(f"mark batch {batch.batch_id} done", conn), conn.cursor() as cur:
@@ -236,7 +262,7 @@ class Mark:
             cur.execute(self._statement(shape, positions is not None), params)
             reached = int(cur.fetchone()[0])  # type: ignore[index]
         except psycopg2.Error as exc:
-            if cur.connection.closed or isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+            if cur.connection.closed or isinstance(exc, _NOT_THE_ROWS):
                 raise
             cur.execute("ROLLBACK TO SAVEPOINT etl_mark")
             cur.execute("RELEASE SAVEPOINT etl_mark")

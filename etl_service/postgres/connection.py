@@ -16,7 +16,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from etl_service.errors import ConfigError, SourceError, SourceUnavailable
+from etl_service.errors import ConfigError, SourceChanged, SourceConflict, SourceError, SourceUnavailable
 from etl_service.settings.model import JobConfig, Settings
 
 Connection = psycopg2.extensions.connection
@@ -77,11 +77,13 @@ def require_primary_answer(standby: bool, read_only: bool, display: str) -> None
 
 
 @contextmanager
-def pg_errors(action: str, conn: Connection | None = None) -> Iterator[None]:
+def pg_errors(action: str, conn: Connection | None = None, operator: bool = False) -> Iterator[None]:
     """Translate psycopg2 errors raised while doing `action` into our exception tree.
 
     With `conn`, a failed statement's transaction is rolled back, so the connection can go on
-    (to record the failure in the ledger, to release the job's lock).
+    (to record the failure in the ledger, to release the job's lock). `operator`: the statement is
+    the operator's own SQL (a column it names that does not exist is its mistake, not a change of
+    the source).
     """
     try:
         yield
@@ -89,7 +91,7 @@ def pg_errors(action: str, conn: Connection | None = None) -> Iterator[None]:
         if conn is not None and not conn.closed:
             with suppress(psycopg2.Error):
                 conn.rollback()
-        raise _translate(action, exc, conn) from exc
+        raise _translate(action, exc, conn, operator) from exc
 
 
 # Refusals that no retry can cure: the settings (or the server's grants) must change. Matched on
@@ -150,10 +152,17 @@ _LOST = ("no message from the libpq", "server closed the connection", "connectio
          "terminating connection", "SSL connection has been closed")
 
 
-def _translate(action: str, exc: psycopg2.Error, conn: Connection | None = None) -> SourceError | ConfigError:
+def _translate(action: str, exc: psycopg2.Error, conn: Connection | None = None,
+               operator: bool = False) -> SourceError | ConfigError:
     permanent = _permanent(action, exc)
     if permanent is not None:
         return permanent
+    if isinstance(exc, psycopg2.errors.DeadlockDetected | psycopg2.errors.SerializationFailure
+                  | psycopg2.errors.LockNotAvailable):
+        return SourceConflict(f"{action}: {first_line(exc)} (a conflict with other transactions on the same rows;"
+                              " PostgreSQL rolled this statement back)")
+    if isinstance(exc, psycopg2.errors.UndefinedColumn) and not operator:
+        return SourceChanged(changed(action, first_line(exc)))
     if isinstance(exc, psycopg2.errors.QueryCanceled):
         return SourceUnavailable(f"{action}: statement timed out (PG_STATEMENT_TIMEOUT)")
     if isinstance(exc, psycopg2.errors.IdleSessionTimeout):
@@ -166,6 +175,11 @@ def _translate(action: str, exc: psycopg2.Error, conn: Connection | None = None)
     return SourceError(f"{action}: {first_line(exc)}")
 
 
+def changed(action: str, error: str) -> str:
+    """The message of a statement of the service's that met a column dropped or renamed while it ran."""
+    return f"{action}: {error}: the source's columns changed during the run: starting over with the new ones"
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -173,7 +187,7 @@ def first_line(exc: BaseException) -> str:
 
 def run_sql(conn: Connection, statements: str) -> None:
     """Run the operator's post-processing SQL (ETL_POST_PG_SQL) in one transaction."""
-    with pg_errors("post-processing SQL on PostgreSQL", conn), conn.cursor() as cur:
+    with pg_errors("post-processing SQL on PostgreSQL", conn, operator=True), conn.cursor() as cur:
         cur.execute(sql.SQL(statements))  # operator-written SQL from config
         conn.commit()
 

@@ -26,6 +26,7 @@ from etl_service.errors import BadSourceValues, ConfigError, SourceChanged, Sour
 from etl_service.postgres.catalog import COLUMNS_NOW, RANGE_JOIN, SourceShape, columns_changed
 from etl_service.postgres.connection import (
     Connection,
+    changed,
     permanent,
     qualified,
     require_primary_answer,
@@ -251,6 +252,11 @@ def _translate(action: str, exc: adbc_driver_manager.Error) -> SourceError | Con
     if found is not None:
         return found
     first = text.splitlines()[0] if text else type(exc).__name__
+    if state in ("22021", "22P05"):  # one value, in a database that is not UTF-8: that row is set aside
+        return BadSourceValues(f"{action}: {first} (a text value this database holds in another encoding has no"
+                               " UTF-8 form)")
+    if state == "42703":  # a column the chunk reads was dropped or renamed while the run went on
+        return SourceChanged(changed(action, first))
     if state == "57014":
         return SourceUnavailable(f"{action}: statement timed out (PG_STATEMENT_TIMEOUT)")
     if isinstance(exc, adbc_driver_manager.OperationalError) or state.startswith(("08", "57P")) \

@@ -31,6 +31,8 @@ from etl_service.run.context import RunContext
 
 # Rows in a row that all fail alone before a run takes the transform or target as broken.
 BROKEN_ROWS = 10
+# Quarantined rows of a batch the log names one by one; the rest are counted in one line.
+SHOWN_ROWS = 5
 
 
 @dataclass
@@ -77,6 +79,7 @@ class BadRows:
         self.settle = settle
         self.failed = 0  # rows that failed alone (quarantined now or by an earlier attempt)
         self._lines: list[tuple[int, str]] = []  # (batch, line): logged once known not all bad
+        self._shown: dict[int, int] = {}  # per batch: quarantine lines logged or counted so far
         self._streak: _Streak | None = None
         self._chunk_fails: list[tuple[int, str, bool]] = []  # the chunk's failed rows: position, key, new
         self._last_reason = ""
@@ -130,9 +133,19 @@ class BadRows:
             self._broken(self._streak)
 
     def flush(self) -> None:
-        """Log the quarantine lines held."""
+        """Log the quarantine lines held: a batch's first SHOWN_ROWS rows by name, the rest counted."""
+        by_batch: dict[int, list[str]] = {}
         for batch_id, line in self._lines:
-            self.ctx.log.bind(batch=batch_id).warning(line)
+            by_batch.setdefault(batch_id, []).append(line)
+        for batch_id, lines in by_batch.items():
+            log = self.ctx.log.bind(batch=batch_id)
+            room = max(0, SHOWN_ROWS - self._shown.get(batch_id, 0))
+            for line in lines[:room]:
+                log.warning(line)
+            self._shown[batch_id] = self._shown.get(batch_id, 0) + len(lines)
+            if len(lines) > room:
+                log.warning("… and {} more row(s) of batch {} quarantined ({} so far; `status` lists each with its"
+                            " reason)", len(lines) - room, batch_id, self._shown[batch_id])
         self._lines.clear()
 
     def _broken(self, streak: _Streak) -> None:

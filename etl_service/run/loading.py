@@ -239,11 +239,13 @@ class BatchLoader:
         self.ledger.batches.set_loaded(batch)
         return total
 
-    def _load_range(self, shape: SourceShape, batch: Batch, first: int, last: int, split: set[str]) -> int:
+    def _load_range(self, shape: SourceShape, batch: Batch, first: int, last: int, split: set[str],
+                    half: bool = False) -> int:
         """Load key positions [first, last]; on bad rows, split in halves until each bad row is alone.
 
         A range once split is recorded in the ledger before its halves are sent, so a resumed
-        batch takes the same path and every insert keeps its deduplication token.
+        batch takes the same path and every insert keeps its deduplication token. The split of a
+        chunk is a warning; the splits of its halves (`half`) are details.
         """
         if f"{first}-{last}" not in split:
             try:
@@ -254,10 +256,11 @@ class BatchLoader:
                 if first == last:
                     self.bad.failed_alone(batch, shape, first, exc)
                     return 0
-                self.ctx.log.bind(batch=batch.batch_id).warning(
-                    "rows {}-{} of batch {}: {} — splitting to find the bad rows", first, last, batch.batch_id, exc)
+                self.ctx.log.bind(batch=batch.batch_id).log(
+                    "DEBUG" if half else "WARNING", "rows {}-{} of batch {}: {} — splitting to find the bad rows",
+                    first, last, batch.batch_id, exc)
                 self.ledger.batches.record_split(batch, first, last)
                 split.add(f"{first}-{last}")
         middle = (first + last) // 2
-        return (self._load_range(shape, batch, first, middle, split)
-                + self._load_range(shape, batch, middle + 1, last, split))
+        return (self._load_range(shape, batch, first, middle, split, half=True)
+                + self._load_range(shape, batch, middle + 1, last, split, half=True))

@@ -313,12 +313,45 @@ def _short(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _never_ran(conn: Connection, settings: Settings, job: JobConfig) -> bool:
+    """No run of this job is on record (the daemon has not started it yet)."""
+    runs = sql.Identifier(settings.ledger_schema, "runs")
+    with pg_errors("look for the job's runs", conn), conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NULL", (runs.as_string(conn),))
+        never = bool(cur.fetchone()[0])  # type: ignore[index]
+        if not never:
+            cur.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {} WHERE job = %s)").format(runs), (job.name,))
+            never = bool(cur.fetchone()[0])  # type: ignore[index]
+    if not conn.autocommit:
+        conn.rollback()
+    return never
+
+
+def _will_create(conn: Connection, job: JobConfig) -> bool:
+    """The trigger is only missing (not disabled anywhere) and this role may create it where it is missing."""
+    tables = _tables(conn, job)
+    missing = [t for t, state in tables if state is None]
+    if not missing or any(state is not None and state != "A" for _, state in tables):
+        return False
+    with pg_errors("ask whether the wake-up trigger can be made", conn), conn.cursor() as cur:
+        cur.execute("SELECT bool_and(has_table_privilege(t::regclass, 'TRIGGER')) FROM unnest(%s::text[]) t",
+                    (missing,))
+        may = bool(cur.fetchone()[0])  # type: ignore[index]
+    if not conn.autocommit:
+        conn.rollback()
+    return may
+
+
 def check_lines(conn: Connection, settings: Settings, job: JobConfig) -> list[str]:
     """`check`'s lines for a job with ETL_WAKE=notify: the trigger, and whether notifications get through."""
     problem = describe_problem(conn, settings.ledger_schema, job)
-    lines = [f"FAIL: wake-ups: {problem}; until then the job runs on its schedule only" if problem else
-             f"wake-ups: trigger {channel(job)} on {'.'.join(job.source_table)} (and its partitions) notifies channel"
-             f" {channel(job)}"]
+    if problem and _never_ran(conn, settings, job) and _will_create(conn, job):  # before the first start: all is well
+        lines = [f"note: wake-ups: the trigger {channel(job)} is not on {'.'.join(job.source_table)} yet: the daemon"
+                 " creates it when it starts (until then the job runs on its schedule only)"]
+    else:
+        lines = [f"FAIL: wake-ups: {problem}; until then the job runs on its schedule only" if problem else
+                 f"wake-ups: trigger {channel(job)} on {'.'.join(job.source_table)} (and its partitions) notifies"
+                 f" channel {channel(job)}"]
     try:
         through = round_trip(conn, settings)
     except (EtlError, psycopg2.Error) as exc:

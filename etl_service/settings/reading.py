@@ -127,6 +127,11 @@ def _job_from(name: str, get: Getter) -> JobConfig:
     _check_schedule(get.name("ETL_SCHEDULE"), get.name("ETL_TIMEZONE"), values["schedule"], values["timezone"])
     if values["deleted_column"]:
         check_identifier(get.name("ETL_DELETED_COLUMN"), values["deleted_column"])
+        if values["deleted_column"] == values["processed_column"]:
+            raise ConfigError(get.name("ETL_DELETED_COLUMN"), f"{values['deleted_column']!r} is also"
+                              " ETL_PROCESSED_COLUMN: the service sets that flag once it has moved a row, so it cannot"
+                              " also say that a row was deleted", "name the boolean column that marks a row deleted,"
+                              " or leave ETL_DELETED_COLUMN empty")
         if values["target_mode"] != "latest":
             raise ConfigError(get.name("ETL_DELETED_COLUMN"), "a deleted column needs ETL_TARGET_MODE=latest (in"
                               " append mode every version is kept, deleted or not)",

@@ -241,3 +241,9 @@ def test_a_chdb_target_without_the_embedded_extra_says_what_to_install(monkeypat
     with pytest.raises(ConfigError) as err:
         load(environ=BASE)
     assert err.value.variable == "CLICK_DSN" and "pip install 'etl-service[embedded]'" in str(err.value)
+
+
+def test_the_flag_cannot_also_be_the_deleted_column() -> None:
+    error = bad(ETL_PROCESSED_COLUMN="is_deleted", ETL_DELETED_COLUMN="is_deleted", ETL_TARGET_MODE="latest")
+    assert error.variable == "ETL_DELETED_COLUMN"
+    assert "'is_deleted' is also ETL_PROCESSED_COLUMN" in str(error) and "ETL_COLUMNS" not in str(error)
