@@ -77,8 +77,11 @@ def _env(path: Path | None) -> dict[str, str]:
 
 
 def slow_transform(world: World, seconds: float) -> str:
-    """A transform module in the test's folder that takes `seconds` per chunk; returns its spec."""
-    (world.tmp / "slow_tx.py").write_text(f"import time\ndef pause(df):\n    time.sleep({seconds})\n    return df\n")
+    """A transform module in the test's folder that takes `seconds` per chunk (and leaves the file
+    slow_tx.started when it first begins); returns its spec."""
+    started = world.tmp / "slow_tx.started"
+    (world.tmp / "slow_tx.py").write_text(f"import time\ndef pause(df):\n    open({str(started)!r}, 'w').close()\n"
+                                          f"    time.sleep({seconds})\n    return df\n")
     return "slow_tx:pause"
 
 
@@ -147,3 +150,24 @@ def assert_exact(world: World, chdb: Path, context: str = "") -> int:
     assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)], context
     assert world.sql("SELECT count(*) FROM etl.batches WHERE state <> 'done'") == [(0,)], context
     return len(source_ids)
+
+
+def operator_target(world: World, columns: str) -> None:
+    """Make the job's target as an operator would, with `columns` (plus the batch column), deduplicating."""
+    ch = world.backend.ch()
+    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
+    ch.command(f"CREATE TABLE {world.target()} ({columns}, _etl_batch UInt64) ENGINE = MergeTree ORDER BY id"
+               " SETTINGS non_replicated_deduplication_window = 1000")
+
+
+@contextlib.contextmanager
+def logged(level: str) -> Iterator[list[str]]:
+    """The service's log lines at `level` and above while the block runs."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level=level)
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)

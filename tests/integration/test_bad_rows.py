@@ -7,12 +7,12 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from loguru import logger
 
 from etl_service.run.pipeline import FAILED, OK, run_job
 from etl_service.service import admin, report
 
 from .conftest import World
+from .helpers import logged, operator_target
 from .test_pipeline import ch_summary, marked
 
 
@@ -149,17 +149,10 @@ def test_many_bad_rows_in_a_batch_are_said_in_a_few_lines(world: World) -> None:
               " processed boolean NOT NULL DEFAULT false);"
               "INSERT INTO src SELECT g, CASE WHEN g % 3 = 0 THEN 12345.67 ELSE 1.5 END, false"
               " FROM generate_series(1, 300) g")
-    ch = world.backend.ch()
-    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
-    ch.command(f"CREATE TABLE {world.target()} (id Int64, amount Decimal(5, 2), _etl_batch UInt64)"
-               " ENGINE = MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 1000")
-    warnings: list[str] = []
-    sink = logger.add(lambda message: warnings.append(str(message)), level="WARNING")
-    try:
+    operator_target(world, "id Int64, amount Decimal(5, 2)")
+    with logged("WARNING") as warnings:
         settings = world.settings(batch_size="300", chunk_size="100")
         result = run_job(settings, settings.jobs[0])
-    finally:
-        logger.remove(sink)
     assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 200, 100)
     assert world.sql("SELECT count(*) FROM etl.quarantine") == [(100,)]
     splits = [w for w in warnings if "splitting to find the bad rows" in w]

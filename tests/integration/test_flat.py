@@ -76,7 +76,10 @@ def runs(world: World) -> int:
 def test_threads_descriptors_and_memory_stay_flat_over_many_runs(world: World) -> None:
     world.make_source(2000)
     chdb = world.tmp / "chdb"
-    env_file = write_env(world, chdb, ETL_SCHEDULE="* * * * * *", ETL_BATCH_SIZE="500", ETL_CHUNK_SIZE="250")
+    # A run drains while rows keep coming; a writer as fast as the run would keep one run going for good:
+    # ETL_MAX_RUN_SECONDS ends each run, so the measured runs are many runs, as the schedule intends.
+    env_file = write_env(world, chdb, ETL_SCHEDULE="* * * * * *", ETL_BATCH_SIZE="500", ETL_CHUNK_SIZE="250",
+                         ETL_MAX_RUN_SECONDS="2")
     log = world.tmp / "daemon.log"
     with running("--env-file", str(env_file), log=log) as daemon, Writer(world, batches=100_000, pause=0.05):
         wait_for(lambda: runs(world) >= WARM_UP_RUNS, 120, "the warm-up runs")

@@ -186,9 +186,8 @@ def test_a_second_sigterm_exits_at_once_and_loses_nothing(world: World) -> None:
                          ETL_TRANSFORM=slow_transform(world, 20))
     log = world.tmp / "stop2.log"
     with running("--once", "--env-file", str(env_file), log=log, path=world.tmp) as proc:
-        wait_for(lambda: world.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'etl'")[0][0] > 0
-                 and _batches(world) > 0, 60, "a claimed batch")
-        time.sleep(0.5)
+        # the first signal while a chunk is in the (20 s) transform: the run waits for a safe point there
+        wait_for(lambda: (world.tmp / "slow_tx.started").exists(), 60, "a chunk in the transform")
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         t0 = time.monotonic()

@@ -7,13 +7,13 @@ import time
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from etl_service.postgres import catalog
 from etl_service.run.pipeline import OK, run_job
 from etl_service.service.checks import check
 
 from .conftest import World
+from .helpers import logged, operator_target
 
 
 def test_a_column_dropped_between_describe_and_claim_starts_the_run_over(world: World,
@@ -65,13 +65,9 @@ def test_a_mark_that_is_a_deadlocks_victim_is_done_again_and_the_run_ends_ok(wor
 
     thread = threading.Thread(target=application)
     thread.start()
-    said: list[str] = []
-    sink = logger.add(lambda message: said.append(str(message)), level="INFO")
-    try:
+    with logged("INFO") as said:
         settings = world.settings(batch_size="1000", chunk_size="500")
         result = run_job(settings, settings.jobs[0])
-    finally:
-        logger.remove(sink)
     thread.join(60)
     app.close()
     assert done.is_set()
@@ -87,10 +83,7 @@ def test_a_mark_that_is_a_deadlocks_victim_is_done_again_and_the_run_ends_ok(wor
 def test_check_names_the_statement_a_type_change_needs_before_a_run_stops_on_it(world: World) -> None:
     world.sql("CREATE TABLE src (id bigint PRIMARY KEY, v integer, processed boolean NOT NULL DEFAULT false);"
               "INSERT INTO src SELECT g, g, false FROM generate_series(1, 10) g")
-    ch = world.backend.ch()
-    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
-    ch.command(f"CREATE TABLE {world.target()} (id Int64, v Nullable(Int32), _etl_batch UInt64)"
-               " ENGINE = MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 1000")
+    operator_target(world, "id Int64, v Nullable(Int32)")
     settings = world.settings(schema_changes="fail")
     assert run_job(settings, settings.jobs[0]).status == OK
     world.sql("ALTER TABLE src ALTER COLUMN v TYPE text; INSERT INTO src VALUES (11, 'eleven', false)")

@@ -14,6 +14,7 @@ from etl_service.postgres.typemap import map_column
 from etl_service.run.pipeline import OK, run_job
 
 from .conftest import World
+from .helpers import operator_target
 
 TABLE = """
 CREATE TABLE src (
@@ -109,11 +110,7 @@ def test_an_array_column_whose_target_column_is_a_string_keeps_getting_postgresq
               " processed boolean NOT NULL DEFAULT false);"
               "INSERT INTO src VALUES (1, '{{1,2},{3,NULL}}', ARRAY['{\"a\": 1}'::jsonb], '{x,NULL}'),"
               " (2, NULL, NULL, NULL)")
-    ch = world.backend.ch()
-    ch.command(f"CREATE DATABASE IF NOT EXISTS `{world.ch_database}`")
-    ch.command(f"CREATE TABLE {world.target()} (id Int64, grid Nullable(String), docs Nullable(String),"
-               " tags Array(Nullable(String)), _etl_batch UInt64) ENGINE = MergeTree ORDER BY id"
-               " SETTINGS non_replicated_deduplication_window = 1000")
+    operator_target(world, "id Int64, grid Nullable(String), docs Nullable(String), tags Array(Nullable(String))")
     settings = world.settings()
     result = run_job(settings, settings.jobs[0])
     assert (result.status, result.rows_marked) == (OK, 2)
