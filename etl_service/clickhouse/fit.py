@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -100,7 +102,9 @@ def _column_misfit(column: pa.ChunkedArray, ch_type: str, ranges: Ranges) -> str
         return _time_misfit(column, inner, ranges)
     if pa.types.is_floating(kind):
         return _float_misfit(column, inner)
-    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return _string_misfit(column, inner) or _text_misfit(column, inner, ranges)
+    if pa.types.is_binary(kind):
         return _string_misfit(column, inner)
     return None
 
@@ -240,6 +244,120 @@ def _string_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     bad = pc.greater(pc.binary_length(column), int(match[1]))
     if pc.any(bad).as_py():
         return f"value {str(_first(column, bad))[:40]!r} is longer than {inner} holds ({match[1]} bytes)"
+    return None
+
+
+# Text into a typed column (an operator-made target, a transform's output, PostgreSQL's text of a type
+# ClickHouse has none for): ClickHouse parses it on insert, and what it cannot parse becomes NULL in a
+# Nullable column, a Decimal keeps the digits its scale has, a date past the type's range is clamped.
+# So the text is read here first, by rules no looser than ClickHouse's, and the value it is checked
+# like any other; text these rules cannot read is a bad row, named, never a NULL.
+_INTEGER_TEXT = re.compile(r"^[+-]?[0-9]+$")
+_DECIMAL_TEXT = re.compile(r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$")
+_FLOAT_WORDS = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+_UUID_TEXT = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+_IPV4_TEXT = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])[.]){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"
+_BOOL_WORDS = ["true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f", "enable", "disable"]
+
+
+def _text_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | None:
+    """Text into a column of another type: the first text that would not arrive as the value it writes."""
+    if inner == "String" or _FIXED.match(inner) or inner.startswith(("Map(", "Tuple(", "JSON", "Object(",
+                                                                     "Variant(", "Dynamic", "Nested(")):
+        return None  # kept as text, or structures ClickHouse parses strictly (it refuses what it cannot read)
+    values = pc.drop_null(column)
+    if not len(values):
+        return None
+    if _INT.match(inner) or _DECIMAL.match(inner) or inner in ("Bool", "Date", "DateTime") or \
+            inner.startswith(("DateTime(", "DateTime64", "Date32", "Float")):
+        return _parsed_misfit(values, inner, ranges)
+    if inner == "UUID":
+        return _pattern_misfit(values, _UUID_TEXT, "is not a UUID")
+    if inner == "IPv4":
+        return _pattern_misfit(values, _IPV4_TEXT, "is not an IPv4 address")
+    if inner.startswith("Enum"):
+        names = re.findall(r"'((?:[^'\\]|\\.)*)'\s*=", inner)
+        bad = pc.invert(pc.is_in(values, value_set=pa.array(names, pa.string())))
+        return f"value {_cut(_first(values, bad))} is not a value of {inner}" if pc.any(bad).as_py() else None
+    if inner == "IPv6":
+        import ipaddress
+        for text in pc.unique(values).to_pylist():
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                return f"value {_cut(text)} is not an IP address"
+        return None
+    return f"text into {inner}: this service cannot tell whether ClickHouse reads the text as the value it writes"
+
+
+def _cut(text: object) -> str:
+    return repr(text[:40] + "…" if isinstance(text, str) and len(text) > 40 else text)
+
+
+def _pattern_misfit(values: pa.ChunkedArray, pattern: str, why: str) -> str | None:
+    bad = pc.invert(pc.match_substring_regex(values, pattern))
+    return f"value {_cut(_first(values, bad))} {why}" if pc.any(bad).as_py() else None
+
+
+def _parsed_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | None:
+    """Numbers, booleans, dates and times written as text: read them, then check the values."""
+    if inner == "Bool":
+        bad = pc.invert(pc.is_in(pc.utf8_lower(values), value_set=pa.array(_BOOL_WORDS)))
+        return f"value {_cut(_first(values, bad))} is not a boolean" if pc.any(bad).as_py() else None
+    if inner.startswith("Float"):
+        return _float_text_misfit(values, inner)
+    if inner.startswith(("Date", "DateTime")):
+        for kind in (pa.timestamp("us"), pa.timestamp("us", tz="UTC")):
+            with suppress(pa.ArrowInvalid):
+                return _time_misfit(pc.cast(values, kind), inner, ranges)
+        for text in values.to_pylist():  # the first one neither way reads
+            if not any(_reads(text, kind) for kind in (pa.timestamp("us"), pa.timestamp("us", tz="UTC"))):
+                return f"value {_cut(text)} is not a date or time written as ISO 8601 (YYYY-MM-DD[ hh:mm:ss[.ffffff]][±hh])"
+        return f"the values mix times with and without a UTC offset, which {inner} reads differently"
+    pattern = _INTEGER_TEXT if _INT.match(inner) else _DECIMAL_TEXT
+    bad = pc.invert(pc.match_substring_regex(values, pattern.pattern))
+    if pc.any(bad).as_py():
+        return f"value {_cut(_first(values, bad))} is not a number {inner} reads"
+    match = _DECIMAL.match(inner)
+    scale = int(match[2]) if match else 0
+    try:
+        numbers = pc.cast(values, pa.decimal256(76, scale))
+    except pa.ArrowInvalid:  # more digits after the point than the scale, or more than 76 in all
+        for text in values.to_pylist():
+            if not _reads(text, pa.decimal256(76, scale)):
+                if -Decimal(text).as_tuple().exponent > scale and Decimal(text) != Decimal(text).to_integral_value():
+                    return f"value {_cut(text)} has more digits after the point than {inner} keeps ({scale})"
+                return f"value {_cut(text)} does not fit {inner}"
+        raise
+    return _range_misfit(numbers, inner)
+
+
+def _reads(text: str, kind: pa.DataType) -> bool:
+    try:
+        pc.cast(pa.array([text]), kind)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _float_text_misfit(values: pa.ChunkedArray, inner: str) -> str | None:
+    """A number written as text fits a float if the float, written with the text's digits, is that number."""
+    narrow = inner == "Float32"
+    for text in pc.unique(values).to_pylist():
+        if text.strip().lower() in _FLOAT_WORDS and text == text.strip():
+            continue
+        number = Decimal(text) if _DECIMAL_TEXT.match(text) else None
+        if number is None:
+            return f"value {_cut(text)} is not a number {inner} reads"
+        as_float = float(number)
+        if narrow:
+            as_float = float(np.float32(as_float)) if abs(as_float) <= _FLOAT32_MAX else float("inf")
+        if as_float in (float("inf"), float("-inf")):
+            return f"value {_cut(text)} does not fit {inner} (it would be stored as inf)"
+        with localcontext(prec=1_100):  # room for every digit of any double
+            written = Decimal(as_float).quantize(Decimal(1).scaleb(min(number.as_tuple().exponent, 0)))
+        if written != number:
+            return f"value {_cut(text)} is not held exactly by {inner}"
     return None
 
 

@@ -47,7 +47,8 @@ class Extractor:
         self._conn: Any = None
 
     def chunk(self, conn: Connection, job: JobConfig, shape: SourceShape, batch_id: int, first: int, last: int,
-              timelines: list[tuple[int, int]] | None = None, as_text: frozenset[str] = frozenset()) -> pa.Table:
+              timelines: list[tuple[int, int]] | None = None, as_text: frozenset[str] = frozenset(),
+              depths: dict[str, int] | None = None) -> pa.Table:
         """Keys [first, last] (1-based positions in the batch) as Arrow, named by target column.
 
         Only rows whose xmin still equals the claimed one are extracted: a row changed since the
@@ -55,10 +56,11 @@ class Extractor:
         row's source version (VERSION_COLUMN). Under the table's lock, the columns are checked
         first: SourceChanged if they are no longer the ones this run prepared the target for.
         `conn` (the run's psycopg2 connection) only quotes the statements; `as_text`: source
-        columns read as PostgreSQL's text (a target column of type String made for them earlier).
+        columns read as PostgreSQL's text (a target column of type String made for them earlier);
+        `depths`: array columns read as deep as their target column nests (made when they declared another).
         BadSourceValues (a row error) when a value cannot be held by its ClickHouse type.
         """
-        shape = _with_text(shape, as_text)
+        shape = _with_text(shape, as_text, depths)
         name = qualified(job).as_string(conn)
         with self._transaction(f"extract batch {batch_id} rows {first}-{last}") as cur:
             # ACCESS SHARE until commit: no ALTER can change the columns between this check and the COPY.
@@ -218,10 +220,12 @@ def _storage(kind: pa.DataType) -> pa.DataType:
     return kind
 
 
-def _with_text(shape: SourceShape, as_text: frozenset[str]) -> SourceShape:
-    if not as_text:
+def _with_text(shape: SourceShape, as_text: frozenset[str], depths: dict[str, int] | None = None) -> SourceShape:
+    if not as_text and not depths:
         return shape
-    columns = tuple(c.as_text() if c.name in as_text else c for c in shape.columns)
+    depths = depths or {}
+    columns = tuple(c.as_text() if c.name in as_text else c.nested(depths[c.name]) if c.name in depths else c
+                    for c in shape.columns)
     return SourceShape(shape.key, columns, shape.targets, shape.range_join)
 
 

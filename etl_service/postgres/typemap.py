@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -92,6 +92,7 @@ class Column:
     arrow_type: pa.DataType  # what the column is after `convert`
     select: tuple[sql.Composable, ...]  # its expressions in the extraction's SELECT (the value first)
     convert: Converter | None = None
+    nest: Callable[[int], Column] | None = field(default=None, compare=False)  # an array column, other depth
 
     def ch_column_type(self, is_key: bool = False) -> str:
         """The ClickHouse column type, Nullable where PostgreSQL allows NULL."""
@@ -103,6 +104,10 @@ class Column:
         """The column as PostgreSQL's text: for a target column of type String made for it before."""
         text = sql.SQL("{}::text").format(sql.Identifier("s", self.name))
         return Column(self.name, self.pg_type, self.nullable, "String", pa.string(), (text,))
+
+    def nested(self, depth: int) -> Column:
+        """The array column read `depth` Arrays deep: the depth of a target made when it declared another."""
+        return self.nest(depth) if self.nest and depth != self.ch_type.count("Array(") else self
 
     def to_arrow(self, arrays: list[pa.Array]) -> pa.Array:
         """This column's values from the driver's arrays; Unfit naming the first value that cannot go."""
@@ -198,7 +203,8 @@ def _array_column(name: str, pg_type: str, nullable: bool, ident: sql.Identifier
             elements = convert_elem(elements)
         return _shaped(flat, elements, shapes, dims, pg_type)
 
-    return Column(name, pg_type, nullable, ch_type, arrow_type, (value, lengths), convert)
+    return Column(name, pg_type, nullable, ch_type, arrow_type, (value, lengths), convert,
+                  lambda depth: _array_column(name, pg_type, nullable, ident, elem_typname, depth))
 
 
 def _shaped(flat: pa.Array, elements: pa.Array, shapes: pa.Array, dims: int, pg_type: str) -> pa.Array:
@@ -249,8 +255,11 @@ def _finite(values: pa.Array) -> pa.Array:
     if not pc.any(low).as_py():
         return values
     found = raw[pc.index(low, True).as_py()].as_py()
-    raise Unfit(f"{_INFINITE[kind].get(found, 'infinity or -infinity')} has no ClickHouse"
-                f" {'Date32' if kind == 'date32[day]' else 'DateTime64'} value")
+    target = 'Date32' if kind == 'date32[day]' else 'DateTime64'
+    if found not in _INFINITE[kind]:  # counted from 1970, a value near PostgreSQL's end of time wraps around
+        raise Unfit(f"a {'date' if kind == 'date32[day]' else 'time'} hundreds of thousands of years ahead"
+                    f" has no ClickHouse {target} value")
+    raise Unfit(f"{_INFINITE[kind][found]} has no ClickHouse {target} value")
 
 
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)

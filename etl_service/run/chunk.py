@@ -45,7 +45,7 @@ class ChunkLoader:
         settings, job = self.ctx.settings, self.job
         client = self.target.connect(shape)
         data = self.extractor.chunk(self.conn, job, shape, batch.batch_id, first, last, self.timelines,
-                                    self._as_text(shape))
+                                    self._as_text(shape), self._depths(shape))
         self.ctx.faults.reached("mid_extract")
         metrics.ROWS.labels(job.name, "extracted").inc(data.num_rows)
         self._note_oldest(data, shape, batch.batch_id)
@@ -67,6 +67,17 @@ class ChunkLoader:
         """Array columns whose target column is a String (made so by a version that sent arrays as text)."""
         return frozenset(c.name for c, t in zip(shape.columns, shape.targets, strict=True)
                          if c.ch_type.startswith("Array(") and fit.unwrap(self.target.types.get(t, ""))[0] == "String")
+
+    def _depths(self, shape: SourceShape) -> dict[str, int]:
+        """Array columns whose target column nests another depth than they declare now (`ALTER … TYPE int[][]`
+        changes only the declaration): read as deep as the target holds; rows of another depth are bad rows."""
+        depths = {}
+        for c, t in zip(shape.columns, shape.targets, strict=True):
+            inner = fit.unwrap(self.target.types.get(t, ""))[0]
+            if c.ch_type.startswith("Array(") and inner.startswith("Array(") and \
+                    inner.count("Array(") != c.ch_type.count("Array("):
+                depths[c.name] = inner.count("Array(")
+        return depths
 
     def _note_oldest(self, data: pa.Table, shape: SourceShape, batch_id: int) -> None:
         """Keep the earliest ETL_LAG_COLUMN time of the batch's rows, when that column is moved (commit-to-mark)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from etl_service.clickhouse import target_table
@@ -132,3 +133,54 @@ def test_a_type_the_server_does_not_have_is_refused_by_name_before_the_target_is
         assert "ETL_COLUMNS" in str(exc)
     else:
         raise AssertionError("Decimal(80, 2) was accepted")
+
+
+def test_text_into_a_typed_column_arrives_as_the_value_it_writes_or_is_quarantined_by_name(world: World) -> None:
+    # an operator-made target with typed columns for text (and unconstrained numeric, which is read as its
+    # text): ClickHouse parses the text on insert, truncating digits, clamping dates, and storing NULL for
+    # what it cannot read; none of that may happen silently
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, amount numeric, n text, day text, at text, u text,"
+              " f text, dur interval, processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src (id, amount, n, day, at, u, f, dur) VALUES"
+              " (1, 12.5, '12', '2024-01-01', '2024-01-01 00:00:00.123', 'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11',"
+              "  '0.5', NULL),"
+              " (2, 1.239, NULL, NULL, NULL, NULL, NULL, NULL),"  # a digit Decimal(10, 2) would drop
+              " (3, 1e20, NULL, NULL, NULL, NULL, NULL, NULL),"  # beyond Decimal(10, 2): ClickHouse stores NULL
+              " (4, NULL, '1.5', NULL, NULL, NULL, NULL, NULL),"  # not an integer: NULL
+              " (5, NULL, '99999999999', NULL, NULL, NULL, NULL, NULL),"  # beyond Int32: NULL
+              " (6, NULL, NULL, '2300-01-01', NULL, NULL, NULL, NULL),"  # beyond Date: clamped to 2149-06-06
+              " (7, NULL, NULL, NULL, '2024-01-01 00:00:00.123456', NULL, NULL, NULL),"  # finer than DateTime64(3)
+              " (8, NULL, NULL, NULL, NULL, 'not-a-uuid', NULL, NULL),"
+              " (9, NULL, NULL, NULL, NULL, NULL, '16777217', NULL),"  # Float32 holds 16777216
+              " (10, NULL, NULL, NULL, NULL, NULL, NULL, '1 day')")  # interval text into Int64: NULL
+    operator_target(world, "id Int64, amount Nullable(Decimal(10, 2)), n Nullable(Int32), day Nullable(Date),"
+                           " at Nullable(DateTime64(3)), u Nullable(UUID), f Nullable(Float32), dur Nullable(Int64)")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 1, 9)
+    reasons = dict(world.sql("SELECT key, reason FROM etl.quarantine"))
+    for key, column, said in [("2", "amount", "more digits after the point"), ("3", "amount", "does not fit"),
+                              ("4", "n", "not a number"), ("5", "n", "does not fit Int32"),
+                              ("6", "day", "out of the range of Date"), ("7", "at", "more precise"),
+                              ("8", "u", "not a UUID"), ("9", "f", "not held exactly by Float32"),
+                              ("10", "dur", "'1 day' is not a number")]:
+        assert f"column '{column}'" in reasons[key] and said in reasons[key], (key, reasons[key])
+    assert world.ch_rows(f"SELECT id, amount, n, toString(day), toString(at), toString(u), f FROM {world.target()}") \
+        == [(1, Decimal("12.50"), 12, "2024-01-01", "2024-01-01 00:00:00.123", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+             0.5)]
+
+
+def test_an_array_column_declared_deeper_after_its_target_was_made_keeps_its_targets_depth(world: World) -> None:
+    # `ALTER COLUMN a TYPE int[][]` changes only the declared dimensions (the type stays integer[]): the
+    # target keeps Array(Nullable(Int32)); one-dimensional values still go, deeper ones are bad rows by name
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, a integer[], processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src VALUES (1, '{1,2}')")
+    settings = world.settings()
+    assert run_job(settings, settings.jobs[0]).rows_marked == 1
+    world.sql("ALTER TABLE src ALTER COLUMN a TYPE integer[][];"
+              "INSERT INTO src VALUES (2, '{{1,2},{3,4}}'), (3, '{5}'), (4, NULL)")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 2, 1)
+    reason = world.sql("SELECT reason FROM etl.quarantine WHERE key = '2'")[0][0]
+    assert "'a'" in reason and "2-dimensional" in reason
+    assert world.ch_rows(f"SELECT id, a FROM {world.target()} ORDER BY id") == [(1, [1, 2]), (3, [5]), (4, [])]
