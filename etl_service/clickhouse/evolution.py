@@ -11,6 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
+from etl_service.clickhouse import fit
 from etl_service.clickhouse.guard import CREATED_COMMENT, DELETED_COLUMN, TargetInfo
 from etl_service.errors import SinkError
 from etl_service.postgres.catalog import SourceShape
@@ -70,6 +73,7 @@ class Evolution:
     statements: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)  # one line per change, for the log
     warnings: list[str] = field(default_factory=list)
+    defaulted: list[str] = field(default_factory=list)  # added columns whose DEFAULT is the source's value
 
 
 def source_types(shape: SourceShape) -> dict[str, str]:
@@ -78,13 +82,16 @@ def source_types(shape: SourceShape) -> dict[str, str]:
 
 
 def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, allow: bool,
-           aligned: dict[str, str] | None = None) -> Evolution:
+           aligned: dict[str, str] | None = None, defaults: dict[str, str] | None = None) -> Evolution:
     """Statements that bring `table` in step with the source, or SchemaChangeError with the one to run by hand.
 
     `allow`: operator-made tables may be altered (ETL_SCHEMA_CHANGES=auto); tables the service
     created always are. `aligned`: the source types the target was last in step with; a column
     whose source type is unchanged since is left as it is (its ClickHouse type may be the
     operator's deliberate choice; values that do not fit it are bad rows). None: first sight.
+    `defaults`: target column -> the value the source's rows that predate the column hold (a constant
+    default given when it was added, as text ClickHouse reads): an added column gets it as its DEFAULT,
+    which the rows already loaded then show, as PostgreSQL does.
     """
     plan = Evolution()
     alter = f"ALTER TABLE {table}{on_cluster}"
@@ -94,6 +101,15 @@ def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, al
         existing = info.columns.get(target)
         name = quote(target)
         if existing is None:
+            default = (defaults or {}).get(target)
+            if default is not None and not fit.first_misfit(pa.table({target: pa.array([default])}), {target: wanted}):
+                literal = "'" + default.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted} DEFAULT CAST({literal}"
+                                       f" AS {wanted})")
+                plan.changes.append(f"added column {target} {wanted} (new at the source), the rows loaded before"
+                                    f" showing {default[:40]!r}, the value PostgreSQL gives them")
+                plan.defaulted.append(target)
+                continue
             plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted}")
             plan.changes.append(f"added column {target} {wanted} (new at the source)")
         elif aligned is not None and aligned.get(target) != column.pg_type and not holds(existing, wanted):

@@ -307,13 +307,7 @@ def _parsed_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str |
     if inner.startswith("Float"):
         return _float_text_misfit(values, inner)
     if inner.startswith(("Date", "DateTime")):
-        for kind in (pa.timestamp("us"), pa.timestamp("us", tz="UTC")):
-            with suppress(pa.ArrowInvalid):
-                return _time_misfit(pc.cast(values, kind), inner, ranges)
-        for text in values.to_pylist():  # the first one neither way reads
-            if not any(_reads(text, kind) for kind in (pa.timestamp("us"), pa.timestamp("us", tz="UTC"))):
-                return f"value {_cut(text)} is not a date or time written as ISO 8601 (YYYY-MM-DD[ hh:mm:ss[.ffffff]][±hh])"
-        return f"the values mix times with and without a UTC offset, which {inner} reads differently"
+        return _time_text_misfit(values, inner, ranges)
     pattern = _INTEGER_TEXT if _INT.match(inner) else _DECIMAL_TEXT
     bad = pc.invert(pc.match_substring_regex(values, pattern.pattern))
     if pc.any(bad).as_py():
@@ -325,11 +319,23 @@ def _parsed_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str |
     except pa.ArrowInvalid:  # more digits after the point than the scale, or more than 76 in all
         for text in values.to_pylist():
             if not _reads(text, pa.decimal256(76, scale)):
-                if -Decimal(text).as_tuple().exponent > scale and Decimal(text) != Decimal(text).to_integral_value():
+                number = Decimal(text)
+                if -int(number.as_tuple().exponent) > scale and number != number.to_integral_value():
                     return f"value {_cut(text)} has more digits after the point than {inner} keeps ({scale})"
                 return f"value {_cut(text)} does not fit {inner}"
         raise
     return _range_misfit(numbers, inner)
+
+
+def _time_text_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | None:
+    kinds = (pa.timestamp("us"), pa.timestamp("us", tz="UTC"))  # without a UTC offset, and with one
+    for kind in kinds:
+        with suppress(pa.ArrowInvalid):
+            return _time_misfit(pc.cast(values, kind), inner, ranges)
+    for text in values.to_pylist():  # the first one neither way reads
+        if not any(_reads(text, kind) for kind in kinds):
+            return f"value {_cut(text)} is not a date or time written as ISO 8601 (YYYY-MM-DD[ hh:mm:ss[.ffffff]][±hh])"
+    return f"the values mix times with and without a UTC offset, which {inner} reads differently"
 
 
 def _reads(text: str, kind: pa.DataType) -> bool:
@@ -355,7 +361,7 @@ def _float_text_misfit(values: pa.ChunkedArray, inner: str) -> str | None:
         if as_float in (float("inf"), float("-inf")):
             return f"value {_cut(text)} does not fit {inner} (it would be stored as inf)"
         with localcontext(prec=1_100):  # room for every digit of any double
-            written = Decimal(as_float).quantize(Decimal(1).scaleb(min(number.as_tuple().exponent, 0)))
+            written = Decimal(as_float).quantize(Decimal(1).scaleb(min(int(number.as_tuple().exponent), 0)))
         if written != number:
             return f"value {_cut(text)} is not held exactly by {inner}"
     return None

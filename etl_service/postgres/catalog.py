@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,69 @@ _INHERITED = """
 SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
                WHERE i.inhparent = to_regclass(%s) AND p.relkind = 'r')
 """
+
+
+# A column added with a constant default (`ADD COLUMN priority integer DEFAULT 5`, kept or dropped
+# after) is not written into the rows that predate it: PostgreSQL keeps the value in the catalog
+# (attmissingval) and shows it for each of them. Its text, for the target's DEFAULT.
+_MISSING = """
+SELECT a.attname::text, (a.attmissingval::text::text[])[1]
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped AND a.atthasmissing
+"""
+# The value in the form ClickHouse reads it, by the kind of the column's ClickHouse type (the
+# connection pins TimeZone=UTC, DateStyle=ISO and exact floats: `connection.options`).
+_AS_CLICKHOUSE_READS = {"Date32": "to_char({v}, 'YYYY-MM-DD')",
+                        "DateTime64(6)": "to_char({v}, 'YYYY-MM-DD HH24:MI:SS.US')",
+                        "DateTime64(6, 'UTC')": "to_char({v} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"}
+_PLAIN_TEXT = re.compile(r"^(U?Int\d+|Float(32|64)|Decimal\(\d+, \d+\)|Bool|String|UUID)$")
+
+
+def missing_values(conn: Connection, job: JobConfig, columns: Iterable[Column]) -> dict[str, tuple[str, str | None]]:
+    """Source column -> the value rows that predate it hold (a constant default given when it was added):
+    (PostgreSQL's text of it, the text ClickHouse reads for the column's type, or None where that is not
+    plain: arrays, char(n) with its padding, bytea, unmapped types). Columns without one are left out."""
+    wanted = {c.name: c for c in columns}
+    if not wanted:
+        return {}
+    name = qualified(job).as_string(conn)
+    found: dict[str, tuple[str, str | None]] = {}
+    with pg_errors(f"read the defaults of {name}'s new columns", conn), conn.cursor() as cur:
+        cur.execute(_MISSING, (name,))
+        for column_name, text in cur.fetchall():
+            column = wanted.get(column_name)
+            if column is None or text is None:
+                continue
+            render = "{v}::text" if _PLAIN_TEXT.match(column.ch_type) else _AS_CLICKHOUSE_READS.get(column.ch_type)
+            if render is None or column.pg_type.startswith("character(") or column.pg_type == "bytea":
+                found[column_name] = (text, None)
+                continue
+            cur.execute(sql.SQL("SELECT " + render.replace("{v}", "({}::{})")).format(
+                sql.Literal(text), sql.SQL(column.pg_type)))
+            found[column_name] = (text, cur.fetchone()[0])  # type: ignore[index]
+    conn.rollback()
+    return found
+
+
+def rows_differing(conn: Connection, job: JobConfig, column: Column, value: str | None, nullable: bool,
+                   limit: int = 100_000) -> int:
+    """Processed rows (up to `limit`) whose `column` is not what the target shows for rows loaded before
+    it had the column: `value` (PostgreSQL's text of the target's DEFAULT), else NULL in a Nullable
+    column; a column that is neither shows its type's default, and every such row counts."""
+    name = qualified(job).as_string(conn)
+    differs: sql.Composable
+    if value is not None:
+        differs = sql.SQL("{c}::text IS DISTINCT FROM ({v}::{t})::text").format(
+            c=sql.Identifier(column.name), v=sql.Literal(value), t=sql.SQL(column.pg_type))
+    else:
+        differs = sql.SQL("{c} IS NOT NULL").format(c=sql.Identifier(column.name)) if nullable else sql.SQL("true")
+    with pg_errors(f"count the loaded rows of {name} whose new column {column.name} differs", conn), \
+            conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT count(*) FROM (SELECT FROM {t} WHERE {flag} AND {differs} LIMIT {n}) d").format(
+            t=qualified(job), flag=sql.Identifier(job.processed_column), differs=differs, n=sql.Literal(limit)))
+        count = int(cur.fetchone()[0])  # type: ignore[index]
+    conn.rollback()
+    return count
 
 
 def describe(conn: Connection, job: JobConfig) -> SourceShape:

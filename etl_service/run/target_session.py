@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
 from clickhouse_connect.driver.binding import quote_identifier
+from psycopg2 import sql
 
 from etl_service.clickhouse import clients, evolution, fit, guard, inserts, readback, target_table
 from etl_service.errors import EtlError
 from etl_service.ledger.shapes import TargetShapes
+from etl_service.postgres import catalog
 from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.typemap import Column
 from etl_service.settings.model import JobConfig, Settings
 
 _WARNED: set[str] = set()  # facts that stay true run after run: logged once per process
@@ -116,17 +120,57 @@ class TargetSession:
         cluster = self.settings.clickhouse.cluster
         on_cluster = f" ON CLUSTER {quote_identifier(cluster)}" if cluster else ""
         aligned = self.shapes.aligned(table)
+        # Columns new to the target, and any a run added before it could record the shape (it stopped):
+        # what the rows loaded before show in them is compared with what PostgreSQL has.
+        added = [c for c, t in zip(shape.columns, shape.targets, strict=True)
+                 if t not in info.columns or (aligned is not None and t not in aligned and t in info.columns)]
+        conn = self.shapes.store.conn
+        missing = catalog.missing_values(conn, self.job, added) if added else {}
+        targets = dict(zip((c.name for c in shape.columns), shape.targets, strict=True))
+        defaults = {targets[name]: text for name, (_, text) in missing.items() if text is not None}
         plan = evolution.evolve(info, shape, target_table.table_name(database, table), on_cluster,
-                                self.job.schema_changes == "auto", aligned)
+                                self.job.schema_changes == "auto", aligned, defaults)
         for statement, change in zip(plan.statements, plan.changes, strict=True):
             target_table.run_statement(client, statement)
             self.log.info("schema change at the source: {} in {}.{}", change, database, table)
         for line in plan.warnings:
             _warn_once(self.log, line)
-        if aligned != evolution.source_types(shape):
-            self.shapes.record(table, evolution.source_types(shape))
         if plan.statements:
             described = target_table.describe_target(client, database, table)
             if described:
-                return described[0]
+                info = described[0]
+        for column in added:
+            self._look_back(column, targets[column.name], info, missing.get(column.name), database, table)
+        if aligned != evolution.source_types(shape):
+            self.shapes.record(table, evolution.source_types(shape))
         return info
+
+    def _look_back(self, column: Column, target: str, info: guard.TargetInfo,
+                   missing: tuple[str, str | None] | None, database: str, table: str) -> None:
+        """Say how many rows loaded before `target` was added show another value there than PostgreSQL has
+        (a column added with a volatile default, or by a rewrite, or renamed: its rows hold their own
+        values), and how to send them again; rows that hold the value the target shows are exact."""
+        ch_type = info.columns.get(target, "")
+        shown = missing[0] if missing and missing[1] is not None and \
+            not fit.first_misfit(pa.table({target: pa.array([missing[1]])}), {target: ch_type}) else None
+        nullable = fit.unwrap(ch_type)[1]
+        try:
+            count = catalog.rows_differing(self.shapes.store.conn, self.job, column, shown, nullable)
+        except EtlError as exc:
+            self.log.warning("could not compare the rows loaded before column {} was added with the source ({});"
+                             " they show {} in {}.{}", target, exc, "NULL" if shown is None else repr(shown),
+                             database, table)
+            return
+        if not count:
+            return
+        conn = self.shapes.store.conn
+        flag, name = (sql.Identifier(n).as_string(conn) for n in (self.job.processed_column, column.name))
+        differs = (f"{name}::text IS DISTINCT FROM ({sql.Literal(shown).as_string(conn)}::{column.pg_type})::text"
+                   if shown is not None else f"{name} IS NOT NULL" if nullable else "true")
+        self.log.warning(
+            "{}{} row(s) loaded before column {} was added to {}.{} show {} there, where PostgreSQL has other values"
+            " (a column added with a volatile default or by a table rewrite, or renamed); to send them again with"
+            " their values: UPDATE {} SET {} = false WHERE {} AND {} (each loads as a newer version of its row)",
+            "more than " if count >= 100_000 else "", count, target, database, table,
+            "NULL" if shown is None and nullable else "the type's default" if shown is None else repr(shown),
+            sql.Identifier(*self.job.source_table).as_string(conn), flag, flag, differs)

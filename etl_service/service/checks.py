@@ -159,6 +159,9 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
         if job.wake == "notify":
             lines.extend(wake.check_lines(conn, settings, job))
         aligned = None  # the source types the target was last brought in step with (None: never)
+        targets = dict(zip((c.name for c in shape.columns), shape.targets, strict=True))
+        defaults = {targets[name]: text for name, (_, text) in catalog.missing_values(conn, job, shape.columns).items()
+                    if text is not None}  # what rows that predate a column hold in it (see catalog.missing_values)
         if ledger_exists(conn, settings.ledger_schema):
             aligned = ledger.shapes.aligned(job.target_table)
             reset, refused, stuck = ledger.quarantine.stuck()
@@ -175,11 +178,11 @@ def _check_job(settings: Settings, job: JobConfig) -> list[str]:
                              " this source, which this job skips until it is done (see `status`)")
     finally:
         conn.close()
-    return lines + _check_target(settings, job, shape, aligned)
+    return lines + _check_target(settings, job, shape, aligned, defaults)
 
 
 def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape,
-                  aligned: dict[str, str] | None) -> list[str]:
+                  aligned: dict[str, str] | None, defaults: dict[str, str]) -> list[str]:
     lines = []
     try:
         client = clients.connect(settings, "check")
@@ -205,7 +208,7 @@ def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape
             lines.extend(f"note: {line}" for line in target_table.doubling_views(client, views))
             if not job.transform:
                 # what the next run will do, or the SchemaChangeError (with the statement) that would stop it
-                plan = evolution.evolve(info, shape, name, "", job.schema_changes == "auto", aligned)
+                plan = evolution.evolve(info, shape, name, "", job.schema_changes == "auto", aligned, defaults)
                 lines.extend(f"note: the next run will apply: {change}" for change in plan.changes)
                 lines.extend(f"note: {w}" for w in plan.warnings)
         lines.append(target_table.check_grants(client, db, table, described is not None))

@@ -1,0 +1,98 @@
+"""Columns added at the source while rows are already in ClickHouse: the loaded rows show what PostgreSQL has.
+
+The migrations are written as Django and Alembic emit them: `AddField(IntegerField(default=5))` is
+`ADD COLUMN … NOT NULL DEFAULT 5` then `ALTER COLUMN … DROP DEFAULT`; Alembic's `add_column` with
+`server_default` keeps the default. PostgreSQL writes a constant default into no row (it keeps it in the
+catalog, attmissingval); a volatile one rewrites the table and gives each row its own value.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from etl_service.run.pipeline import OK, run_job
+
+from .conftest import World
+from .helpers import logged
+
+COLUMNS = "id, label, priority, channel, price, due, urgent, token"
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def _source(world: World) -> list[tuple[Any, ...]]:
+    return [tuple(map(_normal, row)) for row in world.sql(f"SELECT {COLUMNS} FROM src ORDER BY id")]
+
+
+def _target(world: World, mode: str) -> list[tuple[Any, ...]]:
+    if mode == "latest":
+        query = f"SELECT {COLUMNS} FROM {world.target()} FINAL ORDER BY id"
+    else:  # each key's newest version
+        newest = ", ".join(f"argMax({c}, _etl_version)" for c in COLUMNS.split(", ")[1:])
+        query = f"SELECT id, {newest} FROM {world.target()} GROUP BY id ORDER BY id"
+    return [tuple(map(_normal, row)) for row in world.ch_rows(query)]
+
+
+@pytest.mark.parametrize("mode", ["append", "latest"])
+def test_columns_added_with_a_constant_default_show_it_in_the_rows_loaded_before(world: World, mode: str) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, label text, processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src (id, label) SELECT g, 'l' || g FROM generate_series(1, 50) g")
+    settings = world.settings(target_mode=mode)
+    assert run_job(settings, settings.jobs[0]).rows_marked == 50
+    world.sql(  # Django's AddField with a default: added NOT NULL with it, then the default dropped
+        "ALTER TABLE src ADD COLUMN priority integer NOT NULL DEFAULT 5;"
+        "ALTER TABLE src ALTER COLUMN priority DROP DEFAULT;"
+        # Alembic's add_column with a server_default, kept
+        "ALTER TABLE src ADD COLUMN channel varchar(20) DEFAULT 'it''s web';"
+        "ALTER TABLE src ADD COLUMN price numeric(10,2) NOT NULL DEFAULT 9.90;"
+        "ALTER TABLE src ADD COLUMN due timestamptz DEFAULT '2026-03-01 12:00:00.25+02';"
+        "ALTER TABLE src ADD COLUMN urgent boolean NOT NULL DEFAULT true;"
+        "ALTER TABLE src ADD COLUMN token uuid DEFAULT 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11';"
+        "INSERT INTO src (id, label, priority, channel, price, due, urgent, token)"
+        " VALUES (51, 'new', 7, 'app', 1.5, NULL, false, NULL);"
+        "INSERT INTO src (id, label, priority) VALUES (52, 'new', 8)")
+    with logged("INFO") as lines:
+        result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 2)
+    assert _target(world, mode) == _source(world)
+    assert _source(world)[0] == (1, "l1", 5, "it's web", Decimal("9.90"), datetime(2026, 3, 1, 10, 0, 0, 250000),
+                                 True, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+    assert any("added column priority" in line and "'5'" in line for line in lines)
+    assert not any("WARNING" in line and "loaded before column" in line for line in lines)
+    # the DEFAULT is for the rows that predate the column: a later row with NULL keeps its NULL
+    world.sql("INSERT INTO src (id, label, priority, channel) VALUES (53, 'x', 1, NULL)")
+    run_job(settings, settings.jobs[0])
+    assert _target(world, mode) == _source(world)
+
+
+def test_a_column_added_with_a_volatile_default_is_named_with_the_statement_that_sends_its_rows_again(
+        world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, label text, processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src (id, label) SELECT g, 'l' || g FROM generate_series(1, 30) g")
+    settings = world.settings(target_mode="latest")
+    assert run_job(settings, settings.jobs[0]).rows_marked == 30
+    # a volatile default rewrites the table: each row gets its own value, which no catalog entry holds
+    world.sql("ALTER TABLE src ADD COLUMN token uuid DEFAULT gen_random_uuid();"
+              "INSERT INTO src (id, label) VALUES (31, 'new')")
+    with logged("WARNING") as lines:
+        assert run_job(settings, settings.jobs[0]).rows_marked == 1
+    said = [line for line in lines if "loaded before column token" in line]
+    assert said and "30 row(s)" in said[0] and "show NULL" in said[0], lines
+    statement = said[0].split("to send them again with their values: ")[1].split(" (each loads")[0]
+    assert statement.startswith("UPDATE ")
+    world.sql(statement)  # what the warning says to do
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 31)  # row 31 too: it holds a token (sent again, harmless)
+    source = {row[0]: str(row[1]) for row in world.sql("SELECT id, token FROM src")}
+    assert dict(world.ch_rows(f"SELECT id, toString(token) FROM {world.target()} FINAL")) == source
