@@ -12,9 +12,9 @@ are handled the same way.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Any
@@ -90,14 +90,15 @@ def _column_misfit(column: pa.ChunkedArray, ch_type: str, ranges: Ranges) -> str
     if column.null_count == len(column):
         return None
     kind = column.type
+    refused = unchecked(kind, ch_type)
+    if refused:
+        return refused
     if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and inner.startswith("Array("):
         elements = pa.chunked_array([chunk.flatten() for chunk in column.chunks], kind.value_type)
         problem = _column_misfit(elements, inner[len("Array("):-1], ranges) if len(elements) else None
         return f"an element: {problem}" if problem else None
-    if pa.types.is_integer(kind) and inner.startswith("Enum"):
-        return _enum_misfit(column, inner)
     if pa.types.is_integer(kind) or pa.types.is_decimal(kind):
-        return _range_misfit(column, inner) or _digits_misfit(column, inner)
+        return _number_misfit(column, inner)
     if pa.types.is_timestamp(kind) or pa.types.is_date32(kind):
         return _time_misfit(column, inner, ranges)
     if pa.types.is_floating(kind):
@@ -107,6 +108,109 @@ def _column_misfit(column: pa.ChunkedArray, ch_type: str, ranges: Ranges) -> str
     if pa.types.is_binary(kind):
         return _string_misfit(column, inner)
     return None
+
+
+
+
+def _source_kind(kind: pa.DataType) -> str:
+    for name, test in (("bool", pa.types.is_boolean), ("integer", pa.types.is_integer),
+                       ("decimal", pa.types.is_decimal), ("float", pa.types.is_floating),
+                       ("date", pa.types.is_date32), ("timestamp", pa.types.is_timestamp),
+                       ("text", lambda k: pa.types.is_string(k) or pa.types.is_large_string(k)),
+                       ("bytes", lambda k: pa.types.is_binary(k) or pa.types.is_large_binary(k))):
+        if test(kind):
+            return name
+    return str(kind)
+
+
+def _target_kind(inner: str) -> str:
+    if _INT.match(inner):
+        return "integer"
+    if _DECIMAL.match(inner):
+        return "decimal"
+    if inner in ("Float32", "Float64", "Bool", "UUID", "IPv4", "IPv6", "Date", "Date32", "DateTime"):
+        return inner
+    if inner.startswith("DateTime64"):
+        return "DateTime64"
+    if inner.startswith("DateTime("):
+        return "DateTime"
+    if inner.startswith("Enum"):
+        return "Enum"
+    return inner.split("(", 1)[0]
+
+
+# The value kinds each ClickHouse type is checked for here, value by value; ClickHouse converts other
+# pairs its own way (a number into a UUID, a date into an Int, text into a Map or a Tuple, bytes into
+# anything but a string), which no check here can vouch for.
+_CHECKED = {
+    "integer": {"integer", "decimal", "float", "bool", "text"},
+    "decimal": {"integer", "decimal", "float", "text"},
+    "Float32": {"integer", "decimal", "float", "text"},
+    "Float64": {"integer", "decimal", "float", "text"},
+    "Bool": {"bool", "integer", "decimal", "text"},
+    "Date": {"date", "timestamp", "integer", "text"},
+    "Date32": {"date", "timestamp", "text"},
+    "DateTime": {"date", "timestamp", "integer", "text"},
+    "DateTime64": {"date", "timestamp", "text"},
+    "UUID": {"text"},
+    "IPv4": {"text"},
+    "IPv6": {"text"},
+    "Enum": {"integer", "text"},
+}
+
+
+def unchecked(kind: pa.DataType, ch_type: str) -> str | None:
+    """Why values of Arrow type `kind` cannot be vouched for in a column of `ch_type` (None: they can).
+
+    Strings take anything (ClickHouse writes a value's text); arrays go element by element.
+    """
+    inner = unwrap(ch_type)[0]
+    if inner == "String" or _FIXED.match(inner):
+        return None
+    source = _source_kind(kind)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        if inner.startswith("Array("):
+            return unchecked(kind.value_type, inner[len("Array("):-1])
+        return f"an array into {inner}"
+    if inner.startswith("Array("):
+        return f"{source} values into {inner} (not an array)"
+    allowed = _CHECKED.get(_target_kind(inner))
+    if allowed is None or source not in allowed:
+        return (f"{source} values into {inner}: ClickHouse converts them its own way, which this service cannot"
+                " check value by value")
+    return None
+
+
+def _number_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
+    if inner.startswith("Enum"):
+        return _enum_misfit(column, inner)
+    if pa.types.is_decimal(column.type) and inner == "Bool":
+        bad = pc.invert(pc.is_in(column, value_set=pa.array([Decimal(0), Decimal(1)], column.type)))
+        return f"value {_first(column, bad)} is not a boolean (0 or 1)" if pc.any(bad).as_py() else None
+    return _range_misfit(column, inner) or _digits_misfit(column, inner)
+
+
+def refused(columns: Sequence[tuple[str, str, pa.DataType]], target_types: dict[str, str]) -> list[str]:
+    """The source columns (name, PostgreSQL type, Arrow type) whose target column is of a type this service
+    cannot check their values for, each with what to do; arrays compared by their elements."""
+    found = []
+    for name, pg_type, kind in columns:
+        ch_type = target_types.get(name)
+        if ch_type is None:
+            continue
+        inner = unwrap(ch_type)[0]
+        if pa.types.is_list(kind) and inner.startswith("Array("):
+            # an array column is read as deep as its target nests (run.chunk): values of another depth
+            # are bad rows; what counts here is the element types
+            while pa.types.is_list(kind):
+                kind = kind.value_type
+            while inner.startswith("Array("):
+                inner = unwrap(inner[len("Array("):-1])[0]
+        why = unchecked(kind, inner)
+        if why:
+            found.append(f"column {name} ({pg_type}) into {ch_type}: {why} — change the target column's type, cast"
+                         " the column in a view the job reads, or convert it in ETL_TRANSFORM")
+    return found
 
 
 def _first(column: pa.ChunkedArray, bad: pa.ChunkedArray) -> object:
@@ -170,8 +274,10 @@ def _decimal_float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     return None
 
 
-def _time_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | None:
-    """Dates and times out of the target type's range, or finer than it keeps."""
+def _time_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges,
+                 shown: pa.ChunkedArray | None = None) -> str | None:
+    """Dates and times out of the target type's range, or finer than it keeps (`shown`: what to name a value by)."""
+    shown = column if shown is None else shown
     if pa.types.is_date32(column.type):
         ticks, per_second = pc.multiply(pc.cast(pc.cast(column, pa.int32()), pa.int64()), _DAY_SECONDS), 1
     else:
@@ -186,14 +292,18 @@ def _time_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | N
         (low, high), keep = (first * _DAY_SECONDS, (last + 1) * _DAY_SECONDS - 1), _DAY_SECONDS * per_second
     else:
         return None
+    zone = re.search(r"'([^']*)'\)$", inner)
+    if zone and zone[1] != "UTC" and not (pa.types.is_timestamp(column.type) and column.type.tz):
+        # a date or a time without a zone is read in the column's zone, up to a day from UTC: kept off the edges
+        low, high = low + _DAY_SECONDS, high - _DAY_SECONDS
     out = pc.or_(pc.less(ticks, max(low * per_second, _INT64[0])),
                  pc.greater(ticks, min((high + 1) * per_second - 1, _INT64[1])))
     if pc.any(out).as_py():
-        return f"value {_first(column, out)} is out of the range of {inner}"
+        return f"value {_first(shown, out)} is out of the range of {inner}"
     if keep > 1:
         finer = pc.not_equal(pc.subtract(ticks, pc.multiply(pc.divide(ticks, keep), keep)), 0)
         if pc.any(finer).as_py():
-            return f"value {_first(column, finer)} is more precise than {inner} keeps"
+            return f"value {_first(shown, finer)} is more precise than {inner} keeps"
     return None
 
 
@@ -221,15 +331,20 @@ def _float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     bad = pc.invert(pc.is_finite(column))
     if pc.any(bad).as_py():
         return f"value {_first(column, bad)} is not held exactly by {inner}"
-    low, high = float(bounds[0]), float(bounds[1])
-    bad = pc.or_(pc.less(column, low), pc.greater(column, high))
+    # the integer bounds as floats round up (float(2**63 - 1) is 2**63): below high + 1, compared exactly
+    low, above = float(bounds[0]), float(bounds[1] + (1 if isinstance(bounds[1], int) else 0))
+    bad = pc.or_(pc.less(column, low), pc.greater_equal(column, above) if isinstance(bounds[1], int)
+                 else pc.greater(column, above))
     if pc.any(bad).as_py():
         return f"value {_first(column, bad)} does not fit {inner}"
     match = _DECIMAL.match(inner)
-    if match:  # the float, written with the Decimal's digits, is the same float again
+    if match:  # the float, written with the Decimal's digits, is the same float again, and ClickHouse
+        # (which truncates the float times 10^scale) writes those digits
         scale = int(match[2])
-        written = pc.cast(pc.cast(column, pa.decimal128(38, scale), safe=False), pa.float64())
-        bad = pc.not_equal(written, pc.cast(column, pa.float64()))
+        wide = pc.cast(column, pa.float64())
+        written = pc.cast(pc.cast(wide, pa.decimal128(38, scale), safe=False), column.type)
+        scaled = pc.multiply(wide, float(10 ** scale))
+        bad = pc.or_(pc.not_equal(written, column), pc.not_equal(pc.trunc(scaled), pc.round(scaled)))
     else:
         bad = pc.not_equal(pc.floor(column), column)
     if pc.any(bad).as_py():
@@ -253,18 +368,21 @@ def _string_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
 # So the text is read here first, by rules no looser than ClickHouse's, and the value it is checked
 # like any other; text these rules cannot read is a bad row, named, never a NULL.
 _INTEGER_TEXT = re.compile(r"^[+-]?[0-9]+$")
+_UNSIGNED_TEXT = re.compile(r"^[+]?[0-9]+$")  # ClickHouse reads no sign but + into an unsigned type
 _DECIMAL_TEXT = re.compile(r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$")
 _FLOAT_WORDS = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
-_UUID_TEXT = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+_UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+# Dates and times as ClickHouse's insert reads them: no 'T', no zone or offset (it stores NULL for those).
+_TIME_TEXT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}( [0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]{1,9})?)?$"
 _IPV4_TEXT = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])[.]){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"
 _BOOL_WORDS = ["true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f", "enable", "disable"]
 
 
 def _text_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | None:
-    """Text into a column of another type: the first text that would not arrive as the value it writes."""
-    if inner == "String" or _FIXED.match(inner) or inner.startswith(("Map(", "Tuple(", "JSON", "Object(",
-                                                                     "Variant(", "Dynamic", "Nested(")):
-        return None  # kept as text, or structures ClickHouse parses strictly (it refuses what it cannot read)
+    """Text into a column of another type (`unchecked` let it through): the first text that would not
+    arrive as the value it writes."""
+    if inner == "String" or _FIXED.match(inner):
+        return None
     values = pc.drop_null(column)
     if not len(values):
         return None
@@ -276,18 +394,23 @@ def _text_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | N
     if inner == "IPv4":
         return _pattern_misfit(values, _IPV4_TEXT, "is not an IPv4 address")
     if inner.startswith("Enum"):
-        names = re.findall(r"'((?:[^'\\]|\\.)*)'\s*=", inner)
+        names = [name for name, _ in enum_values(inner)]
         bad = pc.invert(pc.is_in(values, value_set=pa.array(names, pa.string())))
         return f"value {_cut(_first(values, bad))} is not a value of {inner}" if pc.any(bad).as_py() else None
     if inner == "IPv6":
-        import ipaddress
-        for text in pc.unique(values).to_pylist():
-            try:
-                ipaddress.ip_address(text)
-            except ValueError:
-                return f"value {_cut(text)} is not an IP address"
-        return None
+        return _ipv6_misfit(values)
     return f"text into {inner}: this service cannot tell whether ClickHouse reads the text as the value it writes"
+
+
+def _ipv6_misfit(values: pa.ChunkedArray) -> str | None:
+    for text in pc.unique(values).to_pylist():
+        try:
+            if "%" in text:  # a scope, which Python reads and ClickHouse does not
+                raise ValueError(text)
+            ipaddress.ip_address(text)
+        except ValueError:
+            return f"value {_cut(text)} is not an IP address"
+    return None
 
 
 def _cut(text: object) -> str:
@@ -308,7 +431,7 @@ def _parsed_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str |
         return _float_text_misfit(values, inner)
     if inner.startswith(("Date", "DateTime")):
         return _time_text_misfit(values, inner, ranges)
-    pattern = _INTEGER_TEXT if _INT.match(inner) else _DECIMAL_TEXT
+    pattern = (_UNSIGNED_TEXT if inner.startswith("U") else _INTEGER_TEXT) if _INT.match(inner) else _DECIMAL_TEXT
     bad = pc.invert(pc.match_substring_regex(values, pattern.pattern))
     if pc.any(bad).as_py():
         return f"value {_cut(_first(values, bad))} is not a number {inner} reads"
@@ -328,14 +451,16 @@ def _parsed_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str |
 
 
 def _time_text_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str | None:
-    kinds = (pa.timestamp("us"), pa.timestamp("us", tz="UTC"))  # without a UTC offset, and with one
-    for kind in kinds:
-        with suppress(pa.ArrowInvalid):
-            return _time_misfit(pc.cast(values, kind), inner, ranges)
-    for text in values.to_pylist():  # the first one neither way reads
-        if not any(_reads(text, kind) for kind in kinds):
-            return f"value {_cut(text)} is not a date or time written as ISO 8601 (YYYY-MM-DD[ hh:mm:ss[.ffffff]][±hh])"
-    return f"the values mix times with and without a UTC offset, which {inner} reads differently"
+    bad = pc.invert(pc.match_substring_regex(values, _TIME_TEXT))
+    if pc.any(bad).as_py():
+        return f"value {_cut(_first(values, bad))} is not a date or time written as YYYY-MM-DD[ hh:mm:ss[.fff]]"
+    try:
+        return _time_misfit(pc.cast(values, pa.timestamp("us")), inner, ranges, values)
+    except pa.ArrowInvalid:  # a day or hour that does not exist (2024-02-30, 25:00:00)
+        for text in values.to_pylist():
+            if not _reads(text, pa.timestamp("us")):
+                return f"value {_cut(text)} is not a date or time"
+        raise
 
 
 def _reads(text: str, kind: pa.DataType) -> bool:
@@ -360,6 +485,8 @@ def _float_text_misfit(values: pa.ChunkedArray, inner: str) -> str | None:
             as_float = float(np.float32(as_float)) if abs(as_float) <= _FLOAT32_MAX else float("inf")
         if as_float in (float("inf"), float("-inf")):
             return f"value {_cut(text)} does not fit {inner} (it would be stored as inf)"
+        if 0 < abs(as_float) < (1.1754943508222875e-38 if narrow else 2.2250738585072014e-308):
+            return f"value {_cut(text)} is below the smallest normal {inner} (ClickHouse reads such text as 0)"
         with localcontext(prec=1_100):  # room for every digit of any double
             written = Decimal(as_float).quantize(Decimal(1).scaleb(min(int(number.as_tuple().exponent), 0)))
         if written != number:
@@ -367,9 +494,17 @@ def _float_text_misfit(values: pa.ChunkedArray, inner: str) -> str | None:
     return None
 
 
+_ENUM_PAIR = re.compile(r"'((?:[^'\\]|\\.)*)'\s*=\s*(-?\d+)")
+
+
+def enum_values(inner: str) -> list[tuple[str, int]]:
+    """An Enum type's (name, number) pairs, names unescaped."""
+    return [(re.sub(r"\\(.)", r"\1", name), int(number)) for name, number in _ENUM_PAIR.findall(inner)]
+
+
 def _enum_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     """A number into an Enum must be one of its values (ClickHouse stores any, then cannot show it)."""
-    values = [int(v) for v in re.findall(r"=\s*(-?\d+)", inner)]
+    values = [number for _, number in enum_values(inner)]
     if not values:
         return None
     bad = pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column, value_set=pa.array(values, column.type))))

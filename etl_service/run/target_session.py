@@ -14,7 +14,7 @@ from clickhouse_connect.driver.binding import quote_identifier
 from psycopg2 import sql
 
 from etl_service.clickhouse import clients, evolution, fit, guard, inserts, readback, target_table
-from etl_service.errors import EtlError
+from etl_service.errors import ConfigError, EtlError
 from etl_service.ledger.shapes import TargetShapes
 from etl_service.postgres import catalog
 from etl_service.postgres.catalog import SourceShape
@@ -111,9 +111,19 @@ class TargetSession:
             info = described[0] if described else info
         if not self.job.transform:  # a transform decides its own columns: ClickHouse checks them at insert
             info = self._evolve(client, info, shape, database, table)
+        self._refuse_unchecked(shape, info, name)
         self.types = info.columns
         self.replicated = "Replicated" in info.engine
         self.ranges = readback.time_ranges(client)
+
+    def _refuse_unchecked(self, shape: SourceShape, info: guard.TargetInfo, name: str) -> None:
+        """What no value check can vouch for would fail every run: said once, up front, by column."""
+        if self.job.transform:  # a transform's output types are checked value by value
+            return
+        problems = fit.refused([(t, c.pg_type, c.arrow_type) for c, t in zip(shape.columns, shape.targets,
+                                                                               strict=True)], info.columns)
+        if problems:
+            raise ConfigError("ETL_TARGET_TABLE", f"{name}: " + "; ".join(problems))
 
     def _evolve(self, client: Any, info: guard.TargetInfo, shape: SourceShape, database: str,
                 table: str) -> guard.TargetInfo:

@@ -14,7 +14,7 @@ from typing import Any
 from loguru import logger
 from psycopg2 import sql
 
-from etl_service.clickhouse import clients, evolution, guard, inserts, readiness, target_table
+from etl_service.clickhouse import clients, evolution, fit, guard, inserts, readiness, target_table
 from etl_service.errors import ConfigError, EtlError, MarkNotKept, TransientError
 from etl_service.ledger import Ledger, schema
 from etl_service.ledger.mark import not_kept
@@ -207,6 +207,9 @@ def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape
                 lines.append("target keeps the latest version of each key (SELECT … FINAL: the current rows)")
             lines.extend(f"note: {line}" for line in target_table.doubling_views(client, views))
             if not job.transform:
+                lines.extend(f"FAIL: {problem}" for problem in fit.refused(
+                    [(t, c.pg_type, c.arrow_type) for c, t in zip(shape.columns, shape.targets, strict=True)],
+                    info.columns))
                 # what the next run will do, or the SchemaChangeError (with the statement) that would stop it
                 plan = evolution.evolve(info, shape, name, "", job.schema_changes == "auto", aligned, defaults)
                 lines.extend(f"note: the next run will apply: {change}" for change in plan.changes)

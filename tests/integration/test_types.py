@@ -13,6 +13,7 @@ from etl_service.postgres.catalog import SourceShape
 from etl_service.postgres.keys import Key, KeyColumn
 from etl_service.postgres.typemap import map_column
 from etl_service.run.pipeline import OK, run_job
+from etl_service.service.checks import check
 
 from .conftest import World
 from .helpers import operator_target
@@ -184,3 +185,56 @@ def test_an_array_column_declared_deeper_after_its_target_was_made_keeps_its_tar
     reason = world.sql("SELECT reason FROM etl.quarantine WHERE key = '2'")[0][0]
     assert "'a'" in reason and "2-dimensional" in reason
     assert world.ch_rows(f"SELECT id, a FROM {world.target()} ORDER BY id") == [(1, [1, 2]), (3, [5]), (4, [])]
+
+
+def test_values_an_operators_column_would_change_are_quarantined_by_name(world: World) -> None:
+    # each of these was stored changed by ClickHouse's own conversion on insert, with no error
+    cases = [  # (source type, the operator's column type, the value)
+        ("double precision", "Decimal(10, 2)", "0.29"),  # ClickHouse truncates 28.999999999999996: 0.28
+        ("double precision", "Int64", "9223372036854775807"),  # the double is 2^63: stored as -2^63
+        ("double precision", "UInt64", "18446744073709551615"),  # 2^64
+        ("numeric(5,2)", "Bool", "0.5"),  # true
+        ("text", "DateTime64(6, 'UTC')", "'2024-01-01T10:00:00Z'"),  # NULL
+        ("text", "DateTime", "'2024-01-01 10:00:00+05'"),  # NULL
+        ("text", "UInt8", "'-0'"),  # NULL
+        ("text", "UUID", "'a0eebc99-9c0b4ef8bb6d6bb9bd380a11'"),  # NULL
+        ("text", "IPv6", "'fe80::1%eth0'"),  # NULL
+        ("integer", "Enum8('x = 5' = 3)", "5"),  # NULL
+        ("date", "DateTime('Asia/Tokyo')", "'1970-01-01'"),  # before 1970 in Tokyo: wrapped to 2106
+        ("text", "Float64", "'4.9e-324'"),  # 0
+        ("double precision[]", "Array(Decimal(10, 2))", "'{0.29}'"),
+    ]
+    columns = ", ".join(f"c{i} {pg}" for i, (pg, _, _) in enumerate(cases))
+    world.sql(f"CREATE TABLE src (id bigint PRIMARY KEY, {columns}, processed boolean NOT NULL DEFAULT false)")
+    for i, (pg, _, value) in enumerate(cases):  # each beside a row that fits (a run of bad rows alone stops it)
+        world.sql(f"INSERT INTO src (id, c{i}) VALUES ({2 * i}, ({value})::{pg}), ({2 * i + 1}, NULL)")
+    operator_target(world, "id Int64, " + ", ".join(
+        f"c{i} {ch if ch.startswith('Array') else f'Nullable({ch})'}" for i, (_, ch, _) in enumerate(cases)))
+    settings = world.settings(batch_size="4", chunk_size="2")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, len(cases), len(cases)), \
+        result.message
+    reasons = dict(world.sql("SELECT key, reason FROM etl.quarantine"))
+    for i in range(len(cases)):
+        assert f"column 'c{i}'" in reasons[str(2 * i)], (cases[i], reasons[str(2 * i)])
+    assert world.ch_rows(f"SELECT id FROM {world.target()} ORDER BY id") == [(2 * i + 1,) for i in range(len(cases))]
+
+
+def test_a_target_column_whose_conversion_cannot_be_checked_is_refused_up_front_by_name(world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, blob bytea, n integer, at timestamp, tags integer[],"
+              " processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src VALUES (1, '\\x01', 1, now(), '{1}')")
+    operator_target(world, "id Int64, blob Nullable(Int32), n Nullable(Date32), at Nullable(Int64),"
+                           " tags Array(Nullable(UUID))")
+    settings = world.settings()
+    lines: list[str] = []
+    healthy = check(settings, lines.append)
+    failed = [line for line in lines if "FAIL" in line]
+    assert not healthy
+    for said in ("column blob (bytea) into Nullable(Int32)", "column n (integer) into Nullable(Date32)",
+                 "column at (timestamp without time zone) into Nullable(Int64)", "column tags (integer[])"):
+        assert any(said in line for line in failed), (said, failed)
+    result = run_job(settings, settings.jobs[0])
+    assert result.status != OK and "column blob (bytea)" in (result.message or "")
+    assert world.sql("SELECT count(*) FROM src WHERE processed") == [(0,)]
+    assert world.sql("SELECT count(*) FROM etl.quarantine") == [(0,)]
