@@ -1,10 +1,16 @@
-"""Wake-ups (ETL_WAKE=notify): a commit that writes source rows wakes its job within about a second.
+"""Wake-ups (ETL_WAKE=notify): a commit that leaves rows to move wakes its job within about a second.
 
-A statement-level trigger on the source (`AFTER INSERT OR UPDATE … FOR EACH STATEMENT`) calls
-`<ledger schema>.etl_wake(channel)`, which sends `NOTIFY` on the job's channel; PostgreSQL
-delivers it when the writing transaction commits, once per channel per transaction however many
-statements it ran. The service's own mark sets `etl_service.marking` in its transaction
-(logic.MARKING), so marking rows processed wakes no one.
+Two triggers on the source call `<ledger schema>.etl_wake(channel)`, which sends `NOTIFY` on the
+job's channel; PostgreSQL delivers it when the writing transaction commits, once per channel per
+transaction however many statements or rows fired it:
+- `etl_wake_<job>`, `AFTER INSERT … FOR EACH STATEMENT` (one call for a bulk insert), on the
+  source and each partition (a statement that names a partition fires that partition's);
+- `etl_wake_u_<job>`, `AFTER UPDATE … FOR EACH ROW WHEN (NEW.<flag> IS FALSE AND OLD.<flag> IS
+  DISTINCT FROM NEW.<flag>)`: only an update that makes a row one to move (its flag set back,
+  by the statement or by a BEFORE trigger) calls it. An update of rows already processed (a
+  `seen_at`, a counter, an ORM's save of every column), or of rows already waiting, or the
+  service's own mark, is one condition per row and wakes no one. PostgreSQL clones it onto
+  every partition, present and future.
 
 `Listener` keeps one connection that LISTENs on every such job's channel and hands what arrives
 to the daemon; the daemon coalesces (daemon.Gate). When the connection drops (PostgreSQL
@@ -51,6 +57,15 @@ def channel(job: JobConfig) -> str:
     return f"etl_wake_{job.name.encode()[:40].decode(errors='ignore')}_{digest}"
 
 
+def update_trigger(job: JobConfig) -> str:
+    """The name of the job's row-level UPDATE wake-up trigger (see the module docstring)."""
+    name = f"etl_wake_u_{job.name}"
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(job.name.encode()).hexdigest()[:10]
+    return f"etl_wake_u_{job.name.encode()[:38].decode(errors='ignore')}_{digest}"
+
+
 def _function(schema: str) -> sql.Composed:
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {schema}.{fn}() RETURNS trigger LANGUAGE plpgsql AS $etl$ BEGIN"
@@ -61,47 +76,67 @@ def _function(schema: str) -> sql.Composed:
 
 def _trigger(schema: str, job: JobConfig, table: sql.Composable) -> list[sql.Composed]:
     name = sql.Identifier(channel(job))
-    return [sql.SQL("CREATE TRIGGER {name} AFTER INSERT OR UPDATE ON {table} FOR EACH STATEMENT"
+    return [sql.SQL("CREATE TRIGGER {name} AFTER INSERT ON {table} FOR EACH STATEMENT"
                     " EXECUTE FUNCTION {schema}.{fn}({channel})").format(
                 name=name, table=table, schema=sql.Identifier(schema), fn=sql.Identifier(FUNCTION),
                 channel=sql.Literal(channel(job))),
             _always(job, table)]
 
 
-def _always(job: JobConfig, table: sql.Composable) -> sql.Composed:
+def _update_trigger(schema: str, job: JobConfig, table: sql.Composable) -> list[sql.Composed]:
+    flag = sql.Identifier(job.processed_column)
+    return [sql.SQL("CREATE TRIGGER {name} AFTER UPDATE ON {table} FOR EACH ROW WHEN (NEW.{flag} IS FALSE AND"
+                    " OLD.{flag} IS DISTINCT FROM NEW.{flag}) EXECUTE FUNCTION {schema}.{fn}({channel})").format(
+                name=sql.Identifier(update_trigger(job)), table=table, flag=flag, schema=sql.Identifier(schema),
+                fn=sql.Identifier(FUNCTION), channel=sql.Literal(channel(job))),
+            _always(job, table, update_trigger(job))]
+
+
+def _always(job: JobConfig, table: sql.Composable, name: str | None = None) -> sql.Composed:
     # replication apply workers and pg_restore write with session_replication_role = replica
-    return sql.SQL("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name}").format(table=table,
-                                                                             name=sql.Identifier(channel(job)))
+    return sql.SQL("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name}").format(
+        table=table, name=sql.Identifier(name or channel(job)))
 
 
-def statements(schema: str, job: JobConfig, tables: list[str] | None = None) -> list[sql.Composed]:
-    """What makes wake-ups work for `job`: the function (in the ledger schema) and the trigger on its source
-    (and on each of its partitions: a statement that names a partition fires that partition's triggers)."""
-    names = [sql.SQL(t) for t in tables] if tables else [qualified(job)]
-    return [_function(schema), *(statement for table in names for statement in _trigger(schema, job, table))]
+def statements(schema: str, job: JobConfig, tables: list[str] | None = None,
+               update_on: str | None = None) -> list[sql.Composed]:
+    """What makes wake-ups work for `job`: the function (in the ledger schema), the INSERT trigger on its
+    source (and on each of its partitions: a statement that names a partition fires that partition's
+    triggers) and the UPDATE trigger on the source (`update_on`, when only that one is missing)."""
+    names = [sql.SQL(t) for t in tables] if tables is not None else [qualified(job)]
+    update = [] if tables is not None and update_on is None else _update_trigger(
+        schema, job, sql.SQL(update_on) if update_on else qualified(job))
+    return [_function(schema), *(statement for table in names for statement in _trigger(schema, job, table)), *update]
 
 
-def statements_text(conn: Connection, schema: str, job: JobConfig, tables: list[str] | None = None) -> str:
-    return "; ".join(s.as_string(conn) for s in statements(schema, job, tables))
+def statements_text(conn: Connection, schema: str, job: JobConfig, tables: list[str] | None = None,
+                    update_on: str | None = None) -> str:
+    return "; ".join(s.as_string(conn) for s in statements(schema, job, tables, update_on))
 
 
-# The source and every partition under it, each with its wake-up trigger's tgenabled (NULL: none):
-# 'A' fires always, 'O' not in replica mode, 'R' only there, 'D' never.
+# The source and every partition under it, each with its wake-up triggers' tgenabled (NULL: none):
+# 'A' fires always, 'O' not in replica mode, 'R' only there, 'D' never; and whether the INSERT
+# trigger still fires for UPDATE too (the form made before updates had their own trigger).
 _TRIGGER_STATE = """
-SELECT t.relid::regclass::text, tg.tgenabled::text
+SELECT t.relid::regclass::text, ins.tgenabled::text, upd.tgenabled::text, coalesce(ins.tgtype & 16 <> 0, false)
 FROM (SELECT to_regclass(%(table)s) AS relid, 0 AS level
       UNION SELECT relid, level FROM pg_partition_tree(to_regclass(%(table)s))) t
 JOIN pg_class c ON c.oid = t.relid AND c.relkind IN ('r', 'p')
-LEFT JOIN (pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid AND p.proname = %(fn)s)
-       ON tg.tgrelid = t.relid AND tg.tgname = %(name)s
+LEFT JOIN (pg_trigger ins JOIN pg_proc p ON p.oid = ins.tgfoid AND p.proname = %(fn)s)
+       ON ins.tgrelid = t.relid AND ins.tgname = %(name)s
+LEFT JOIN (pg_trigger upd JOIN pg_proc q ON q.oid = upd.tgfoid AND q.proname = %(fn)s)
+       ON upd.tgrelid = t.relid AND upd.tgname = %(update)s
 ORDER BY t.level, 1
 """
 
 
-def _tables(conn: Connection, job: JobConfig) -> list[tuple[str, str | None]]:
+def _tables(conn: Connection, job: JobConfig) -> list[tuple[str, str | None, str | None, bool]]:
+    """(table, INSERT trigger's state, UPDATE trigger's state, whether the INSERT trigger is the old form)."""
     with pg_errors("look for the wake-up trigger", conn), conn.cursor() as cur:
-        cur.execute(_TRIGGER_STATE, {"table": qualified(job).as_string(conn), "name": channel(job), "fn": FUNCTION})
-        found = [(str(table), None if state is None else str(state)) for table, state in cur.fetchall()]
+        cur.execute(_TRIGGER_STATE, {"table": qualified(job).as_string(conn), "name": channel(job), "fn": FUNCTION,
+                                     "update": update_trigger(job)})
+        found = [(str(table), None if ins is None else str(ins), None if upd is None else str(upd), bool(old))
+                 for table, ins, upd, old in cur.fetchall()]
     if not conn.autocommit:
         conn.rollback()
     return found
@@ -110,69 +145,104 @@ def _tables(conn: Connection, job: JobConfig) -> list[tuple[str, str | None]]:
 def trigger_state(conn: Connection, job: JobConfig) -> str:
     """'present' (on the source and every partition, firing always), 'missing', 'disabled' or 'partial'
     (it does not fire in replica mode somewhere)."""
-    states = {state for _, state in _tables(conn, job)}
+    states = {state for _, ins, upd, _ in _tables(conn, job) for state in (ins, upd)}
     return ("missing" if None in states else "disabled" if "D" in states else
             "present" if states <= {"A"} else "partial")
 
 
+def _missing(tables: list[tuple[str, str | None, str | None, bool]]) -> tuple[list[str], str | None]:
+    """(tables missing the INSERT trigger, the source if it misses the UPDATE one: partitions get its clones)."""
+    return ([t for t, ins, _, _ in tables if ins is None],
+            tables[0][0] if tables and any(upd is None for _, _, upd, _ in tables) else None)
+
+
+def _states(tables: list[tuple[str, str | None, str | None, bool]]) -> list[tuple[str, str, str]]:
+    """(table, trigger name, state) for each trigger present."""
+    return [(t, name, state) for t, ins, upd, _ in tables
+            for name, state in (("i", ins), ("u", upd)) if state is not None]
+
+
 def describe_problem(conn: Connection, schema: str, job: JobConfig) -> str | None:
-    """What is wrong with the job's wake-up trigger, with the statements that fix it; None if nothing."""
+    """What is wrong with the job's wake-up triggers, with the statements that fix it; None if nothing."""
     tables = _tables(conn, job)
-    missing = [t for t, state in tables if state is None]
-    disabled = [t for t, state in tables if state == "D"]
-    partial = [t for t, state in tables if state in ("O", "R")]
-    name = sql.Identifier(channel(job)).as_string(conn)
-    if missing:
-        return (f"the wake-up trigger {channel(job)} is missing on {', '.join(missing)} (the daemon creates it if its"
-                f" role may; or run as the table's owner: {statements_text(conn, schema, job, missing)})")
+    missing, update_on = _missing(tables)
+    names = {"i": channel(job), "u": update_trigger(job)}
+    disabled = [(t, names[n]) for t, n, state in _states(tables) if state == "D"]
+    partial = [(t, names[n]) for t, n, state in _states(tables) if state in ("O", "R")]
+    if missing or update_on:
+        where = sorted(set(missing + ([update_on] if update_on else [])))
+        return (f"the wake-up trigger {channel(job)} is missing on {', '.join(where)} (the daemon creates it if its"
+                f" role may; or run as the table's owner: {statements_text(conn, schema, job, missing, update_on)})")
     if disabled:
-        return (f"the wake-up trigger {channel(job)} is disabled on {', '.join(disabled)}: "
-                + "; ".join(f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}" for t in disabled))
+        return (f"the wake-up trigger {channel(job)} is disabled on {', '.join(t for t, _ in disabled)}: "
+                + "; ".join(f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {sql.Identifier(n).as_string(conn)}"
+                            for t, n in disabled))
     if partial:
         return (f"the wake-up trigger {channel(job)} does not fire for writes in replica mode (session_replication_role"
-                f" = replica: logical replication, pg_restore) on {', '.join(partial)}: "
-                + "; ".join(f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {name}" for t in partial))
+                f" = replica: logical replication, pg_restore) on {', '.join(t for t, _ in partial)}: "
+                + "; ".join(f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {sql.Identifier(n).as_string(conn)}"
+                            for t, n in partial))
     return None
 
 
 def ensure_trigger(conn: Connection, schema: str, job: JobConfig) -> str | None:
-    """Create the job's wake-up trigger where it is missing (source and partitions), and make it fire in
-    replica mode too. None when it is in place, else what is wrong (with the fix). A disabled trigger is
-    the operator's choice: reported, not enabled again."""
+    """Create the job's wake-up triggers where they are missing (source and partitions), make them fire in
+    replica mode too, and replace the older INSERT OR UPDATE form. None when they are in place, else what
+    is wrong (with the fix). A disabled trigger is the operator's choice: reported, not enabled again."""
     tables = _tables(conn, job)
-    missing = [t for t, state in tables if state is None]
-    partial = [t for t, state in tables if state in ("O", "R")]
-    if missing or partial:
-        autocommit = conn.autocommit
-        conn.autocommit = False
-        try:
-            with conn.cursor() as cur:
-                # the DDL's lock waits for writes in progress and holds new ones back: only briefly
-                cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
-                if missing:
-                    cur.execute(_function(schema))
-                for table in missing:
-                    for statement in _trigger(schema, job, sql.SQL(table)):
-                        cur.execute(statement)
-                for table in partial:
-                    cur.execute(_always(job, sql.SQL(table)))
-            conn.commit()
-        except psycopg2.errors.DuplicateObject:  # another process made it meanwhile
-            conn.rollback()
-        except psycopg2.errors.LockNotAvailable:
-            conn.rollback()
-            return (f"the wake-up trigger {channel(job)} could not be created on {', '.join(missing + partial)}:"
-                    " the table was busy (a long transaction writes to it); trying again in"
-                    f" {PROBE_SECONDS:.0f}s")
-        except psycopg2.Error as exc:
-            conn.rollback()
-            return describe_problem(conn, schema, job) or _short(exc)
-        finally:
-            conn.autocommit = autocommit
-        if missing:
-            logger.bind(job=job.name).info("wake-up trigger {} created on {}: commits that write rows wake the job",
-                                           channel(job), ", ".join(missing))
+    missing, update_on = _missing(tables)
+    old = [t for t, ins, _, was in tables if ins is not None and was]
+    partial = [(t, n) for t, n, state in _states(tables) if state in ("O", "R")]
+    if not (missing or update_on or old or partial):
+        return describe_problem(conn, schema, job)
+    problem = _make(conn, schema, job, missing, update_on, old, partial)
+    if problem:
+        return problem
+    made = sorted(set(missing + ([update_on] if update_on else [])))
+    if made:
+        logger.bind(job=job.name).info("wake-up triggers {} and {} created on {}: commits that leave rows to move"
+                                       " wake the job", channel(job), update_trigger(job), ", ".join(made))
+    if old:
+        logger.bind(job=job.name).info("wake-up trigger {} on {} now fires for inserts only; updates wake the job"
+                                       " only when they leave a row to move ({})", channel(job), ", ".join(old),
+                                       update_trigger(job))
     return describe_problem(conn, schema, job)
+
+
+def _make(conn: Connection, schema: str, job: JobConfig, missing: list[str], update_on: str | None,
+          old: list[str], partial: list[tuple[str, str]]) -> str | None:
+    """Run the DDL `ensure_trigger` decided on, in one transaction; what went wrong, or None."""
+    autocommit = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            # the DDL's lock waits for writes in progress and holds new ones back: only briefly
+            cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+            cur.execute(_function(schema))
+            for table in old:  # fired for every UPDATE: made again for INSERT only, beside the UPDATE one
+                cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(channel(job)), sql.SQL(table)))
+            for table in missing + old:
+                for statement in _trigger(schema, job, sql.SQL(table)):
+                    cur.execute(statement)
+            if update_on:
+                for statement in _update_trigger(schema, job, sql.SQL(update_on)):
+                    cur.execute(statement)
+            for table, name in partial:
+                cur.execute(_always(job, sql.SQL(table), update_trigger(job) if name == "u" else None))
+        conn.commit()
+    except psycopg2.errors.DuplicateObject:  # another process made it meanwhile
+        conn.rollback()
+    except psycopg2.errors.LockNotAvailable:
+        conn.rollback()
+        return (f"the wake-up trigger {channel(job)} could not be created on"
+                f" {', '.join(sorted(set(missing + old + ([update_on] if update_on else []))))}:"
+                f" the table was busy (a long transaction writes to it); trying again in {PROBE_SECONDS:.0f}s")
+    except psycopg2.Error as exc:
+        conn.rollback()
+        return describe_problem(conn, schema, job) or _short(exc)
+    finally:
+        conn.autocommit = autocommit
+    return None
 
 
 def round_trip(conn: Connection, settings: Settings, wait: float = 3.0) -> bool:
@@ -330,8 +400,9 @@ def _never_ran(conn: Connection, settings: Settings, job: JobConfig) -> bool:
 def _will_create(conn: Connection, job: JobConfig) -> bool:
     """The trigger is only missing (not disabled anywhere) and this role may create it where it is missing."""
     tables = _tables(conn, job)
-    missing = [t for t, state in tables if state is None]
-    if not missing or any(state is not None and state != "A" for _, state in tables):
+    missing, update_on = _missing(tables)
+    missing = sorted(set(missing + ([update_on] if update_on else [])))
+    if not missing or any(state != "A" for _, _, state in _states(tables)):
         return False
     with pg_errors("ask whether the wake-up trigger can be made", conn), conn.cursor() as cur:
         cur.execute("SELECT bool_and(has_table_privilege(t::regclass, 'TRIGGER')) FROM unnest(%s::text[]) t",

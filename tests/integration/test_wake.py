@@ -63,15 +63,17 @@ def test_commits_wake_the_job_without_a_schedule_tick_and_its_own_mark_wakes_no_
     env_file = write_env(world, chdb, ETL_SCHEDULE=YEARLY, ETL_WAKE="notify", ETL_LAG_COLUMN="ts")
     with running("--env-file", str(env_file), log=log) as daemon:
         wait_for(lambda: _ledger_ready(world) and _listening(log), 60, "the first run and the listener")
-        assert world.sql("SELECT tgname FROM pg_trigger WHERE tgrelid = 'src'::regclass AND NOT tgisinternal") == \
-            [("etl_wake_src",)]
+        assert world.sql("SELECT tgname FROM pg_trigger WHERE tgrelid = 'src'::regclass AND NOT tgisinternal"
+                         " ORDER BY 1") == [("etl_wake_src",), ("etl_wake_u_src",)]
         for done, first in enumerate((101, 201, 301), start=1):  # three commits, each once the last run ended
             world.sql(f"INSERT INTO src SELECT g, g, 'w', clock_timestamp(), false FROM generate_series({first},"
                       f" {first + 49}) g")
             wait_for(lambda n=done: len(_runs(world)) == n + 1, 30, f"a run to move rows {first}..")
         world.sql("UPDATE src SET amount = 0, processed = false WHERE id = 5")  # an update wakes it too
         wait_for(lambda: len(_runs(world)) == 5, 30, "a run to move the updated row")
-        time.sleep(2.0)  # a mark that woke the job would show as one more (empty) run by now
+        for _ in range(20):  # updates that leave no row to move: processed rows touched, the flag written as is
+            world.sql("UPDATE src SET name = 'seen' WHERE id <= 10; UPDATE src SET processed = true WHERE id = 11")
+        time.sleep(2.0)  # a mark, or one of those updates, that woke the job would show as one more run by now
         assert len(_runs(world)) == 5, _runs(world)
         assert stop(daemon) == 0
     runs = _runs(world)
@@ -245,7 +247,7 @@ def test_two_jobs_on_one_partitioned_table_are_each_woken(world: World, tmp_path
         wait_for(lambda: world.sql(both) == [(10, 10)] and _listening(log)
                  and world.sql("SELECT count(*) FROM etl.runs") == [(2,)], 60, "the first runs and the listener")
         assert sorted(world.sql("SELECT tgname FROM pg_trigger WHERE tgrelid = 'src'::regclass AND NOT tgisinternal")) \
-            == [("etl_wake_first",), ("etl_wake_second",)]
+            == [("etl_wake_first",), ("etl_wake_second",), ("etl_wake_u_first",), ("etl_wake_u_second",)]
         world.sql("INSERT INTO src SELECT g, g, 'b', now(), false, false FROM generate_series(990, 1009) g")  # both
         wait_for(lambda: world.sql(both) == [(30, 30)], 30, "both jobs to be woken")
         # a statement naming a partition fires that partition's trigger; so does a write in replica mode
@@ -285,10 +287,12 @@ def test_the_services_own_mark_sends_no_notification(world: World) -> None:
                     listener.notifies.clear()
             return count
 
-        world.sql("UPDATE src SET name = 'x' WHERE id = 1")  # any write wakes
+        world.sql("INSERT INTO src VALUES (1000, 1, 'x', now(), false)")  # a row to move wakes
         assert heard(1.0) == 1
+        world.sql("UPDATE src SET name = 'y' WHERE id = 1")  # a row already waiting: no second wake-up
+        assert heard(1.0) == 0
         result = run_job(settings, job)
-        assert result.rows_marked == 30, result.message
+        assert result.rows_marked == 31, result.message
         assert heard(1.0) == 0  # 30 rows marked, no wake-up
         world.sql("INSERT INTO src SELECT g, g, 'n', now(), false FROM generate_series(31, 40) g;"
                   " INSERT INTO src SELECT g, g, 'n', now(), false FROM generate_series(41, 50) g")
@@ -323,5 +327,57 @@ def test_the_trigger_is_made_again_where_it_went_missing_and_a_disabled_one_is_r
         states = sorted(world.sql("SELECT tgrelid::regclass::text, tgenabled::text FROM pg_trigger"
                                   " WHERE tgname = 'etl_wake_src'"))
         assert states == [("src", "A"), ("src_a", "A"), ("src_b", "D")], states
+    finally:
+        conn.close()
+
+
+def test_updates_notify_only_when_they_leave_a_row_to_move_and_the_older_trigger_is_replaced(world: World) -> None:
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, seen int NOT NULL DEFAULT 0,"
+              " processed boolean NOT NULL DEFAULT false) PARTITION BY RANGE (id);"
+              "CREATE TABLE src_a PARTITION OF src FOR VALUES FROM (0) TO (100);"
+              "INSERT INTO src SELECT g, 0, true FROM generate_series(1, 99) g")
+    settings = world.settings(wake="notify")
+    job = settings.jobs[0]
+    conn = psycopg2.connect(world.pg_dsn)
+    try:
+        Ledger(conn, settings.ledger_schema, job).ensure_schema()
+        with conn.cursor() as cur:
+            cur.execute(wake.statements(settings.ledger_schema, job)[0])  # the function
+        conn.commit()
+        # what an earlier version made: one statement trigger for INSERT OR UPDATE
+        world.sql("CREATE TRIGGER etl_wake_src AFTER INSERT OR UPDATE ON src FOR EACH STATEMENT"
+                  " EXECUTE FUNCTION etl.etl_wake('etl_wake_src');"
+                  "CREATE TRIGGER etl_wake_src AFTER INSERT OR UPDATE ON src_a FOR EACH STATEMENT"
+                  " EXECUTE FUNCTION etl.etl_wake('etl_wake_src')")
+        assert wake.ensure_trigger(conn, settings.ledger_schema, job) is None
+        kinds = world.sql("SELECT tgrelid::regclass::text, tgname, tgtype & 16 <> 0, tgtype & 1 = 1 FROM pg_trigger"
+                          " WHERE tgname LIKE 'etl_wake%' ORDER BY 1, 2")
+        assert kinds == [("src", "etl_wake_src", False, False), ("src", "etl_wake_u_src", True, True),
+                         ("src_a", "etl_wake_src", False, False), ("src_a", "etl_wake_u_src", True, True)], kinds
+        listener = psycopg2.connect(world.pg_dsn)
+        listener.autocommit = True
+        with listener.cursor() as cur:
+            cur.execute("LISTEN etl_wake_src")
+
+        def notified(statement: str) -> bool:
+            world.sql(statement)
+            time.sleep(0.3)
+            listener.poll()
+            found = bool(listener.notifies)
+            listener.notifies.clear()
+            return found
+
+        assert not notified("UPDATE src SET seen = seen + 1")  # processed rows touched: nothing to move
+        assert not notified("UPDATE src SET seen = 1, processed = true WHERE id < 50")  # an ORM saving every column
+        assert not notified("UPDATE src_a SET seen = 2 WHERE id = 7")  # through the partition
+        assert notified("UPDATE src_a SET processed = false WHERE id = 7")  # a row to move, via the partition
+        assert not notified("UPDATE src SET seen = 3 WHERE id = 7")  # a row already waiting: woken already
+        assert notified("INSERT INTO src VALUES (0, 0, false)")
+        # the application's own trigger that sets the flag back: the row it leaves to move wakes the job
+        world.sql("CREATE FUNCTION dirty() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                  " IF NEW.seen <> OLD.seen THEN NEW.processed := false; END IF; RETURN NEW; END $$;"
+                  "CREATE TRIGGER dirty BEFORE UPDATE ON src FOR EACH ROW EXECUTE FUNCTION dirty()")
+        assert notified("UPDATE src SET seen = 9 WHERE id = 60")
+        listener.close()
     finally:
         conn.close()
