@@ -38,6 +38,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import psycopg2
+import psycopg2.extensions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -392,6 +393,15 @@ def notify_latency(pg_uri: str, folder: Path, rate: int, seconds: float, idle: f
         cpu1 = _cpu_seconds(daemon.pid)
         time.sleep(idle)
         idle_cpu = _cpu_seconds(daemon.pid) - cpu1
+        # an application touching processed rows 20 times a second (a seen_at, a counter): nothing to move
+        runs_before = _run_count(conn)
+        cpu2, t2 = _cpu_seconds(daemon.pid), time.monotonic()
+        with conn.cursor() as cur:
+            while time.monotonic() - t2 < idle:
+                cur.execute("UPDATE src SET amount = amount WHERE id = %s", (1 + int(time.monotonic() * 20) % 1000,))
+                time.sleep(0.05)
+        noop_cpu = _cpu_seconds(daemon.pid) - cpu2
+        noop_runs = _run_count(conn) - runs_before
     finally:
         daemon.terminate()
         daemon.wait(60)
@@ -417,8 +427,16 @@ def notify_latency(pg_uri: str, folder: Path, rate: int, seconds: float, idle: f
     print(f"daemon CPU while rows flow: {busy_cpu:.1f}s in {busy_wall:.0f}s"
           f" ({100 * busy_cpu / busy_wall:.0f}% of a core); idle: {idle_cpu:.2f}s in {idle:.0f}s"
           f" ({100 * idle_cpu / idle:.2f}% of a core)")
+    print(f"daemon CPU under 20 updates/s of processed rows: {noop_cpu:.2f}s in {idle:.0f}s"
+          f" ({100 * noop_cpu / idle:.2f}% of a core), runs started meanwhile: {noop_runs}")
     print(f"check: {check}" + ("" if len(to_mark) == len(committed) else
                                f"; {len(committed) - len(to_mark)} rows without a mark time"))
+
+
+def _run_count(conn: psycopg2.extensions.connection) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM etl.runs")
+        return int(cur.fetchone()[0])
 
 
 def free_port() -> int:
