@@ -108,6 +108,9 @@ CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job, target)
 );
+-- Each target column's source column by number (pg_attribute.attnum), whatever its name: a column
+-- renamed at the source is renamed in the target.
+ALTER TABLE {schema}.target_shapes ADD COLUMN IF NOT EXISTS numbers jsonb;
 """
 
 
@@ -169,11 +172,12 @@ def ensure(store: Store) -> None:
         " OR (attrelid = to_regclass(%(r)s) AND attname = 'message')"
         " OR (attrelid = to_regclass(%(rc)s) AND attname = 'matched')"
         " OR (attrelid = to_regclass(%(tl)s) AND attname = 'first_xid')"
-        " OR (attrelid = to_regclass(%(r)s) AND attname = 'latency'))"),
+        " OR (attrelid = to_regclass(%(r)s) AND attname = 'latency')"
+        " OR (attrelid = to_regclass(%(t)s) AND attname = 'numbers'))"),
         {"b": f"{quoted}.batches", "q": f"{quoted}.quarantine", "r": f"{quoted}.runs",
          "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch", "rc": f"{quoted}.reconcile",
          "tl": f"{quoted}.timelines"})
-    if present[0][0] < 11:
+    if present[0][0] < 12:
         check_not_foreign(store.conn, store.schema.string)
         store.run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=store.schema))
         # Batches recorded before batches named their source: this job's own are on its source.

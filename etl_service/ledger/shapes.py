@@ -25,8 +25,16 @@ class TargetShapes:
             (self.store.job.name, target))
         return dict(rows[0][0]) if rows else None
 
-    def record(self, target: str, columns: dict[str, str]) -> None:
+    def numbers(self, target: str) -> dict[str, int]:
+        """Target column -> the number (attnum) of the source column it was last in step with ({}: none recorded)."""
+        rows = self.store.run("read the target's recorded column numbers", sql.SQL(
+            "SELECT numbers FROM {s}.target_shapes WHERE job = %s AND target = %s").format(s=self.store.schema),
+            (self.store.job.name, target))
+        return {str(k): int(v) for k, v in (rows[0][0] or {}).items()} if rows else {}
+
+    def record(self, target: str, columns: dict[str, str], numbers: dict[str, int] | None = None) -> None:
         self.store.run("record the target's shape", sql.SQL(
-            "INSERT INTO {s}.target_shapes (job, target, columns) VALUES (%s, %s, %s)"
-            " ON CONFLICT (job, target) DO UPDATE SET columns = EXCLUDED.columns, updated_at = now()").format(
-            s=self.store.schema), (self.store.job.name, target, Json(columns)))
+            "INSERT INTO {s}.target_shapes (job, target, columns, numbers) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (job, target) DO UPDATE SET columns = EXCLUDED.columns,"
+            " numbers = coalesce(EXCLUDED.numbers, {s}.target_shapes.numbers), updated_at = now()").format(
+            s=self.store.schema), (self.store.job.name, target, Json(columns), Json(numbers) if numbers else None))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ RANGE_JOIN = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'"
 
 _DESCRIBE = """
 SELECT a.attname, t.typname, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull,
-       t.typcategory, et.typname, a.attndims
+       t.typcategory, et.typname, a.attndims, a.attnum
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A'
@@ -251,7 +252,8 @@ def _read_shape(cur: psycopg2.extensions.cursor, job: JobConfig, name: str) -> S
         raise ConfigError("ETL_DELETED_COLUMN", f"{job.deleted_column!r} is not one of the columns moved",
                           f"add it to ETL_COLUMNS (\"…, {job.deleted_column}\")")
     _check_moved_columns(name, pairs, key, by_name)
-    columns = tuple(map_column(src, *by_name[src][1:7]) for src, _ in pairs)
+    columns = tuple(dataclasses.replace(map_column(src, *by_name[src][1:7]), number=int(by_name[src][7]))
+                    for src, _ in pairs)
     return SourceShape(key, columns, tuple(t for _, t in pairs),
                        _pending_index(cur, name, job.processed_column, key))
 

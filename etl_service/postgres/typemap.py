@@ -93,6 +93,7 @@ class Column:
     select: tuple[sql.Composable, ...]  # its expressions in the extraction's SELECT (the value first)
     convert: Converter | None = None
     nest: Callable[[int], Column] | None = field(default=None, compare=False)  # an array column, other depth
+    number: int = field(default=0, compare=False)  # pg_attribute.attnum: the column whatever its name
 
     def ch_column_type(self, is_key: bool = False) -> str:
         """The ClickHouse column type, Nullable where PostgreSQL allows NULL."""

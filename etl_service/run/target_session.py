@@ -130,6 +130,8 @@ class TargetSession:
         cluster = self.settings.clickhouse.cluster
         on_cluster = f" ON CLUSTER {quote_identifier(cluster)}" if cluster else ""
         aligned = self.shapes.aligned(table)
+        numbers = self.shapes.numbers(table) if aligned is not None else {}
+        info, aligned = self._renamed(client, info, shape, numbers, aligned, database, table, on_cluster)
         # Columns new to the target, and any a run added before it could record the shape (it stopped):
         # what the rows loaded before show in them is compared with what PostgreSQL has.
         added = [c for c, t in zip(shape.columns, shape.targets, strict=True)
@@ -151,9 +153,40 @@ class TargetSession:
                 info = described[0]
         for column in added:
             self._look_back(column, targets[column.name], info, missing.get(column.name), database, table)
-        if aligned != evolution.source_types(shape):
-            self.shapes.record(table, evolution.source_types(shape))
+        now = {t: c.number for c, t in zip(shape.columns, shape.targets, strict=True)}
+        if aligned != evolution.source_types(shape) or numbers != now:
+            self.shapes.record(table, evolution.source_types(shape), now)
         return info
+
+    def _renamed(self, client: Any, info: guard.TargetInfo, shape: SourceShape, numbers: dict[str, int],
+                 aligned: dict[str, str] | None, database: str, table: str,
+                 on_cluster: str) -> tuple[guard.TargetInfo, dict[str, str] | None]:
+        """Rename the target's columns whose source column (same attnum) was renamed: the rows loaded before
+        keep their values under the new name (not NULL in a new column). Sort-key columns, which ClickHouse
+        cannot rename, and targets the service may not alter are left to `evolve`."""
+        if not numbers or not (self.job.schema_changes == "auto" or info.created_by_service):
+            return info, aligned
+        by_number = {n: t for t, n in numbers.items()}
+        name = target_table.table_name(database, table)
+        renamed = []
+        for column, target in zip(shape.columns, shape.targets, strict=True):
+            old = by_number.get(column.number)
+            if target in info.columns or target in shape.key_targets or not old or old == target \
+                    or old not in info.columns or old in shape.targets or old.startswith("_etl_"):
+                continue
+            target_table.run_statement(client, f"ALTER TABLE {name}{on_cluster} RENAME COLUMN {evolution.quote(old)}"
+                                               f" TO {evolution.quote(target)}")
+            self.log.info("schema change at the source: column {} renamed to {} in {}.{} (its values kept)", old,
+                          target, database, table)
+            renamed.append((old, target))
+        if not renamed:
+            return info, aligned
+        described = target_table.describe_target(client, database, table)
+        aligned = dict(aligned or {})
+        for old, new in renamed:
+            if old in aligned:
+                aligned[new] = aligned.pop(old)
+        return (described[0] if described else info), aligned
 
     def _look_back(self, column: Column, target: str, info: guard.TargetInfo,
                    missing: tuple[str, str | None] | None, database: str, table: str) -> None:

@@ -96,3 +96,25 @@ def test_a_column_added_with_a_volatile_default_is_named_with_the_statement_that
     assert (result.status, result.rows_marked) == (OK, 31)  # row 31 too: it holds a token (sent again, harmless)
     source = {row[0]: str(row[1]) for row in world.sql("SELECT id, token FROM src")}
     assert dict(world.ch_rows(f"SELECT id, toString(token) FROM {world.target()} FINAL")) == source
+
+
+@pytest.mark.parametrize("mode", ["append", "latest"])
+def test_a_column_renamed_at_the_source_is_renamed_in_the_target_with_its_values(world: World, mode: str) -> None:
+    # Django's RenameField and Alembic's alter_column(new_column_name=…): ALTER TABLE … RENAME COLUMN
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, label text, score integer,"
+              " processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src (id, label, score) SELECT g, 'l' || g, g * 10 FROM generate_series(1, 40) g")
+    settings = world.settings(target_mode=mode)
+    assert run_job(settings, settings.jobs[0]).rows_marked == 40
+    world.sql("ALTER TABLE src RENAME COLUMN label TO title; INSERT INTO src VALUES (41, 'new', 5, false)")
+    with logged("INFO") as lines:
+        result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 1)
+    assert any("column label renamed to title" in line for line in lines)
+    assert not any("loaded before column" in line for line in lines)
+    columns = [row[0] for row in world.ch_rows(f"DESCRIBE TABLE {world.target()}")]
+    assert "title" in columns and "label" not in columns
+    newest = "argMax(title, _etl_version), argMax(score, _etl_version)"
+    query = (f"SELECT id, title, score FROM {world.target()} FINAL ORDER BY id" if mode == "latest" else
+             f"SELECT id, {newest} FROM {world.target()} GROUP BY id ORDER BY id")
+    assert world.ch_rows(query) == world.sql("SELECT id, title, score FROM src ORDER BY id")
