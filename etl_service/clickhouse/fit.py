@@ -16,8 +16,10 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
+from datetime import UTC
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pyarrow as pa
@@ -124,8 +126,13 @@ def _source_kind(kind: pa.DataType) -> str:
 
 
 def _target_kind(inner: str) -> str:
-    if _INT.match(inner):
-        return "integer"
+    match = _INT.match(inner)
+    if match:
+        return "integer" if int(match[2]) <= 64 else "wide integer"
+    if inner == "String":
+        return "String"
+    if _FIXED.match(inner):
+        return "FixedString"
     if _DECIMAL.match(inner):
         return "decimal"
     if inner in ("Float32", "Float64", "Bool", "UUID", "IPv4", "IPv6", "Date", "Date32", "DateTime"):
@@ -143,7 +150,10 @@ def _target_kind(inner: str) -> str:
 # pairs its own way (a number into a UUID, a date into an Int, text into a Map or a Tuple, bytes into
 # anything but a string), which no check here can vouch for.
 _CHECKED = {
+    "String": {"integer", "decimal", "float", "bool", "date", "timestamp", "text", "bytes"},
+    "FixedString": {"text", "bytes"},
     "integer": {"integer", "decimal", "float", "bool", "text"},
+    "wide integer": {"integer", "decimal", "bool", "text"},  # ClickHouse makes a float's digits up
     "decimal": {"integer", "decimal", "float", "text"},
     "Float32": {"integer", "decimal", "float", "text"},
     "Float64": {"integer", "decimal", "float", "text"},
@@ -162,12 +172,13 @@ _CHECKED = {
 def unchecked(kind: pa.DataType, ch_type: str) -> str | None:
     """Why values of Arrow type `kind` cannot be vouched for in a column of `ch_type` (None: they can).
 
-    Strings take anything (ClickHouse writes a value's text); arrays go element by element.
+    Strings take numbers, dates, times and text (ClickHouse writes a value's text); arrays go element by
+    element.
     """
     inner = unwrap(ch_type)[0]
-    if inner == "String" or _FIXED.match(inner):
-        return None
     source = _source_kind(kind)
+    if inner == "String" and pa.types.is_list(kind):  # read as PostgreSQL's text of the array (run.chunk)
+        return None
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         if inner.startswith("Array("):
             return unchecked(kind.value_type, inner[len("Array("):-1])
@@ -188,6 +199,69 @@ def _number_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
         bad = pc.invert(pc.is_in(column, value_set=pa.array([Decimal(0), Decimal(1)], column.type)))
         return f"value {_first(column, bad)} is not a boolean (0 or 1)" if pc.any(bad).as_py() else None
     return _range_misfit(column, inner) or _digits_misfit(column, inner)
+
+
+def prepared(data: pa.Table, target_types: dict[str, str]) -> pa.Table:
+    """The chunk as ClickHouse should receive it, once `first_misfit` found nothing: text for a number,
+    date or time column read here into that type (ClickHouse's own reading of it on insert is not always
+    exact: float text can arrive as a neighbouring float), and dates for a DateTime column as times (UTC
+    midnight, as every time without a zone is taken). Other columns go as they are."""
+    for index, name in enumerate(data.column_names):
+        ch_type = target_types.get(name)
+        if ch_type is not None:
+            column = data.column(index)
+            converted = _converted(column, unwrap(ch_type)[0])
+            if converted is not column:
+                data = data.set_column(index, pa.field(name, converted.type), converted)
+    return data
+
+
+def _converted(column: pa.ChunkedArray, inner: str) -> pa.ChunkedArray:
+    kind = column.type
+    if pa.types.is_list(kind) and inner.startswith("Array("):
+        elements = pa.chunked_array([chunk.flatten() for chunk in column.chunks], kind.value_type)
+        converted = _converted(elements, unwrap(inner[len("Array("):-1])[0])
+        if converted is elements:
+            return column
+        chunks, at = [], 0
+        for chunk in column.chunks:  # each chunk's elements, rebuilt on its own offsets
+            offsets = pc.subtract(chunk.offsets, chunk.offsets[0])
+            count = len(chunk.flatten())
+            values = converted.slice(at, count).combine_chunks()
+            at += count
+            chunks.append(pa.ListArray.from_arrays(offsets, values, mask=pc.is_null(chunk)))
+        return pa.chunked_array(chunks, pa.list_(converted.type))
+    target = _arrow_for(inner)
+    if target is None or (pa.types.is_timestamp(target) and _zone(inner)):  # a wall clock in the column's zone
+        return column
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if pa.types.is_date32(target):  # text with a time of day was refused: read as a time, then the day
+            return pc.cast(pc.cast(column, pa.timestamp("us")), target)
+        return pc.cast(column, target)
+    if pa.types.is_date32(kind) and pa.types.is_timestamp(target):
+        return pc.cast(column, target)
+    return column
+
+
+def _arrow_for(inner: str) -> pa.DataType | None:
+    """The Arrow type text is read into for a ClickHouse type (None: text goes as it is)."""
+    if inner in ("Float32", "Float64"):
+        return pa.float32() if inner == "Float32" else pa.float64()
+    match = _INT.match(inner)
+    if match and int(match[2]) <= 64:
+        return getattr(pa, f"{'u' if match[1] else ''}int{match[2]}")()
+    match = _DECIMAL.match(inner)
+    if match:
+        precision, scale = int(match[1]), int(match[2])
+        return pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
+    if inner in ("Date", "Date32"):
+        return pa.date32()
+    digits = _DATETIME64.match(inner)
+    if digits:
+        return pa.timestamp("ns" if int(digits[1]) > 6 else "us")
+    if inner == "DateTime" or inner.startswith("DateTime("):
+        return pa.timestamp("us")
+    return None
 
 
 def refused(columns: Sequence[tuple[str, str, pa.DataType]], target_types: dict[str, str]) -> list[str]:
@@ -246,8 +320,9 @@ def _digits_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
         stats = pc.min_max(column)
         if max(abs(stats["min"].as_py()), abs(stats["max"].as_py())) <= exact:
             return None
-        bad = pc.not_equal(pc.cast(pc.cast(column, pa.float32() if inner == "Float32" else pa.float64(),
-                                           safe=False), pa.int64(), safe=False), pc.cast(column, pa.int64()))
+        back = pc.cast(pc.cast(column, pa.float32() if inner == "Float32" else pa.float64(), safe=False),
+                       column.type, safe=False)  # a float past the type's end wraps: never equal
+        bad = pc.not_equal(back, column)
         return f"value {_first(column, bad)} is not held exactly by {inner}" if pc.any(bad).as_py() else None
     match = _DECIMAL.match(inner)
     scale = int(match[2]) if match else 0 if _INT.match(inner) else None
@@ -276,25 +351,25 @@ def _decimal_float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
 
 def _time_misfit(column: pa.ChunkedArray, inner: str, ranges: Ranges,
                  shown: pa.ChunkedArray | None = None) -> str | None:
-    """Dates and times out of the target type's range, or finer than it keeps (`shown`: what to name a value by)."""
+    """Dates and times out of the target type's range, or finer than it keeps (`shown`: the text they were
+    read from, to name a value by)."""
+    zone = _zone(inner)
+    # text or a date for a column in another zone than UTC: ClickHouse reads it as that zone's wall clock
+    wall_clock = zone is not None and (shown is not None or pa.types.is_date32(column.type))
     shown = column if shown is None else shown
+    if wall_clock:
+        problem = _wall_clock_misfit(column, inner, str(zone))
+        if problem:
+            return problem
     if pa.types.is_date32(column.type):
         ticks, per_second = pc.multiply(pc.cast(pc.cast(column, pa.int32()), pa.int64()), _DAY_SECONDS), 1
     else:
         ticks, per_second = pc.cast(column, pa.int64()), _PER_SECOND[column.type.unit]
-    digits = _DATETIME64.match(inner)
-    if digits:
-        (low, high), keep = ranges.datetime64_seconds, max(1, per_second // 10 ** int(digits[1]))
-    elif inner.startswith("DateTime"):
-        (low, high), keep = _DATETIME_SECONDS, per_second
-    elif inner in ("Date", "Date32"):
-        first, last = _DATE_DAYS if inner == "Date" else ranges.date32_days
-        (low, high), keep = (first * _DAY_SECONDS, (last + 1) * _DAY_SECONDS - 1), _DAY_SECONDS * per_second
-    else:
+    bounds = _time_bounds(inner, ranges, per_second)
+    if bounds is None:
         return None
-    zone = re.search(r"'([^']*)'\)$", inner)
-    if zone and zone[1] != "UTC" and not (pa.types.is_timestamp(column.type) and column.type.tz):
-        # a date or a time without a zone is read in the column's zone, up to a day from UTC: kept off the edges
+    (low, high), keep = bounds
+    if wall_clock:  # up to a day from UTC: kept off the range's ends
         low, high = low + _DAY_SECONDS, high - _DAY_SECONDS
     out = pc.or_(pc.less(ticks, max(low * per_second, _INT64[0])),
                  pc.greater(ticks, min((high + 1) * per_second - 1, _INT64[1])))
@@ -342,9 +417,11 @@ def _float_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
         # (which truncates the float times 10^scale) writes those digits
         scale = int(match[2])
         wide = pc.cast(column, pa.float64())
-        written = pc.cast(pc.cast(wide, pa.decimal128(38, scale), safe=False), column.type)
+        written = pc.cast(pc.cast(wide, pa.decimal256(76, scale), safe=False), column.type)
         scaled = pc.multiply(wide, float(10 ** scale))
         bad = pc.or_(pc.not_equal(written, column), pc.not_equal(pc.trunc(scaled), pc.round(scaled)))
+        # past 2^53 ClickHouse's conversion makes digits up (1e30 into Decimal(38, 0))
+        bad = pc.or_(bad, pc.greater_equal(pc.abs(scaled), float(2**53)))
     else:
         bad = pc.not_equal(pc.floor(column), column)
     if pc.any(bad).as_py():
@@ -375,6 +452,7 @@ _UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9
 # Dates and times as ClickHouse's insert reads them: no 'T', no zone or offset (it stores NULL for those).
 _TIME_TEXT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}( [0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]{1,9})?)?$"
 _IPV4_TEXT = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])[.]){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"
+_WIDE = Context(prec=2_000, Emax=10**7, Emin=-(10**7))  # every digit of any double, or of any 76-digit Decimal
 _BOOL_WORDS = ["true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f", "enable", "disable"]
 
 
@@ -435,15 +513,39 @@ def _parsed_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> str |
     bad = pc.invert(pc.match_substring_regex(values, pattern.pattern))
     if pc.any(bad).as_py():
         return f"value {_cut(_first(values, bad))} is not a number {inner} reads"
+    return _exact_number_misfit(values, inner)
+
+
+def _exact_number_misfit(values: pa.ChunkedArray, inner: str) -> str | None:
+    """Number text into an integer or Decimal type: every digit kept, within range. Arrow reads short text
+    (it wraps numbers of more digits than its decimal holds, silently); long text and exponents are read
+    by Python's Decimal, value by value."""
     match = _DECIMAL.match(inner)
     scale = int(match[2]) if match else 0
+    long = pc.or_(pc.greater(pc.utf8_length(values), 36),
+                  pc.match_substring_regex(values, "[eE]"))
+    bounds = _bounds(inner)
+    for text in pc.unique(pc.filter(values, long)).to_pylist():
+        number = Decimal(text)
+        try:
+            kept = number.quantize(Decimal(1).scaleb(-scale), context=_WIDE)
+        except InvalidOperation:  # thousands of digits
+            return f"value {_cut(text)} does not fit {inner}"
+        if kept != number:
+            return f"value {_cut(text)} has more digits after the point than {inner} keeps ({scale})"
+        if bounds is None or not bounds[0] <= number <= bounds[1]:
+            return f"value {_cut(text)} does not fit {inner}"
+    short = pc.filter(values, pc.invert(long))
+    if not len(short):
+        return None
+    kind = pa.decimal128(38, scale) if scale <= 38 else pa.decimal256(76, scale)
     try:
-        numbers = pc.cast(values, pa.decimal256(76, scale))
-    except pa.ArrowInvalid:  # more digits after the point than the scale, or more than 76 in all
-        for text in values.to_pylist():
-            if not _reads(text, pa.decimal256(76, scale)):
+        numbers = pc.cast(short, kind)
+    except pa.ArrowInvalid:  # more digits after the point than the scale, or in all than 38
+        for text in short.to_pylist():
+            if not _reads(text, kind):
                 number = Decimal(text)
-                if -int(number.as_tuple().exponent) > scale and number != number.to_integral_value():
+                if number != number.quantize(Decimal(1).scaleb(-scale), context=_WIDE):
                     return f"value {_cut(text)} has more digits after the point than {inner} keeps ({scale})"
                 return f"value {_cut(text)} does not fit {inner}"
         raise
@@ -454,13 +556,58 @@ def _time_text_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> st
     bad = pc.invert(pc.match_substring_regex(values, _TIME_TEXT))
     if pc.any(bad).as_py():
         return f"value {_cut(_first(values, bad))} is not a date or time written as YYYY-MM-DD[ hh:mm:ss[.fff]]"
+    digits = _DATETIME64.match(inner)
+    kind = pa.timestamp("ns" if digits and int(digits[1]) > 6 else "us")
     try:
-        return _time_misfit(pc.cast(values, pa.timestamp("us")), inner, ranges, values)
-    except pa.ArrowInvalid:  # a day or hour that does not exist (2024-02-30, 25:00:00)
+        return _time_misfit(pc.cast(values, kind), inner, ranges, values)
+    except pa.ArrowInvalid:  # a day or hour that does not exist (2024-02-30, 25:00:00), or beyond 1677..2262 in ns
         for text in values.to_pylist():
-            if not _reads(text, pa.timestamp("us")):
-                return f"value {_cut(text)} is not a date or time"
+            if not _reads(text, kind):
+                return f"value {_cut(text)} is not a date or time {inner} holds"
         raise
+
+
+def _time_bounds(inner: str, ranges: Ranges, per_second: int) -> tuple[tuple[int, int], int] | None:
+    """((first, last second) a date or time type holds, the ticks of `per_second` it keeps as one)."""
+    digits = _DATETIME64.match(inner)
+    if digits:  # the server's range, and what its 64-bit count of 10^-p seconds reaches (1677..2262 at 9)
+        (low, high), keep = ranges.datetime64_seconds, max(1, per_second // 10 ** int(digits[1]))
+        reach = (2**63 - 1) // 10 ** int(digits[1])
+        return (max(low, -reach), min(high, reach - 1)), keep
+    if inner.startswith("DateTime"):
+        return _DATETIME_SECONDS, per_second
+    if inner in ("Date", "Date32"):
+        first, last = _DATE_DAYS if inner == "Date" else ranges.date32_days
+        return (first * _DAY_SECONDS, (last + 1) * _DAY_SECONDS - 1), _DAY_SECONDS * per_second
+    return None
+
+
+def _zone(inner: str) -> str | None:
+    """The zone a DateTime / DateTime64 column names, unless UTC (None: UTC, or the server's)."""
+    found = re.search(r"'([^']*)'\)$", inner) if inner.startswith("DateTime") else None
+    return found[1] if found and found[1] not in ("UTC", "Etc/UTC", "GMT") else None
+
+
+def _wall_clock_misfit(column: pa.ChunkedArray, inner: str, zone: str) -> str | None:
+    """A wall-clock time in `zone` that does not exist there (a DST gap: ClickHouse moves it by an hour) or
+    exists twice (the hour repeated when clocks go back: which of the two is meant is not written)."""
+    try:
+        place = ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"{inner}: this service does not know the zone {zone!r}, so cannot check wall-clock times in it"
+    values = pc.cast(column, pa.timestamp("us")) if pa.types.is_date32(column.type) else column
+    for naive in pc.unique(values).to_pylist():
+        if naive is None:
+            continue
+        if naive.year in (1, 9999):  # a zone's offset there runs off the calendar: the range check names it
+            continue
+        early, late = naive.replace(tzinfo=place, fold=0), naive.replace(tzinfo=place, fold=1)
+        if early.astimezone(UTC).astimezone(place).replace(tzinfo=None) != naive:
+            return f"value {naive} does not exist in {zone} (the hour the clocks skip): {inner} would move it"
+        if early.utcoffset() != late.utcoffset():
+            return (f"value {naive} happens twice in {zone} (the hour the clocks go back): {inner} would"
+                    " keep one of the two")
+    return None
 
 
 def _reads(text: str, kind: pa.DataType) -> bool:
@@ -472,23 +619,31 @@ def _reads(text: str, kind: pa.DataType) -> bool:
 
 
 def _float_text_misfit(values: pa.ChunkedArray, inner: str) -> str | None:
-    """A number written as text fits a float if the float, written with the text's digits, is that number."""
+    """A number written as text fits a float if the float, written with the text's digits, is that number.
+    Read by Arrow (correctly rounded; `prepared` then sends the float, as ClickHouse's own reading of float
+    text on insert is not always the nearest float). Text of at most 15 significant digits (6 for
+    Float32) always fits; longer text is compared digit by digit."""
     narrow = inner == "Float32"
-    for text in pc.unique(values).to_pylist():
-        if text.strip().lower() in _FLOAT_WORDS and text == text.strip():
-            continue
-        number = Decimal(text) if _DECIMAL_TEXT.match(text) else None
-        if number is None:
-            return f"value {_cut(text)} is not a number {inner} reads"
-        as_float = float(number)
-        if narrow:
-            as_float = float(np.float32(as_float)) if abs(as_float) <= _FLOAT32_MAX else float("inf")
-        if as_float in (float("inf"), float("-inf")):
-            return f"value {_cut(text)} does not fit {inner} (it would be stored as inf)"
-        if 0 < abs(as_float) < (1.1754943508222875e-38 if narrow else 2.2250738585072014e-308):
-            return f"value {_cut(text)} is below the smallest normal {inner} (ClickHouse reads such text as 0)"
-        with localcontext(prec=1_100):  # room for every digit of any double
-            written = Decimal(as_float).quantize(Decimal(1).scaleb(min(int(number.as_tuple().exponent), 0)))
+    try:
+        parsed = pc.cast(values, pa.float32() if narrow else pa.float64())
+    except pa.ArrowInvalid:
+        for text in values.to_pylist():
+            if not _reads(text, pa.float32() if narrow else pa.float64()):
+                return f"value {_cut(text)} is not a number {inner} reads"
+        raise
+    words = pc.is_in(pc.utf8_lower(values), value_set=pa.array(sorted(_FLOAT_WORDS)))
+    bad = pc.and_(pc.invert(pc.is_finite(parsed)), pc.invert(words))
+    if pc.any(bad).as_py():
+        return f"value {_cut(_first(values, bad))} does not fit {inner} (it would be stored as inf)"
+    digits = pc.utf8_length(pc.replace_substring_regex(values, r"^[+-]?[0.]*|[eE].*$|[.]", ""))
+    long = pc.and_(pc.greater(digits, 6 if narrow else 15), pc.invert(words))
+    for text in pc.unique(pc.filter(values, long)).to_pylist():
+        number = Decimal(text)
+        as_float = float(np.float32(float(number))) if narrow else float(number)
+        try:
+            written = Decimal(as_float).quantize(Decimal(1).scaleb(int(number.as_tuple().exponent)), context=_WIDE)
+        except InvalidOperation:  # more digits than any float has
+            return f"value {_cut(text)} is not held exactly by {inner}"
         if written != number:
             return f"value {_cut(text)} is not held exactly by {inner}"
     return None
@@ -499,7 +654,11 @@ _ENUM_PAIR = re.compile(r"'((?:[^'\\]|\\.)*)'\s*=\s*(-?\d+)")
 
 def enum_values(inner: str) -> list[tuple[str, int]]:
     """An Enum type's (name, number) pairs, names unescaped."""
-    return [(re.sub(r"\\(.)", r"\1", name), int(number)) for name, number in _ENUM_PAIR.findall(inner)]
+    return [(re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[1]), name), int(number))
+            for name, number in _ENUM_PAIR.findall(inner)]
+
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "0": "\0", "b": "\b", "f": "\f"}
 
 
 def _enum_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
@@ -507,7 +666,8 @@ def _enum_misfit(column: pa.ChunkedArray, inner: str) -> str | None:
     values = [number for _, number in enum_values(inner)]
     if not values:
         return None
-    bad = pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column, value_set=pa.array(values, column.type))))
+    wide = pc.cast(column, pa.int64(), safe=False) if column.type != pa.uint64() else column
+    bad = pc.and_(pc.is_valid(column), pc.invert(pc.is_in(wide, value_set=pa.array(values, wide.type))))
     if pc.any(bad).as_py():
         return f"value {_first(column, bad)} is not a value of {inner}"
     return None

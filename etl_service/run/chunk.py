@@ -56,6 +56,7 @@ class ChunkLoader:
         misfit = fit.first_misfit(data, self.target.types, self.target.ranges)
         if misfit:
             raise BadSinkValues(f"{misfit} in {settings.clickhouse.database}.{job.target_table}")
+        data = fit.prepared(data, self.target.types)
         data = data.drop_columns([c for c in data.column_names if c.startswith("_etl_") and c not in self.target.types])
         sent = inserts.insert_chunk(client, settings.clickhouse.database, job.target_table, data,
                                     batch.batch_id, batch.range_token(first, last), self.target.has_batch_column,
