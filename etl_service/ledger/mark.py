@@ -42,7 +42,7 @@ from etl_service.errors import MarkNotKept, SourceConflict, SourceError
 from etl_service.ledger.batches import Batch
 from etl_service.ledger.store import SAME_SOURCE, Store
 from etl_service.postgres import logic
-from etl_service.postgres.catalog import RANGE_JOIN, SourceShape
+from etl_service.postgres.catalog import DENSE_AT_LEAST, RANGE_JOIN, SourceShape
 from etl_service.postgres.connection import pg_errors, qualified
 from etl_service.settings.model import JobConfig
 
@@ -141,20 +141,21 @@ class Mark:
                 self._odd_table = True
             cur.execute("SET CONSTRAINTS ALL IMMEDIATE")  # deferred triggers fire where the mark counts them
             cur.execute(logic.MARKING)  # the source's wake-up trigger (ETL_WAKE=notify) stays quiet for it
-            if shape.range_join:
-                cur.execute(RANGE_JOIN)
+            ranged = shape.range_join or self._dense(cur, batch, shape)
+            if ranged:
+                cur.execute(RANGE_JOIN if shape.range_join else RANGE_JOIN + "; SET LOCAL enable_seqscan = off")
             raised: list[tuple[int, str]] = []
             beyond = Beyond()
             try:
-                marked = self._update(cur, batch, shape, None, raised, beyond)
+                marked = self._update(cur, batch, shape, None, raised, beyond, ranged)
             except _Raised:
                 conn.rollback()
                 raise SourceError(f"mark batch {batch.batch_id} done: PostgreSQL refused the mark of more than"
                                   f" {MARK_FAILURES} of its rows, one by one (last: {raised[-1][1]}): a trigger or"
                                   " policy on the source refuses the flag; the batch stays loaded, and the next run"
                                   " marks it once that is fixed") from None
-            if shape.range_join:
-                cur.execute("SET LOCAL enable_nestloop = on")  # the checks below probe a few keys each
+            if ranged:  # the checks below probe a few keys each
+                cur.execute("SET LOCAL enable_nestloop = on; SET LOCAL enable_seqscan = on")
             cur.execute("SELECT key, rekeyed, reopened FROM pg_temp.etl_unkept ORDER BY key")
             unkept = cur.fetchall()
             rekeyed = [str(key) for key, moved, _ in unkept if moved]
@@ -198,7 +199,19 @@ class Mark:
                     (batch.batch_id,))
         return int(cur.fetchone()[0])  # type: ignore[index]
 
-    def _statement(self, shape: SourceShape, sliced: bool) -> sql.Composable:
+    def _dense(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape) -> bool:
+        """Whether at least half of the integer keys between the batch's first and last are claimed in it (a
+        backlog marked in key order, with no index of the unprocessed rows): then one range of the table's
+        key index merged with the claimed keys costs less than a probe per key (docs/performance.md)."""
+        if not shape.key.integer or batch.row_count < DENSE_AT_LEAST:
+            return False
+        cur.execute(sql.SQL("SELECT keys[1]::bigint, keys[cardinality(keys)]::bigint FROM {}.batches"
+                            " WHERE batch_id = %s").format(self.store.schema), (batch.batch_id,))
+        found = cur.fetchone()
+        return bool(found and found[0] is not None and found[1] is not None
+                    and 2 * batch.row_count >= found[1] - found[0] + 1)
+
+    def _statement(self, shape: SourceShape, sliced: bool, ranged: bool) -> sql.Composable:
         """The marking UPDATE of the whole batch, or (sliced) of positions %(first)s..%(last)s.
 
         Returns how many rows it reached. A reached row whose flag is not true after the BEFORE
@@ -213,7 +226,7 @@ class Mark:
                            .format(schema)),
             hi=key.compare("s", "<=", sql.SQL("(SELECT keys[cardinality(keys)] FROM {}.batches"
                                               " WHERE batch_id = %(batch)s)").format(schema)),
-        ) if shape.range_join and not sliced else sql.SQL("")
+        ) if ranged and not sliced else sql.SQL("")
         keys = sql.SQL("b.keys[%(first)s:%(last)s], b.xmins[%(first)s:%(last)s]" if sliced else "b.keys, b.xmins")
         # Another job's flag on this table set back by the mark's triggers: the row before the
         # UPDATE (a subquery in RETURNING reads the statement's snapshot) against the row after it.
@@ -247,7 +260,8 @@ class Mark:
         return self._others
 
     def _update(self, cur: psycopg2.extensions.cursor, batch: Batch, shape: SourceShape,
-                positions: tuple[int, int] | None, raised: list[tuple[int, str]], beyond: Beyond) -> int:
+                positions: tuple[int, int] | None, raised: list[tuple[int, str]], beyond: Beyond,
+                ranged: bool = False) -> int:
         """Mark the batch (or `positions` of it); on a refusal, halves under savepoints. Returns rows reached.
 
         What each statement that went through did to the source beyond the rows it reached is
@@ -259,7 +273,7 @@ class Mark:
         cur.execute("SAVEPOINT etl_mark")
         try:
             before = logic.changes_in_transaction(cur, self.store.job)
-            cur.execute(self._statement(shape, positions is not None), params)
+            cur.execute(self._statement(shape, positions is not None, ranged), params)
             reached = int(cur.fetchone()[0])  # type: ignore[index]
         except psycopg2.Error as exc:
             if cur.connection.closed or isinstance(exc, _NOT_THE_ROWS):

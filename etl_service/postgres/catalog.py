@@ -45,6 +45,10 @@ class SourceShape:
 # For a range join (see SourceShape.range_join): no probe per key, and the claimed keys sorted in
 # memory (a batch's keys spill PostgreSQL's default 4MB work_mem: a sort on disk costs a third more).
 RANGE_JOIN = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'"
+# Without such an index, a chunk or batch of integer keys that fills at least half of its key range
+# (a backlog in key order) is read the same way from the table's key index; fewer keys than this
+# cost less probed one by one than reading their range.
+DENSE_AT_LEAST = 1_000
 
 
 _DESCRIBE = """

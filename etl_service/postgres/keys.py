@@ -43,6 +43,11 @@ class Key:
         by_name = {c.name: c for c in self.columns}
         return Key(tuple(by_name[n] for n in names))
 
+    @property
+    def integer(self) -> bool:
+        """One column of an integer type: its claimed keys' span tells how dense a key range is."""
+        return len(self.columns) == 1 and self.columns[0].pg_type in ("smallint", "integer", "bigint")
+
     def _type(self, i: int) -> sql.Composable:
         # format_type() output from the catalog, not user text: safe to splice as a type name.
         return sql.SQL(self.columns[i].pg_type)

@@ -6,6 +6,7 @@ import threading
 import time
 
 import psycopg2
+import pytest
 
 from etl_service.ledger import Ledger
 from etl_service.postgres import catalog, connection
@@ -318,3 +319,31 @@ def test_an_index_of_the_unprocessed_rows_on_the_key_is_recognised(world: World)
     result = run_job(settings, settings.jobs[0])
     assert (result.status, result.rows_marked) == (OK, 3000)
     assert world.ch_rows(f"SELECT count(), uniqExact(a, b), sum(b) FROM {world.target()}") == [(3000, 3000, 4501500)]
+
+
+def test_dense_and_sparse_key_ranges_without_a_backlog_index_load_exactly(world: World,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # a table with only its primary key: a chunk whose keys fill most of their range is read as one range
+    # of the key index merged with the claimed keys, a sparse one key by key; both load every row once
+    from etl_service.postgres import extract
+
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, v text, processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src SELECT g, 'd' || g, false FROM generate_series(1, 3000) g;"  # dense
+              "INSERT INTO src SELECT g, 's' || g, false FROM generate_series(10000, 100000, 25) g;"  # sparse
+              "INSERT INTO src SELECT g, 'p' || g, true FROM generate_series(3001, 5000) g")  # done already
+    dense: list[bool] = []
+    decided = extract.Extractor._dense
+
+    def noted(self: extract.Extractor, *args: object) -> bool:
+        answer = decided(self, *args)  # type: ignore[arg-type]
+        dense.append(answer)
+        return answer
+
+    monkeypatch.setattr(extract.Extractor, "_dense", noted)
+    settings = world.settings(batch_size="2500", chunk_size="1500")
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 3000 + 3601)
+    assert True in dense and False in dense, dense
+    total = sum(range(1, 3001)) + sum(range(10000, 100001, 25))
+    assert world.ch_rows(f"SELECT count(), uniqExact(id), sum(id), countIf(startsWith(v, 'p'))"
+                         f" FROM {world.target()}") == [(6601, 6601, total, 0)]
