@@ -17,6 +17,7 @@ from etl_service.clickhouse import fit
 from etl_service.clickhouse.guard import CREATED_COMMENT, DELETED_COLUMN, TargetInfo
 from etl_service.errors import SinkError
 from etl_service.postgres.catalog import SourceShape
+from etl_service.postgres.typemap import Column
 
 
 class SchemaChangeError(SinkError):
@@ -60,6 +61,57 @@ def holds(existing: str, wanted: str) -> bool:
     return (have, want) in {("Float64", "Float32"), ("Date32", "Date"), ("String", "FixedString")}
 
 
+_TYPMOD = re.compile(r"^([a-z ]+?)(?:\((\d+)(?:,(-?\d+))?\))?( with(?:out)? time zone)?$")
+_INTEGERS = ("smallint", "integer", "bigint")
+
+
+def keeps_values(before: str, after: str) -> bool:
+    """Whether a column's type change at the source (format_type, before and after) left every value as it
+    was: PostgreSQL converts values when a type narrows (varchar(50) -> varchar(5) USING left(…), numeric(12,3)
+    -> numeric(11,2) rounds, timestamptz -> timestamptz(0) rounds, numeric -> integer rounds), which no row's
+    version shows; it refuses a widening that would not fit."""
+    if before == after:
+        return True
+    if before.endswith("[]") and after.endswith("[]"):
+        return keeps_values(before[:-2], after[:-2])
+    if before in _INTEGERS and (after in _INTEGERS or after == "numeric"):
+        return True
+    if before == "real" and after == "double precision":
+        return True
+    old, new = _TYPMOD.match(before), _TYPMOD.match(after)
+    if not old or not new or old[4] != new[4]:
+        return False
+    return _modifiers_keep(old, new)
+
+
+def _modifiers_keep(before: re.Match[str], after: re.Match[str]) -> bool:
+    """Within one type, whether the new modifiers (length, precision, scale) hold every value of the old."""
+    (kind, size, scale), (kind2, size2, scale2) = before.group(1, 2, 3), after.group(1, 2, 3)
+    if kind in ("character varying", "text") and kind2 in ("character varying", "text"):
+        return size2 is None or (size is not None and int(size2) >= int(size))
+    if kind == kind2 == "numeric":
+        if size2 is None:
+            return True
+        if size is None:
+            return False
+        digits, places = int(size) - int(scale or 0), int(scale or 0)
+        return int(scale2 or 0) >= places and int(size2) - int(scale2 or 0) >= digits
+    if kind == kind2 and kind in ("timestamp", "time", "interval"):
+        return int(size2 if size2 is not None else 6) >= int(size if size is not None else 6)
+    return False
+
+
+def _add(alter: str, name: str, target: str, wanted: str, default: str | None) -> tuple[str, str]:
+    """The ADD COLUMN of a column new at the source (with the value the rows that predate it hold, as its
+    DEFAULT, when there is one ClickHouse takes exactly), and its line for the log."""
+    if default is not None and not fit.first_misfit(pa.table({target: pa.array([default])}), {target: wanted}):
+        literal = "'" + default.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return (f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted} DEFAULT CAST({literal} AS {wanted})",
+                f"added column {target} {wanted} (new at the source), the rows loaded before showing"
+                f" {default[:40]!r}, the value PostgreSQL gives them")
+    return f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted}", f"added column {target} {wanted} (new at the source)"
+
+
 def _widened(existing: str, wanted: str) -> str:
     """`wanted`'s type with `existing`'s nullability."""
     inner = unwrap_nullable(wanted)[0]
@@ -73,7 +125,8 @@ class Evolution:
     statements: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)  # one line per change, for the log
     warnings: list[str] = field(default_factory=list)
-    defaulted: list[str] = field(default_factory=list)  # added columns whose DEFAULT is the source's value
+    # (target column, source type before, after) for a type change that may have changed stored values
+    rewritten: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def source_types(shape: SourceShape) -> dict[str, str]:
@@ -82,7 +135,8 @@ def source_types(shape: SourceShape) -> dict[str, str]:
 
 
 def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, allow: bool,
-           aligned: dict[str, str] | None = None, defaults: dict[str, str] | None = None) -> Evolution:
+           aligned: dict[str, str] | None = None, defaults: dict[str, str] | None = None,
+           readded: frozenset[str] = frozenset()) -> Evolution:
     """Statements that bring `table` in step with the source, or SchemaChangeError with the one to run by hand.
 
     `allow`: operator-made tables may be altered (ETL_SCHEMA_CHANGES=auto); tables the service
@@ -92,41 +146,17 @@ def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, al
     `defaults`: target column -> the value the source's rows that predate the column hold (a constant
     default given when it was added, as text ClickHouse reads): an added column gets it as its DEFAULT,
     which the rows already loaded then show, as PostgreSQL does.
+    `readded`: target columns that exist but were not source columns when the target was last in step
+    (dropped at the source and added again, or made ahead by the operator): the rows loaded before hold
+    old values or the type's default there, where PostgreSQL shows the new column's. A target the
+    service made gets the column made again; for one the operator made, the statements are a warning.
     """
     plan = Evolution()
     alter = f"ALTER TABLE {table}{on_cluster}"
     keys = shape.key_targets
     for column, target in zip(shape.columns, shape.targets, strict=True):
-        wanted = column.ch_column_type(is_key=target in keys)
-        existing = info.columns.get(target)
-        name = quote(target)
-        if existing is None:
-            default = (defaults or {}).get(target)
-            if default is not None and not fit.first_misfit(pa.table({target: pa.array([default])}), {target: wanted}):
-                literal = "'" + default.replace("\\", "\\\\").replace("'", "\\'") + "'"
-                plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted} DEFAULT CAST({literal}"
-                                       f" AS {wanted})")
-                plan.changes.append(f"added column {target} {wanted} (new at the source), the rows loaded before"
-                                    f" showing {default[:40]!r}, the value PostgreSQL gives them")
-                plan.defaulted.append(target)
-                continue
-            plan.statements.append(f"{alter} ADD COLUMN IF NOT EXISTS {name} {wanted}")
-            plan.changes.append(f"added column {target} {wanted} (new at the source)")
-        elif aligned is not None and aligned.get(target) != column.pg_type and not holds(existing, wanted):
-            widened = _widened(existing, wanted)
-            if target in keys:
-                raise SchemaChangeError(
-                    f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but {table}.{target}"
-                    f" is {existing}, and ClickHouse cannot change the type of a sort-key column: recreate the table"
-                    f" with {name} {widened} (CREATE TABLE new … ; INSERT INTO new SELECT * FROM {table}; EXCHANGE"
-                    " TABLES), then run again; nothing was loaded or marked")
-            if not holds(wanted, existing):
-                raise SchemaChangeError(
-                    f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but"
-                    f" {table}.{target} is {existing}, and changing it could lose values: decide, then run {alter}"
-                    f" MODIFY COLUMN {name} {widened} (or recreate the table); nothing was loaded or marked")
-            plan.statements.append(f"{alter} MODIFY COLUMN {name} {widened}")
-            plan.changes.append(f"widened column {target} from {existing} to {widened}")
+        _column(plan, info, column, target, table, alter, target in keys, aligned, (defaults or {}).get(target),
+                target in readded)
     if plan.statements and not (allow or info.created_by_service):
         raise SchemaChangeError(
             f"the source changed and ETL_SCHEMA_CHANGES=fail keeps the service from altering {table}: run "
@@ -136,6 +166,51 @@ def evolve(info: TargetInfo, shape: SourceShape, table: str, on_cluster: str, al
         plan.warnings.append(f"{table} has column(s) the source no longer has, or the job does not fill"
                              f" ({', '.join(dropped)}): new rows get their defaults there")
     return plan
+
+
+def _column(plan: Evolution, info: TargetInfo, column: Column, target: str, table: str, alter: str, key: bool,
+            aligned: dict[str, str] | None, default: str | None, readded: bool) -> None:
+    """`evolve` for one source column."""
+    wanted = column.ch_column_type(is_key=key)
+    existing = info.columns.get(target)
+    name = quote(target)
+    if readded and existing is not None and not key:
+        drop = f"{alter} DROP COLUMN IF EXISTS {name}"
+        if not info.created_by_service:
+            plan.warnings.append(
+                f"{table}.{target} was made before the source had column {column.name} (or the source dropped"
+                f" and added it again): the rows loaded before show what {table} holds there, not what"
+                f" PostgreSQL shows; to make them show it: {drop}; {_add(alter, name, target, wanted, default)[0]}")
+            return
+        plan.statements.append(drop)
+        plan.changes.append(f"dropped column {target}: the source dropped it and added it again")
+        existing = None
+    if existing is None:
+        statement, change = _add(alter, name, target, wanted, default)
+        plan.statements.append(statement)
+        plan.changes.append(change)
+        return
+    before = aligned.get(target) if aligned is not None else None
+    if before is None or before == column.pg_type:
+        return
+    if not keeps_values(before, column.pg_type):
+        plan.rewritten.append((target, before, column.pg_type))
+    if holds(existing, wanted):
+        return
+    widened = _widened(existing, wanted)
+    if key:
+        raise SchemaChangeError(
+            f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but {table}.{target}"
+            f" is {existing}, and ClickHouse cannot change the type of a sort-key column: recreate the table"
+            f" with {name} {widened} (CREATE TABLE new … ; INSERT INTO new SELECT * FROM {table}; EXCHANGE"
+            " TABLES), then run again; nothing was loaded or marked")
+    if not holds(wanted, existing):
+        raise SchemaChangeError(
+            f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but"
+            f" {table}.{target} is {existing}, and changing it could lose values: decide, then run {alter}"
+            f" MODIFY COLUMN {name} {widened} (or recreate the table); nothing was loaded or marked")
+    plan.statements.append(f"{alter} MODIFY COLUMN {name} {widened}")
+    plan.changes.append(f"widened column {target} from {existing} to {widened}")
 
 
 BATCH_INDEX = "_etl_batch_minmax"

@@ -152,10 +152,15 @@ SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparen
 # A column added with a constant default (`ADD COLUMN priority integer DEFAULT 5`, kept or dropped
 # after) is not written into the rows that predate it: PostgreSQL keeps the value in the catalog
 # (attmissingval) and shows it for each of them. Its text, for the target's DEFAULT.
+# A partitioned table keeps it on each partition there was (one value for all of them, or none is used).
 _MISSING = """
-SELECT a.attname::text, (a.attmissingval::text::text[])[1]
+SELECT a.attname::text, min((p.attmissingval::text::text[])[1])
 FROM pg_attribute a
-WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped AND a.atthasmissing
+JOIN (SELECT to_regclass(%(t)s) AS relid UNION SELECT relid FROM pg_partition_tree(to_regclass(%(t)s))) t ON true
+JOIN pg_attribute p ON p.attrelid = t.relid AND p.attname = a.attname AND p.atthasmissing AND NOT p.attisdropped
+WHERE a.attrelid = to_regclass(%(t)s) AND a.attnum > 0 AND NOT a.attisdropped
+GROUP BY a.attname
+HAVING count(DISTINCT (p.attmissingval::text::text[])[1]) = 1
 """
 # The value in the form ClickHouse reads it, by the kind of the column's ClickHouse type (the
 # connection pins TimeZone=UTC, DateStyle=ISO and exact floats: `connection.options`).
@@ -175,7 +180,7 @@ def missing_values(conn: Connection, job: JobConfig, columns: Iterable[Column]) 
     name = qualified(job).as_string(conn)
     found: dict[str, tuple[str, str | None]] = {}
     with pg_errors(f"read the defaults of {name}'s new columns", conn), conn.cursor() as cur:
-        cur.execute(_MISSING, (name,))
+        cur.execute(_MISSING, {"t": name})
         for column_name, text in cur.fetchall():
             column = wanted.get(column_name)
             if column is None or text is None:

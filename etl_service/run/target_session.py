@@ -134,24 +134,34 @@ class TargetSession:
         info, aligned = self._renamed(client, info, shape, numbers, aligned, database, table, on_cluster)
         # Columns new to the target, and any a run added before it could record the shape (it stopped):
         # what the rows loaded before show in them is compared with what PostgreSQL has.
-        added = [c for c, t in zip(shape.columns, shape.targets, strict=True)
-                 if t not in info.columns or (aligned is not None and t not in aligned and t in info.columns)]
+        readded = frozenset(t for t in shape.targets if aligned is not None and t not in aligned and t in info.columns)
+        added = [c for c, t in zip(shape.columns, shape.targets, strict=True) if t not in info.columns or t in readded]
         conn = self.shapes.store.conn
         missing = catalog.missing_values(conn, self.job, added) if added else {}
         targets = dict(zip((c.name for c in shape.columns), shape.targets, strict=True))
         defaults = {targets[name]: text for name, (_, text) in missing.items() if text is not None}
         plan = evolution.evolve(info, shape, target_table.table_name(database, table), on_cluster,
-                                self.job.schema_changes == "auto", aligned, defaults)
+                                self.job.schema_changes == "auto", aligned, defaults, readded)
         for statement, change in zip(plan.statements, plan.changes, strict=True):
             target_table.run_statement(client, statement)
             self.log.info("schema change at the source: {} in {}.{}", change, database, table)
         for line in plan.warnings:
             _warn_once(self.log, line)
+        conn = self.shapes.store.conn
+        flag = sql.Identifier(self.job.processed_column).as_string(conn)
+        for target, before, after in plan.rewritten:
+            self.log.warning(
+                "column {} changed from {} to {} at the source: PostgreSQL converted its values (rounded, cut short)"
+                " in every row, and the rows loaded before keep the old ones in {}.{}; to send them again: UPDATE {}"
+                " SET {} = false WHERE {} (each loads as a newer version of its row)", target, before, after,
+                database, table, sql.Identifier(*self.job.source_table).as_string(conn), flag, flag)
         if plan.statements:
             described = target_table.describe_target(client, database, table)
             if described:
                 info = described[0]
         for column in added:
+            if targets[column.name] in readded and not info.created_by_service:  # warned: what it holds is unknown
+                continue
             self._look_back(column, targets[column.name], info, missing.get(column.name), database, table)
         now = {t: c.number for c, t in zip(shape.columns, shape.targets, strict=True)}
         if aligned != evolution.source_types(shape) or numbers != now:
