@@ -134,7 +134,10 @@ class TargetSession:
         info, aligned = self._renamed(client, info, shape, numbers, aligned, database, table, on_cluster)
         # Columns new to the target, and any a run added before it could record the shape (it stopped):
         # what the rows loaded before show in them is compared with what PostgreSQL has.
-        readded = frozenset(t for t in shape.targets if aligned is not None and t not in aligned and t in info.columns)
+        # a column the source dropped and added again (another attnum under the name), or one the target had
+        # before the source did: what the rows loaded before hold there is not what PostgreSQL shows
+        readded = frozenset(t for c, t in zip(shape.columns, shape.targets, strict=True) if t in info.columns and (
+            (aligned is not None and t not in aligned) or numbers.get(t, c.number) != c.number))
         added = [c for c, t in zip(shape.columns, shape.targets, strict=True) if t not in info.columns or t in readded]
         conn = self.shapes.store.conn
         missing = catalog.missing_values(conn, self.job, added) if added else {}
@@ -150,11 +153,12 @@ class TargetSession:
         conn = self.shapes.store.conn
         flag = sql.Identifier(self.job.processed_column).as_string(conn)
         for target, before, after in plan.rewritten:
-            self.log.warning(
-                "column {} changed from {} to {} at the source: PostgreSQL converted its values (rounded, cut short)"
-                " in every row, and the rows loaded before keep the old ones in {}.{}; to send them again: UPDATE {}"
-                " SET {} = false WHERE {} (each loads as a newer version of its row)", target, before, after,
-                database, table, sql.Identifier(*self.job.source_table).as_string(conn), flag, flag)
+            _warn_once(self.log, (
+                f"column {target} changed from {before} to {after} at the source: PostgreSQL converted its values"
+                f" (rounded, cut short) in every row, and the rows loaded before keep the old ones in"
+                f" {database}.{table}; to send them again: UPDATE"
+                f" {sql.Identifier(*self.job.source_table).as_string(conn)} SET {flag} = false WHERE {flag} (each"
+                " loads as a newer version of its row)"))
         if plan.statements:
             described = target_table.describe_target(client, database, table)
             if described:
@@ -222,7 +226,8 @@ class TargetSession:
                    if shown is not None else f"{name} IS NOT NULL" if nullable else "true")
         self.log.warning(
             "{}{} row(s) loaded before column {} was added to {}.{} show {} there, where PostgreSQL has other values"
-            " (a column added with a volatile default or by a table rewrite, or renamed); to send them again with"
+            " (their own: a volatile default, a table rewrite; or a default ClickHouse cannot be given exactly, such"
+            " as an array's); to send them again with"
             " their values: UPDATE {} SET {} = false WHERE {} AND {} (each loads as a newer version of its row)",
             "more than " if count >= 100_000 else "", count, target, database, table,
             "NULL" if shown is None and nullable else "the type's default" if shown is None else repr(shown),
