@@ -127,6 +127,9 @@ class Evolution:
     warnings: list[str] = field(default_factory=list)
     # (target column, source type before, after) for a type change that may have changed stored values
     rewritten: list[tuple[str, str, str]] = field(default_factory=list)
+    # a sort-key column that widened in a table the service made: (column, its new type, the error to raise
+    # if the table cannot be made again here)
+    recreate: list[tuple[str, str, SchemaChangeError]] = field(default_factory=list)
 
 
 def source_types(shape: SourceShape) -> dict[str, str]:
@@ -199,11 +202,15 @@ def _column(plan: Evolution, info: TargetInfo, column: Column, target: str, tabl
         return
     widened = _widened(existing, wanted)
     if key:
-        raise SchemaChangeError(
+        error = SchemaChangeError(
             f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but {table}.{target}"
             f" is {existing}, and ClickHouse cannot change the type of a sort-key column: recreate the table"
             f" with {name} {widened} (CREATE TABLE new … ; INSERT INTO new SELECT * FROM {table}; EXCHANGE"
             " TABLES), then run again; nothing was loaded or marked")
+        if not (info.created_by_service and holds(wanted, existing)):
+            raise error
+        plan.recreate.append((target, widened, error))
+        return
     if not holds(wanted, existing):
         raise SchemaChangeError(
             f"source column {column.name} is now {column.pg_type} ({wanted} in ClickHouse) but"

@@ -110,7 +110,7 @@ class TargetSession:
             described = target_table.describe_target(client, database, table)
             info = described[0] if described else info
         if not self.job.transform:  # a transform decides its own columns: ClickHouse checks them at insert
-            info = self._evolve(client, info, shape, database, table)
+            info = self._evolve(client, info, views, shape, database, table)
         self._refuse_unchecked(shape, info, name)
         self.types = info.columns
         self.replicated = "Replicated" in info.engine
@@ -125,7 +125,7 @@ class TargetSession:
         if problems:
             raise ConfigError("ETL_TARGET_TABLE", f"{name}: " + "; ".join(problems))
 
-    def _evolve(self, client: Any, info: guard.TargetInfo, shape: SourceShape, database: str,
+    def _evolve(self, client: Any, info: guard.TargetInfo, views: Any, shape: SourceShape, database: str,
                 table: str) -> guard.TargetInfo:
         cluster = self.settings.clickhouse.cluster
         on_cluster = f" ON CLUSTER {quote_identifier(cluster)}" if cluster else ""
@@ -163,6 +163,8 @@ class TargetSession:
             described = target_table.describe_target(client, database, table)
             if described:
                 info = described[0]
+        if plan.recreate:
+            info = self._recreate(client, info, views, shape, database, table, plan.recreate)
         for column in added:
             if targets[column.name] in readded and not info.created_by_service:  # warned: what it holds is unknown
                 continue
@@ -171,6 +173,49 @@ class TargetSession:
         if aligned != evolution.source_types(shape) or numbers != now:
             self.shapes.record(table, evolution.source_types(shape), now)
         return info
+
+    def _recreate(self, client: Any, info: guard.TargetInfo, views: Any, shape: SourceShape, database: str,
+                  table: str, widen: list[tuple[str, str, evolution.SchemaChangeError]]) -> guard.TargetInfo:
+        """Make the target again with its sort-key column widened (ClickHouse cannot change a sort-key
+        column's type): a new table from the source's shape (plus the columns the source no longer has),
+        every row copied, the two exchanged, the old one dropped. Only where nothing is lost or doubled by
+        it: no view reads the table (a materialized view would not follow the exchange), one server (not
+        ON CLUSTER), and no batch of the job is loaded but not marked (a retried insert of it would not be
+        dropped by the new table, which has no record of the old one's inserts)."""
+        name = target_table.table_name(database, table)
+        error = widen[0][2]
+        open_batches = self.shapes.store.run("look for batches loaded but not marked", sql.SQL(
+            "SELECT count(*) FROM {s}.batches WHERE job = %s AND state <> 'done' AND chunks_loaded > 0").format(
+            s=self.shapes.store.schema), (self.job.name,))[0][0]
+        why = ("views read it" if views else "it is on a cluster" if self.settings.clickhouse.cluster or
+               "Replicated" in info.engine else f"{open_batches} batch(es) wait to be marked" if open_batches else "")
+        if why:
+            raise evolution.SchemaChangeError(f"{error} (the service does it itself only when no view reads the"
+                                              f" table, on one server, with no batch waiting to be marked: {why})")
+        staging = f"{table}__etl_widen"
+        staged = target_table.table_name(database, staging)
+        target_table.run_statement(client, f"DROP TABLE IF EXISTS {staged}")
+        target_table.create_target(client, database, staging, shape, ".".join(self.job.source_table), "",
+                                   self.job.target_mode == "latest", bool(self.job.deleted_column))
+        made = (target_table.describe_target(client, database, staging) or (info, None))[0]
+        for column, kind in info.columns.items():  # what the source no longer has stays, as it does in place
+            if column not in made.columns:
+                target_table.run_statement(client, f"ALTER TABLE {staged} ADD COLUMN {evolution.quote(column)} {kind}")
+        columns = ", ".join(evolution.quote(c) for c in info.columns)
+        self.log.info("making {}.{} again with sort-key column {} {} (ClickHouse cannot change a sort-key column's"
+                      " type): copying its rows", database, table, ", ".join(c for c, _, _ in widen),
+                      ", ".join(k for _, k, _ in widen))
+        target_table.run_statement(client, f"INSERT INTO {staged} ({columns}) SELECT {columns} FROM {name}")
+        counts = [clients.query_rows(client, f"SELECT count() FROM {t}")[0][0] for t in (name, staged)]
+        if counts[0] != counts[1]:
+            raise evolution.SchemaChangeError(f"{error} (the copy made for it holds {counts[1]} rows, not"
+                                              f" {counts[0]}: left as it was)")
+        target_table.run_statement(client, f"EXCHANGE TABLES {name} AND {staged}")
+        target_table.run_statement(client, f"DROP TABLE {staged}")
+        self.log.info("schema change at the source: {}.{} made again with {}, {} rows copied", database, table,
+                      ", ".join(f"{c} {k}" for c, k, _ in widen), counts[0])
+        described = target_table.describe_target(client, database, table)
+        return described[0] if described else info
 
     def _renamed(self, client: Any, info: guard.TargetInfo, shape: SourceShape, numbers: dict[str, int],
                  aligned: dict[str, str] | None, database: str, table: str,

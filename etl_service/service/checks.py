@@ -213,6 +213,9 @@ def _check_target(settings: Settings, job: JobConfig, shape: catalog.SourceShape
                 # what the next run will do, or the SchemaChangeError (with the statement) that would stop it
                 plan = evolution.evolve(info, shape, name, "", job.schema_changes == "auto", aligned, defaults)
                 lines.extend(f"note: the next run will apply: {change}" for change in plan.changes)
+                lines.extend(f"note: the next run will make {name} again with sort-key column {column} {kind}"
+                             " (ClickHouse cannot change a sort-key column's type), copying its rows, if no view"
+                             " reads it and no batch waits to be marked" for column, kind, _ in plan.recreate)
                 lines.extend(f"note: {w}" for w in plan.warnings)
         lines.append(target_table.check_grants(client, db, table, described is not None))
         if job.ready_query:

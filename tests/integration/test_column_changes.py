@@ -174,3 +174,28 @@ def test_a_constant_default_added_to_a_partitioned_table_is_read_from_its_partit
     assert not any("loaded before column" in line for line in lines), lines
     assert world.ch_rows(f"SELECT id, label, channel FROM {world.target()} FINAL ORDER BY id") == \
         world.sql("SELECT id, label, channel FROM src ORDER BY id")
+
+
+@pytest.mark.parametrize("mode", ["append", "latest"])
+def test_a_key_that_widens_gets_a_target_made_again_with_every_row(world: World, mode: str) -> None:
+    # Django's AutoField -> BigAutoField: ALTER TABLE … ALTER COLUMN id TYPE bigint; ClickHouse cannot change
+    # the type of a sort-key column, so the service makes the table again and copies its rows
+    world.sql("CREATE TABLE src (id integer PRIMARY KEY, label text, processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src SELECT g, 'l' || g, false FROM generate_series(1, 300) g")
+    settings = world.settings(target_mode=mode)
+    assert run_job(settings, settings.jobs[0]).rows_marked == 300
+    world.sql("ALTER TABLE src DROP COLUMN label;"  # a column the source no longer has: kept in the target
+              "ALTER TABLE src ALTER COLUMN id TYPE bigint; INSERT INTO src VALUES (5000000000, false)")
+    with logged("INFO") as lines:
+        result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked) == (OK, 1), result.message
+    assert any("made again with id Int64, 300 rows copied" in line for line in lines), lines
+    types = dict((row[0], row[1]) for row in world.ch_rows(f"DESCRIBE TABLE {world.target()}"))
+    assert types["id"] == "Int64" and "label" in types
+    assert world.ch_rows(f"SELECT count(), uniqExact(id), sum(id), countIf(label = 'l' || toString(id))"
+                         f" FROM {world.target()}") == [(301, 301, sum(range(1, 301)) + 5000000000, 300)]
+    # the new table still drops a repeated insert: a batch loaded again is not doubled
+    assert any("non_replicated_deduplication_window" in row[0] for row in
+               world.ch_rows(f"SHOW CREATE TABLE {world.target()}"))
+    world.sql("INSERT INTO src VALUES (5000000001, false)")
+    assert run_job(settings, settings.jobs[0]).rows_marked == 1

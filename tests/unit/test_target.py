@@ -131,3 +131,14 @@ def test_create_ddl_single_node_and_cluster() -> None:
         " INDEX _etl_batch_minmax `_etl_batch` TYPE minmax GRANULARITY 1)"
         " ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}') ORDER BY `id`"
         " SETTINGS replicated_deduplication_window = 10000 COMMENT 'etl-service: created from public.o\\'brien'")
+
+
+def test_a_widened_key_of_a_table_the_service_made_is_planned_as_a_table_made_again() -> None:
+    made = info("MergeTree", "", CREATED_COMMENT + "public.src", id="Int32", qty="Nullable(Int64)",
+                note="Nullable(String)")
+    plan = evolve(made, SOURCE, "`db`.`t`", "", allow=True, aligned={"id": "integer", "qty": "bigint", "note": "text"})
+    assert [(column, kind) for column, kind, _ in plan.recreate] == [("id", "Int64")]
+    assert plan.statements == []
+    narrowed = info("MergeTree", "", CREATED_COMMENT + "public.src", id="Int128", qty="Nullable(Int64)",
+                    note="Nullable(String)")  # Int128 holds the new Int64: no change at all
+    assert evolve(narrowed, SOURCE, "`db`.`t`", "", allow=True, aligned={"id": "numeric"}).recreate == []
