@@ -11,6 +11,7 @@ One package, one module per thing that changes:
     others      other jobs' unfinished batches on the same source: skip, adopt, release
     runs        run records, backlog, lag and what waits
     shapes      the source types each target was last brought in step with
+    resend      rows ClickHouse holds differently after a column change, set back to unprocessed
     reconcile   batch ids ClickHouse holds that the ledger lost, until reconciled
     timelines   the server's timelines, each with its first transaction id (rows' source versions)
 

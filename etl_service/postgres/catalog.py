@@ -196,22 +196,22 @@ def missing_values(conn: Connection, job: JobConfig, columns: Iterable[Column]) 
     return found
 
 
-def rows_differing(conn: Connection, job: JobConfig, column: Column, value: str | None, nullable: bool,
-                   limit: int = 100_000) -> int:
-    """Processed rows (up to `limit`) whose `column` is not what the target shows for rows loaded before
-    it had the column: `value` (PostgreSQL's text of the target's DEFAULT), else NULL in a Nullable
-    column; a column that is neither shows its type's default, and every such row counts."""
-    name = qualified(job).as_string(conn)
-    differs: sql.Composable
+def differing(column: Column, value: str | None, nullable: bool) -> sql.Composable:
+    """Rows whose `column` is not what the target shows for rows loaded before it had the column: `value`
+    (PostgreSQL's text of the target's DEFAULT), else NULL in a Nullable column; a column that is neither
+    shows its type's default, and every row differs."""
     if value is not None:
-        differs = sql.SQL("{c}::text IS DISTINCT FROM ({v}::{t})::text").format(
+        return sql.SQL("{c}::text IS DISTINCT FROM ({v}::{t})::text").format(
             c=sql.Identifier(column.name), v=sql.Literal(value), t=sql.SQL(column.pg_type))
-    else:
-        differs = sql.SQL("{c} IS NOT NULL").format(c=sql.Identifier(column.name)) if nullable else sql.SQL("true")
-    with pg_errors(f"count the loaded rows of {name} whose new column {column.name} differs", conn), \
-            conn.cursor() as cur:
-        cur.execute(sql.SQL("SELECT count(*) FROM (SELECT FROM {t} WHERE {flag} AND {differs} LIMIT {n}) d").format(
-            t=qualified(job), flag=sql.Identifier(job.processed_column), differs=differs, n=sql.Literal(limit)))
+    return sql.SQL("{c} IS NOT NULL").format(c=sql.Identifier(column.name)) if nullable else sql.SQL("true")
+
+
+def processed_where(conn: Connection, job: JobConfig, condition: sql.Composable, limit: int = 100_000) -> int:
+    """How many processed rows meet `condition` (counted up to `limit`)."""
+    name = qualified(job).as_string(conn)
+    with pg_errors(f"count the loaded rows of {name} that differ", conn), conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT count(*) FROM (SELECT FROM {t} WHERE {flag} AND {condition} LIMIT {n}) d").format(
+            t=qualified(job), flag=sql.Identifier(job.processed_column), condition=condition, n=sql.Literal(limit)))
         count = int(cur.fetchone()[0])  # type: ignore[index]
     conn.rollback()
     return count

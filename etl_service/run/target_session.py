@@ -15,6 +15,7 @@ from psycopg2 import sql
 
 from etl_service.clickhouse import clients, evolution, fit, guard, inserts, readback, target_table
 from etl_service.errors import ConfigError, EtlError
+from etl_service.ledger import resend
 from etl_service.ledger.shapes import TargetShapes
 from etl_service.postgres import catalog
 from etl_service.postgres.catalog import SourceShape
@@ -150,15 +151,10 @@ class TargetSession:
             self.log.info("schema change at the source: {} in {}.{}", change, database, table)
         for line in plan.warnings:
             _warn_once(self.log, line)
-        conn = self.shapes.store.conn
-        flag = sql.Identifier(self.job.processed_column).as_string(conn)
         for target, before, after in plan.rewritten:
-            _warn_once(self.log, (
-                f"column {target} changed from {before} to {after} at the source: PostgreSQL converted its values"
-                f" (rounded, cut short) in every row, and the rows loaded before keep the old ones in"
-                f" {database}.{table}; to send them again: UPDATE"
-                f" {sql.Identifier(*self.job.source_table).as_string(conn)} SET {flag} = false WHERE {flag} (each"
-                " loads as a newer version of its row)"))
+            self._send_again(shape, sql.SQL("true"), f"column {target} changed from {before} to {after} at the source:"
+                             " PostgreSQL converted its values (rounded, cut short) in every row, and the rows"
+                             f" loaded before keep the old ones in {database}.{table}")
         if plan.statements:
             described = target_table.describe_target(client, database, table)
             if described:
@@ -168,7 +164,7 @@ class TargetSession:
         for column in added:
             if targets[column.name] in readded and not info.created_by_service:  # warned: what it holds is unknown
                 continue
-            self._look_back(column, targets[column.name], info, missing.get(column.name), database, table)
+            self._look_back(column, targets[column.name], info, missing.get(column.name), shape, database, table)
         now = {t: c.number for c, t in zip(shape.columns, shape.targets, strict=True)}
         if aligned != evolution.source_types(shape) or numbers != now:
             self.shapes.record(table, evolution.source_types(shape), now)
@@ -248,32 +244,42 @@ class TargetSession:
         return (described[0] if described else info), aligned
 
     def _look_back(self, column: Column, target: str, info: guard.TargetInfo,
-                   missing: tuple[str, str | None] | None, database: str, table: str) -> None:
-        """Say how many rows loaded before `target` was added show another value there than PostgreSQL has
-        (a column added with a volatile default, or by a rewrite, or renamed: its rows hold their own
-        values), and how to send them again; rows that hold the value the target shows are exact."""
+                   missing: tuple[str, str | None] | None, shape: SourceShape, database: str, table: str) -> None:
+        """The rows loaded before `target` was added that show another value there than PostgreSQL has (a
+        column added with a volatile default or by a table rewrite: its rows hold their own values; a default
+        ClickHouse cannot be given exactly) are sent again; rows that hold the value the target shows are
+        exact as they are."""
         ch_type = info.columns.get(target, "")
         shown = missing[0] if missing and missing[1] is not None and \
             not fit.first_misfit(pa.table({target: pa.array([missing[1]])}), {target: ch_type}) else None
-        nullable = fit.unwrap(ch_type)[1]
+        condition = catalog.differing(column, shown, fit.unwrap(ch_type)[1])
+        held = ("NULL" if shown is None and fit.unwrap(ch_type)[1] else "the type's default" if shown is None
+                else repr(shown))
         try:
-            count = catalog.rows_differing(self.shapes.store.conn, self.job, column, shown, nullable)
+            count = catalog.processed_where(self.shapes.store.conn, self.job, condition)
         except EtlError as exc:
             self.log.warning("could not compare the rows loaded before column {} was added with the source ({});"
-                             " they show {} in {}.{}", target, exc, "NULL" if shown is None else repr(shown),
-                             database, table)
+                             " they show {} in {}.{}", target, exc, held, database, table)
             return
-        if not count:
-            return
+        if count:
+            self._send_again(shape, condition, f"{'more than ' if count >= 100_000 else ''}{count} row(s) loaded"
+                             f" before column {target} was added to {database}.{table} show {held} there, where"
+                             " PostgreSQL has values of their own (a volatile default, a table rewrite, or a default"
+                             " ClickHouse cannot be given exactly)")
+
+    def _send_again(self, shape: SourceShape, condition: sql.Composable, why: str) -> None:
+        """Set the flag of the processed rows meeting `condition` back to false (ETL_SCHEMA_CHANGES=auto), so
+        that this run and the next load each again as a newer version of its row; with fail, say how."""
         conn = self.shapes.store.conn
-        flag, name = (sql.Identifier(n).as_string(conn) for n in (self.job.processed_column, column.name))
-        differs = (f"{name}::text IS DISTINCT FROM ({sql.Literal(shown).as_string(conn)}::{column.pg_type})::text"
-                   if shown is not None else f"{name} IS NOT NULL" if nullable else "true")
-        self.log.warning(
-            "{}{} row(s) loaded before column {} was added to {}.{} show {} there, where PostgreSQL has other values"
-            " (their own: a volatile default, a table rewrite; or a default ClickHouse cannot be given exactly, such"
-            " as an array's); to send them again with"
-            " their values: UPDATE {} SET {} = false WHERE {} AND {} (each loads as a newer version of its row)",
-            "more than " if count >= 100_000 else "", count, target, database, table,
-            "NULL" if shown is None and nullable else "the type's default" if shown is None else repr(shown),
-            sql.Identifier(*self.job.source_table).as_string(conn), flag, flag, differs)
+        flag = sql.Identifier(self.job.processed_column).as_string(conn)
+        source = sql.Identifier(*self.job.source_table).as_string(conn)
+        statement = f"UPDATE {source} SET {flag} = false WHERE {flag} AND {condition.as_string(conn)}"
+        if self.job.schema_changes != "auto":
+            _warn_once(self.log, f"{why}; ETL_SCHEMA_CHANGES=fail: to send them again, {statement} (each loads as"
+                                 " a newer version of its row)")
+            return
+        self.log.warning("{}: sending them again (their flag set back to false, a slice of {:,} at a time)", why,
+                         resend.SLICE)
+        done = resend.resend(self.shapes.store, shape.key, condition, f"{'.'.join(self.job.source_table)}", self.log)
+        self.log.info("{:,} row(s) of {} set to be sent again: this run and the next load them as newer versions",
+                      done, ".".join(self.job.source_table))

@@ -299,8 +299,10 @@ SECTIONS = (
              " window, or Replicated); otherwise runs are refused with the ALTER to run. off: accept at-least-once"
              " (warned every run).", Getter.switch),
         _job("ETL_SCHEMA_CHANGES", "auto", "auto: columns added at the source are added to the target, lossless"
-             " widenings applied. fail: a target you made is never altered; the run stops with the statement to"
-             " run.", partial(Getter.choice, allowed=("auto", "fail"))),
+             " widenings applied, and rows the target holds differently after a column change (a volatile default,"
+             " a type change that converted values) sent again. fail: a target you made is never altered and no"
+             " row is sent again; the run stops with, or logs, the statement to run.",
+             partial(Getter.choice, allowed=("auto", "fail"))),
         _job("ETL_VERIFY_LOAD", "on", "on: before a batch is marked, count its rows in ClickHouse (the _etl_batch"
              " column) and compare with the rows sent. off for targets that drop or collapse rows by design (TTL,"
              " Replacing/Collapsing engines) — see docs/clickhouse.md, \"Load verification\".", Getter.switch),
