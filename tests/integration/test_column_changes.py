@@ -202,3 +202,43 @@ def test_a_key_that_widens_gets_a_target_made_again_with_every_row(world: World,
                world.ch_rows(f"SHOW CREATE TABLE {world.target()}"))
     world.sql("INSERT INTO src VALUES (5000000001, false)")
     assert run_job(settings, settings.jobs[0]).rows_marked == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["append", "latest"])
+def test_columns_added_while_a_writer_writes_and_a_run_is_killed_end_exact(world: World, mode: str) -> None:
+    # Alembic's add_column with a server_default (kept) and a volatile default, applied while the rows flow:
+    # one run is killed between load and mark of its second batch, the columns change, the next runs resume
+    import signal
+
+    from .helpers import Writer, chdb_query, cli, start, wait_for, write_env
+
+    world.make_source(4000)
+    chdb = world.tmp / "chdb"
+    job = {"ETL_BATCH_SIZE": "1000", "ETL_CHUNK_SIZE": "400", "ETL_TARGET_MODE": mode}
+    crashing = write_env(world, chdb, "crash.env", ETL_CRASH_AT="after_last_insert:3", **job)
+    normal = write_env(world, chdb, "normal.env", **job)
+    with Writer(world, batches=300, pause=0.02):
+        killed = start("--once", "--env-file", str(crashing), log=world.tmp / "killed.log")
+        wait_for(lambda: world.sql("SELECT to_regclass('etl.batches') IS NOT NULL")[0][0] and world.sql(
+            "SELECT count(*) FROM etl.batches WHERE state = 'done'")[0][0] > 0, 60, "the first batch marked")
+        world.sql("ALTER TABLE src ADD COLUMN priority integer DEFAULT 5;"  # constant: kept in the catalog
+                  "ALTER TABLE src ADD COLUMN token uuid DEFAULT gen_random_uuid()")  # volatile: a rewrite
+        killed.wait(120)
+        assert killed.returncode in (-signal.SIGKILL, 0), (world.tmp / "killed.log").read_text()[-2000:]
+        resumed = cli("--once", "--env-file", str(normal))
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for _ in range(2):
+        final = cli("--once", "--env-file", str(normal))
+        assert final.returncode == 0, final.stderr[-2000:]
+    said = (world.tmp / "killed.log").read_text() + resumed.stderr
+    # the volatile default's rewrite writes priority's 5 into every row too: both are sent again
+    assert "added column priority Nullable(Int32)" in said and "added column token" in said, said[-3000:]
+    assert "set to be sent again" in said, said[-3000:]  # the rows the rewrite gave a token of their own
+    newest = (f"SELECT id, priority, toString(token) FROM `{world.ch_database}`.dst FINAL ORDER BY id"
+              if mode == "latest" else f"SELECT id, priority, toString(token) FROM `{world.ch_database}`.dst"
+              " ORDER BY id, _etl_version DESC LIMIT 1 BY id")
+    held = [tuple(row) for row in chdb_query(chdb, newest)]
+    source = [(int(i), p, str(t)) for i, p, t in world.sql("SELECT id, priority, token FROM src ORDER BY id")]
+    assert [(int(i), p, t) for i, p, t in held] == source
+    assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
