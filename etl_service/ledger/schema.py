@@ -111,6 +111,9 @@ CREATE TABLE IF NOT EXISTS {schema}.target_shapes (
 -- Each target column's source column by number (pg_attribute.attnum), whatever its name: a column
 -- renamed at the source is renamed in the target.
 ALTER TABLE {schema}.target_shapes ADD COLUMN IF NOT EXISTS numbers jsonb;
+-- What the last column change at the source did to the target and its rows (for status), and when.
+ALTER TABLE {schema}.target_shapes ADD COLUMN IF NOT EXISTS last_change text,
+    ADD COLUMN IF NOT EXISTS changed_at timestamptz;
 """
 
 
@@ -173,11 +176,12 @@ def ensure(store: Store) -> None:
         " OR (attrelid = to_regclass(%(rc)s) AND attname = 'matched')"
         " OR (attrelid = to_regclass(%(tl)s) AND attname = 'first_xid')"
         " OR (attrelid = to_regclass(%(r)s) AND attname = 'latency')"
-        " OR (attrelid = to_regclass(%(t)s) AND attname = 'numbers'))"),
+        " OR (attrelid = to_regclass(%(t)s) AND attname = 'numbers')"
+        " OR (attrelid = to_regclass(%(t)s) AND attname = 'changed_at'))"),
         {"b": f"{quoted}.batches", "q": f"{quoted}.quarantine", "r": f"{quoted}.runs",
          "t": f"{quoted}.target_shapes", "qb": f"{quoted}.quarantine_batch", "rc": f"{quoted}.reconcile",
          "tl": f"{quoted}.timelines"})
-    if present[0][0] < 12:
+    if present[0][0] < 13:
         check_not_foreign(store.conn, store.schema.string)
         store.run("create ledger schema", sql.SQL(SCHEMA_SQL).format(schema=store.schema))
         # Batches recorded before batches named their source: this job's own are on its source.

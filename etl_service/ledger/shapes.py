@@ -6,6 +6,8 @@ matches it while the target differs is the operator's choice, left alone (`click
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from psycopg2 import sql
 from psycopg2.extras import Json
 
@@ -24,6 +26,19 @@ class TargetShapes:
             "SELECT columns FROM {s}.target_shapes WHERE job = %s AND target = %s").format(s=self.store.schema),
             (self.store.job.name, target))
         return dict(rows[0][0]) if rows else None
+
+    def note_change(self, target: str, what: str) -> None:
+        """Keep what a column change at the source did (the target's statements, rows sent again), for status."""
+        self.store.run("record what a column change did", sql.SQL(
+            "UPDATE {s}.target_shapes SET last_change = %s, changed_at = now() WHERE job = %s AND target = %s").format(
+            s=self.store.schema), (what, self.store.job.name, target))
+
+    def last_change(self, target: str) -> tuple[str, datetime] | None:
+        """(what the last column change did, when), or None."""
+        rows = self.store.run("read the last column change", sql.SQL(
+            "SELECT last_change, changed_at FROM {s}.target_shapes WHERE job = %s AND target = %s"
+            " AND last_change IS NOT NULL").format(s=self.store.schema), (self.store.job.name, target))
+        return (str(rows[0][0]), rows[0][1]) if rows else None
 
     def numbers(self, target: str) -> dict[str, int]:
         """Target column -> the number (attnum) of the source column it was last in step with ({}: none recorded)."""

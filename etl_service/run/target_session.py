@@ -44,6 +44,7 @@ class TargetSession:
         self.replicated = False  # a Replicated engine: a count may reach a replica still fetching parts
         self.ranges = fit.NARROW  # what the server's Date32 and DateTime64 hold, once prepared
         self.created = False  # this attempt made the target (a loaded batch must go again)
+        self.done: list[str] = []  # what column changes did to the target and its rows, for status
 
     @property
     def has_batch_column(self) -> bool:
@@ -133,10 +134,9 @@ class TargetSession:
         aligned = self.shapes.aligned(table)
         numbers = self.shapes.numbers(table) if aligned is not None else {}
         info, aligned = self._renamed(client, info, shape, numbers, aligned, database, table, on_cluster)
-        # Columns new to the target, and any a run added before it could record the shape (it stopped):
-        # what the rows loaded before show in them is compared with what PostgreSQL has.
-        # a column the source dropped and added again (another attnum under the name), or one the target had
-        # before the source did: what the rows loaded before hold there is not what PostgreSQL shows
+        # A column the source dropped and added again (another attnum under the name), or one the target had
+        # before the source did: what the rows loaded before hold there is not what PostgreSQL shows. For those
+        # and the columns new to the target, what the rows loaded before show is compared with PostgreSQL's.
         readded = frozenset(t for c, t in zip(shape.columns, shape.targets, strict=True) if t in info.columns and (
             (aligned is not None and t not in aligned) or numbers.get(t, c.number) != c.number))
         added = [c for c, t in zip(shape.columns, shape.targets, strict=True) if t not in info.columns or t in readded]
@@ -146,15 +146,7 @@ class TargetSession:
         defaults = {targets[name]: text for name, (_, text) in missing.items() if text is not None}
         plan = evolution.evolve(info, shape, target_table.table_name(database, table), on_cluster,
                                 self.job.schema_changes == "auto", aligned, defaults, readded)
-        for statement, change in zip(plan.statements, plan.changes, strict=True):
-            target_table.run_statement(client, statement)
-            self.log.info("schema change at the source: {} in {}.{}", change, database, table)
-        for line in plan.warnings:
-            _warn_once(self.log, line)
-        for target, before, after in plan.rewritten:
-            self._send_again(shape, sql.SQL("true"), f"column {target} changed from {before} to {after} at the source:"
-                             " PostgreSQL converted its values (rounded, cut short) in every row, and the rows"
-                             f" loaded before keep the old ones in {database}.{table}")
+        self._apply(client, plan, shape, database, table)
         if plan.statements:
             described = target_table.describe_target(client, database, table)
             if described:
@@ -165,10 +157,32 @@ class TargetSession:
             if targets[column.name] in readded and not info.created_by_service:  # warned: what it holds is unknown
                 continue
             self._look_back(column, targets[column.name], info, missing.get(column.name), shape, database, table)
+        self._remember(shape, table, aligned, numbers)
+        return info
+
+    def _apply(self, client: Any, plan: evolution.Evolution, shape: SourceShape, database: str, table: str) -> None:
+        """Run the plan's statements, log its warnings, and send again the rows of columns whose values the
+        source converted."""
+        for statement, change in zip(plan.statements, plan.changes, strict=True):
+            target_table.run_statement(client, statement)
+            self.log.info("schema change at the source: {} in {}.{}", change, database, table)
+            self.done.append(change)
+        for line in plan.warnings:
+            _warn_once(self.log, line)
+        for target, before, after in plan.rewritten:
+            self._send_again(shape, sql.SQL("true"), f"column {target} changed from {before} to {after} at the source:"
+                             " PostgreSQL converted its values (rounded, cut short) in every row, and the rows"
+                             f" loaded before keep the old ones in {database}.{table}")
+
+    def _remember(self, shape: SourceShape, table: str, aligned: dict[str, str] | None,
+                  numbers: dict[str, int]) -> None:
+        """Record the source shape the target is now in step with, and what this change did (for status)."""
         now = {t: c.number for c, t in zip(shape.columns, shape.targets, strict=True)}
         if aligned != evolution.source_types(shape) or numbers != now:
             self.shapes.record(table, evolution.source_types(shape), now)
-        return info
+        if self.done:
+            self.shapes.note_change(table, "; ".join(self.done))
+            self.done = []
 
     def _recreate(self, client: Any, info: guard.TargetInfo, views: Any, shape: SourceShape, database: str,
                   table: str, widen: list[tuple[str, str, evolution.SchemaChangeError]]) -> guard.TargetInfo:
@@ -210,6 +224,7 @@ class TargetSession:
         target_table.run_statement(client, f"DROP TABLE {staged}")
         self.log.info("schema change at the source: {}.{} made again with {}, {} rows copied", database, table,
                       ", ".join(f"{c} {k}" for c, k, _ in widen), counts[0])
+        self.done.append(f"made again with {', '.join(f'{c} {k}' for c, k, _ in widen)}, {counts[0]} rows copied")
         described = target_table.describe_target(client, database, table)
         return described[0] if described else info
 
@@ -233,6 +248,7 @@ class TargetSession:
                                                f" TO {evolution.quote(target)}")
             self.log.info("schema change at the source: column {} renamed to {} in {}.{} (its values kept)", old,
                           target, database, table)
+            self.done.append(f"renamed column {old} to {target}")
             renamed.append((old, target))
         if not renamed:
             return info, aligned
@@ -283,3 +299,4 @@ class TargetSession:
         done = resend.resend(self.shapes.store, shape.key, condition, f"{'.'.join(self.job.source_table)}", self.log)
         self.log.info("{:,} row(s) of {} set to be sent again: this run and the next load them as newer versions",
                       done, ".".join(self.job.source_table))
+        self.done.append(f"{done:,} row(s) sent again ({why.split(':')[0] if ':' in why else why[:80]})")

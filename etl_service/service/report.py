@@ -89,6 +89,8 @@ def _ledger_part(ledger: Ledger, key: Key, data: dict[str, Any], database: str) 
                          "longest_commit_to_mark": None if latency is None else round(latency, 3)}
     if ledger.job.wake == "notify":
         data["wake_trigger"] = wake.trigger_state(ledger.conn, ledger.job)
+    change = ledger.shapes.last_change(ledger.job.target_table)
+    data["last_column_change"] = None if change is None else {"did": change[0], "at": change[1]}
 
 
 def _render(job: dict[str, Any], out: Print) -> None:
@@ -131,6 +133,7 @@ def _render(job: dict[str, Any], out: Print) -> None:
     if count > len(job["quarantine"]):
         out(f"    and {count - len(job['quarantine'])} more")
     _render_wakes(job, out)
+    _render_change(job, out)
     out("  last runs:" if job["runs"] else "  last runs: none")
     for run in job["runs"]:
         tail = f" — {run['message']}" if run["message"] else ""
@@ -138,6 +141,12 @@ def _render(job: dict[str, Any], out: Print) -> None:
         latency = f" commit-to-mark≤{run['latency']:.2f}s" if run["latency"] is not None else ""
         out(f"    {run['started_at']:%Y-%m-%d %H:%M:%S} {run['status']:8} batches={run['batches']}"
             f" loaded={run['rows_loaded']} marked={run['rows_marked']} {run['seconds']:.1f}s{cause}{latency}{tail}")
+
+
+def _render_change(job: dict[str, Any], out: Print) -> None:
+    change = job.get("last_column_change")
+    if change:
+        out(f"  last column change at the source, followed {change['at']:%Y-%m-%d %H:%M:%S}: {change['did']}")
 
 
 def _render_wakes(job: dict[str, Any], out: Print) -> None:

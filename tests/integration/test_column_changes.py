@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from etl_service.run.pipeline import OK, run_job
+from etl_service.service import report
 
 from .conftest import World
 from .helpers import logged
@@ -95,9 +96,13 @@ def test_rows_holding_their_own_values_in_a_new_column_are_sent_again(world: Wor
         world.sql(statement)
         result = run_job(settings, settings.jobs[0])
         assert result.rows_marked == 31  # row 31 too: it holds a token (sent again, harmless)
-    else:  # sent again by the same run
+    else:  # sent again by the same run, and status says what was done
         assert (result.status, result.rows_marked) == (OK, 31), result.message
         assert any("30 row(s) of public.src set to be sent again" in line for line in lines), lines
+        shown: list[str] = []
+        report.status(settings, shown.append)
+        said_status = [line for line in shown if "last column change at the source" in line]
+        assert said_status and "added column token" in said_status[0] and "30 row(s) sent again" in said_status[0]
     source = {row[0]: str(row[1]) for row in world.sql("SELECT id, token FROM src")}
     assert dict(world.ch_rows(f"SELECT id, toString(token) FROM {world.target()} FINAL")) == source
     assert world.sql("SELECT count(*) FROM src WHERE NOT processed") == [(0,)]
