@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Context, Decimal, InvalidOperation
@@ -218,29 +219,52 @@ def prepared(data: pa.Table, target_types: dict[str, str]) -> pa.Table:
 
 def _converted(column: pa.ChunkedArray, inner: str) -> pa.ChunkedArray:
     kind = column.type
-    if pa.types.is_list(kind) and inner.startswith("Array("):
-        elements = pa.chunked_array([chunk.flatten() for chunk in column.chunks], kind.value_type)
-        converted = _converted(elements, unwrap(inner[len("Array("):-1])[0])
-        if converted is elements:
-            return column
-        chunks, at = [], 0
-        for chunk in column.chunks:  # each chunk's elements, rebuilt on its own offsets
-            offsets = pc.subtract(chunk.offsets, chunk.offsets[0])
-            count = len(chunk.flatten())
-            values = converted.slice(at, count).combine_chunks()
-            at += count
-            chunks.append(pa.ListArray.from_arrays(offsets, values, mask=pc.is_null(chunk)))
-        return pa.chunked_array(chunks, pa.list_(converted.type))
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and inner.startswith("Array("):
+        return _converted_list(column, inner)
     target = _arrow_for(inner)
     if target is None or (pa.types.is_timestamp(target) and _zone(inner)):  # a wall clock in the column's zone
         return column
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        if pa.types.is_date32(target):  # text with a time of day was refused: read as a time, then the day
-            return pc.cast(pc.cast(column, pa.timestamp("us")), target)
-        return pc.cast(column, target)
+        return _converted_text(column, inner, target)
     if pa.types.is_date32(kind) and pa.types.is_timestamp(target):
         return pc.cast(column, target)
     return column
+
+
+def _converted_list(column: pa.ChunkedArray, inner: str) -> pa.ChunkedArray:
+    """An array column's elements converted (a transform's large lists, with 64-bit offsets, as lists)."""
+    if pa.types.is_large_list(column.type):
+        column = column.cast(pa.list_(column.type.value_type))
+    elements = pa.chunked_array([chunk.flatten() for chunk in column.chunks], column.type.value_type)
+    converted = _converted(elements, unwrap(inner[len("Array("):-1])[0])
+    if converted is elements:
+        return column
+    chunks, at = [], 0
+    for chunk in column.chunks:  # each chunk's elements, rebuilt on its own offsets
+        offsets = pc.subtract(chunk.offsets, chunk.offsets[0])
+        count = len(chunk.flatten())
+        values = converted.slice(at, count).combine_chunks()
+        at += count
+        chunks.append(pa.ListArray.from_arrays(offsets, values, mask=pc.is_null(chunk)))
+    return pa.chunked_array(chunks, pa.list_(converted.type))
+
+
+def _converted_text(column: pa.ChunkedArray, inner: str, target: pa.DataType) -> pa.ChunkedArray:
+    """Text `first_misfit` passed, read into `target` the way it was checked."""
+    if pa.types.is_date32(target) or pa.types.is_timestamp(target):  # as `_read_times` read them
+        times = _read_times(column)
+        if times is None:
+            raise ValueError(f"{inner}: times that passed the check do not read")
+        return pc.cast(times, target) if pa.types.is_date32(target) else times
+    unsigned = pc.replace_substring_regex(column, "^[+]", "")  # Arrow reads no sign but -
+    try:
+        return pc.cast(unsigned, target)
+    except pa.ArrowInvalid:  # digits Arrow will not rescale (1.000…0 into a scale of 2): Python's Decimal
+        if not pa.types.is_decimal(target):
+            raise
+        quantum = Decimal(1).scaleb(-target.scale)
+        return pa.chunked_array([pa.array([None if t is None else Decimal(t).quantize(quantum, context=_WIDE)
+                                           for t in unsigned.to_pylist()], target)])
 
 
 def _arrow_for(inner: str) -> pa.DataType | None:
@@ -556,15 +580,23 @@ def _time_text_misfit(values: pa.ChunkedArray, inner: str, ranges: Ranges) -> st
     bad = pc.invert(pc.match_substring_regex(values, _TIME_TEXT))
     if pc.any(bad).as_py():
         return f"value {_cut(_first(values, bad))} is not a date or time written as YYYY-MM-DD[ hh:mm:ss[.fff]]"
-    digits = _DATETIME64.match(inner)
-    kind = pa.timestamp("ns" if digits and int(digits[1]) > 6 else "us")
-    try:
-        return _time_misfit(pc.cast(values, kind), inner, ranges, values)
-    except pa.ArrowInvalid:  # a day or hour that does not exist (2024-02-30, 25:00:00), or beyond 1677..2262 in ns
+    parsed = _read_times(values)
+    if parsed is None:  # a day or hour that does not exist (2024-02-30, 25:00:00), or 7-9 digits beyond 1677..2262
         for text in values.to_pylist():
-            if not _reads(text, kind):
+            if not any(_reads(text, pa.timestamp(unit)) for unit in ("us", "ns")):
                 return f"value {_cut(text)} is not a date or time {inner} holds"
-        raise
+        return (f"values of {inner} mix 7 to 9 digits of a second with years beyond 1677..2262, which this"
+                " service cannot read together")
+    return _time_misfit(parsed, inner, ranges, values)
+
+
+def _read_times(values: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Date and time text as timestamps: to the microsecond (years 1..9999), else to the nanosecond (more
+    digits of a second, years 1677..2262); None if neither reads every value."""
+    for unit in ("us", "ns"):
+        with suppress(pa.ArrowInvalid):
+            return pc.cast(values, pa.timestamp(unit))
+    return None
 
 
 def _time_bounds(inner: str, ranges: Ranges, per_second: int) -> tuple[tuple[int, int], int] | None:
@@ -595,7 +627,7 @@ def _wall_clock_misfit(column: pa.ChunkedArray, inner: str, zone: str) -> str | 
         place = ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
         return f"{inner}: this service does not know the zone {zone!r}, so cannot check wall-clock times in it"
-    values = pc.cast(column, pa.timestamp("us")) if pa.types.is_date32(column.type) else column
+    values = pc.cast(column, pa.timestamp("us"), safe=False)  # dates, and ns (Python's datetime has microseconds)
     for naive in pc.unique(values).to_pylist():
         if naive is None:
             continue
@@ -636,7 +668,9 @@ def _float_text_misfit(values: pa.ChunkedArray, inner: str) -> str | None:
     if pc.any(bad).as_py():
         return f"value {_cut(_first(values, bad))} does not fit {inner} (it would be stored as inf)"
     digits = pc.utf8_length(pc.replace_substring_regex(values, r"^[+-]?[0.]*|[eE].*$|[.]", ""))
-    long = pc.and_(pc.greater(digits, 6 if narrow else 15), pc.invert(words))
+    # more digits than the float keeps, or a number below its smallest normal (rounded to fewer digits, or 0)
+    tiny = pc.less(pc.abs(parsed), 1.1754943508222875e-38 if narrow else 2.2250738585072014e-308)
+    long = pc.and_(pc.or_(pc.greater(digits, 6 if narrow else 15), tiny), pc.invert(words))
     for text in pc.unique(pc.filter(values, long)).to_pylist():
         number = Decimal(text)
         as_float = float(np.float32(float(number))) if narrow else float(number)
@@ -691,6 +725,6 @@ def _bounds(ch_type: str) -> tuple[int | Decimal, int | Decimal] | None:
     match = _DECIMAL.match(ch_type)
     if match:
         precision, scale = int(match[1]), int(match[2])
-        limit = Decimal(10) ** (precision - scale) - Decimal(1).scaleb(-scale)
+        limit = _WIDE.subtract(Decimal(10 ** (precision - scale)), Decimal(1).scaleb(-scale))
         return -limit, limit
     return None

@@ -271,3 +271,25 @@ def test_text_for_a_typed_column_is_sent_as_its_value_not_as_text_to_parse(world
     assert rows[0] == (1, 6.732790423501354, "1.5e-38", str(2**255 - 1),
                        "2024-01-01 00:00:00.123456789", 1710086400, 1704121200, Decimal("12345678901234567890.12"))
     assert rows[1][:3] == (2, 9.949413129414565e-304, "3e-38")
+
+
+def test_edges_of_text_read_for_typed_columns(world: World) -> None:
+    # found by an adversarial review: floats below the smallest normal rounded to 0, '+5' that the check took
+    # and the conversion refused (every run failed), 10^38 into Decimal(38, 0), a Decimal's zeros past its
+    # scale, nanoseconds past 2262 in a zoned column, a 9-digit second into a Date
+    world.sql("CREATE TABLE src (id bigint PRIMARY KEY, f text, n text, d text, t text, day text,"
+              " processed boolean NOT NULL DEFAULT false);"
+              "INSERT INTO src VALUES (1, '1e-400', NULL, NULL, NULL, NULL), (2, '1.5e-320', '+5',"
+              f" '1.{'0' * 40}', '2024-01-01 10:00:00', '2024-01-01 00:00:00.000000000'),"
+              f" (3, NULL, NULL, '1{'0' * 38}', NULL, NULL), (4, NULL, NULL, NULL, '2262-04-11 20:00:00', NULL),"
+              " (5, '0.0', '7', '2.5', NULL, NULL)")
+    operator_target(world, "id Int64, f Nullable(Float64), n Nullable(Int32), d Nullable(Decimal(38, 2)),"
+                           " t Nullable(DateTime64(9, 'America/New_York')), day Nullable(Date)")
+    settings = world.settings()
+    result = run_job(settings, settings.jobs[0])
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 2, 3), result.message
+    reasons = dict(world.sql("SELECT key, reason FROM etl.quarantine"))
+    assert "column 'f'" in reasons["1"] and "column 'd'" in reasons["3"] and "column 't'" in reasons["4"]
+    assert world.ch_rows(f"SELECT id, f, n, d, toString(t), toString(day) FROM {world.target()} ORDER BY id") == [
+        (2, 1.5e-320, 5, Decimal("1.00"), "2024-01-01 10:00:00.000000000", "2024-01-01"),
+        (5, 0.0, 7, Decimal("2.50"), None, None)]
