@@ -94,12 +94,15 @@ def test_columns_added_and_widened_at_the_source_follow_into_the_target(world: W
     world.sql("ALTER TABLE src ALTER COLUMN qty TYPE bigint")
     world.sql("INSERT INTO src (id, amount, name, ts, note, qty) VALUES (303, 2, 'x', now(), 'wide', 4294967296)")
     result = run_job(settings, settings.jobs[0])
-    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 3, 0)
+    # ALTER … TYPE bigint rewrote the table, writing qty's 7 into the 300 rows loaded before (PostgreSQL kept it
+    # in its catalog until then): ClickHouse cannot show it by itself, so they are sent again, with 7
+    assert (result.status, result.rows_marked, result.rows_quarantined) == (OK, 303, 0)
     types = dict(world.ch_rows(f"SELECT name, type FROM system.columns WHERE database = '{world.ch_database}'"
                                " AND table = 'dst'"))
     assert (types["note"], types["qty"], types["amount"]) == ("Nullable(String)", "Int64", "Decimal(20, 2)")
-    rows = world.ch_rows(f"SELECT id, amount, note, qty FROM {world.target()} WHERE id > 299 ORDER BY id")
-    assert rows == [(300, Decimal("375.00"), None, 0), (301, Decimal("123456789012345678.91"), "hello", 2147483647),
+    rows = world.ch_rows(f"SELECT id, amount, note, qty FROM {world.target()} WHERE id > 299"
+                         " ORDER BY id, _etl_version DESC LIMIT 1 BY id")
+    assert rows == [(300, Decimal("375.00"), None, 7), (301, Decimal("123456789012345678.91"), "hello", 2147483647),
                     (302, Decimal("1.00"), None, 5), (303, Decimal("2.00"), "wide", 4294967296)]
 
 
