@@ -50,20 +50,21 @@ LOCK_TIMEOUT = "200ms"
 
 def channel(job: JobConfig) -> str:
     """The job's channel, also the name of its trigger: `etl_wake_<job>`, hashed to fit 63 bytes when long."""
-    name = f"etl_wake_{job.name}"
-    if len(name.encode()) <= 63:
-        return name
-    digest = hashlib.sha1(job.name.encode()).hexdigest()[:10]
-    return f"etl_wake_{job.name.encode()[:40].decode(errors='ignore')}_{digest}"
+    return _identifier("etl_wake_", job)
 
 
 def update_trigger(job: JobConfig) -> str:
     """The name of the job's row-level UPDATE wake-up trigger (see the module docstring)."""
-    name = f"etl_wake_u_{job.name}"
+    return _identifier("etl_wake_u_", job)
+
+
+def _identifier(prefix: str, job: JobConfig) -> str:
+    """`<prefix><job>`, or with the job's name cut and a digest of it where that passes PostgreSQL's 63 bytes."""
+    name = prefix + job.name
     if len(name.encode()) <= 63:
         return name
     digest = hashlib.sha1(job.name.encode()).hexdigest()[:10]
-    return f"etl_wake_u_{job.name.encode()[:38].decode(errors='ignore')}_{digest}"
+    return f"{prefix}{job.name.encode()[:49 - len(prefix)].decode(errors='ignore')}_{digest}"
 
 
 def _function(schema: str) -> sql.Composed:
